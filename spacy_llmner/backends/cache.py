@@ -1,0 +1,95 @@
+"""A persistent answer cache in front of any backend (sqlite, standard library).
+
+Key: a hash of the backend's identity (model, generation parameters), the request's limits, grammar and the full
+prompt. Each answer is committed as soon as it arrives, so a crash mid-run loses nothing already answered; WAL
+mode and a busy timeout make it safe for several processes and threads to share one file.
+"""
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+from ..ty import Generation, GenerationRequest
+from .base import SpacyLLMCallable
+
+
+def request_key(identity: Dict[str, Any], req: GenerationRequest) -> str:
+    blob = json.dumps(
+        {"id": identity, "max_tokens": req.max_tokens, "stop": list(req.stop), "grammar": req.grammar or ""},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode() + b"\x00" + req.prompt.encode()).hexdigest()
+
+
+class AnswerCache:
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = None
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                "prompt_tokens INTEGER, completion_tokens INTEGER, seconds REAL)"
+            )
+            conn.commit()
+            self._conn = conn
+        return self._conn
+
+    def get(self, key: str):
+        with self._lock:
+            row = self._db().execute(
+                "SELECT text, prompt_tokens, completion_tokens, seconds FROM answers WHERE key=?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return Generation(text=row[0], prompt_tokens=row[1], completion_tokens=row[2], seconds=0.0, cached=True)
+
+    def put(self, key: str, gen: Generation) -> None:
+        with self._lock:
+            db = self._db()
+            db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+                (key, gen.text, gen.prompt_tokens, gen.completion_tokens, gen.seconds),
+            )
+            db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db().execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+
+class CachedBackend(SpacyLLMCallable):
+    """Answers from the cache where it can; asks the wrapped backend for the rest, storing each answer."""
+
+    def __init__(self, backend, path: Union[str, Path]):
+        self.backend = backend
+        self.cache = AnswerCache(path)
+        self.supports_grammar = getattr(backend, "supports_grammar", False)
+
+    def identity(self) -> Dict[str, Any]:
+        return self.backend.identity()
+
+    def __getattr__(self, name):  # count_tokens and the like come from the wrapped backend
+        if name == "backend":
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        ident = self.identity()
+        keys = [request_key(ident, r) for r in requests]
+        out: List[Generation] = [self.cache.get(k) for k in keys]  # type: ignore[misc]
+        todo = [i for i, g in enumerate(out) if g is None]
+        # One request at a time, so each answer is stored before the next is asked for.
+        for i in todo:
+            gen = self.backend.generate([requests[i]])[0]
+            self.cache.put(keys[i], gen)
+            out[i] = gen
+        return out

@@ -1,0 +1,32 @@
+"""Any model registered in spacy-llm's ``llm_models`` registry as a backend (no grammar support: spacy-llm models
+take plain prompts). The model object is built by spacy-llm from its own config block."""
+
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+from ..ty import Generation, GenerationRequest
+
+
+class SpacyLLMBackend:
+    supports_grammar = False
+
+    def __init__(self, model: Callable, name: str = ""):
+        self.model = model
+        self.name = name or type(model).__name__
+
+    def identity(self) -> Dict[str, Any]:
+        return {"backend": "spacy-llm", "model": self.name}
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        t0 = time.perf_counter()
+        responses = list(self.model([[r.prompt] for r in requests]))
+        per = (time.perf_counter() - t0) / max(len(requests), 1)
+        out = []
+        for req, resp in zip(requests, responses):
+            text = list(resp)[0] if not isinstance(resp, str) else resp
+            # spacy-llm models know no stop sequences: cut the answer where ours would have stopped.
+            for stop in req.stop:
+                if stop in text:
+                    text = text[: text.index(stop)]
+            out.append(Generation(text=text, seconds=per))
+        return out

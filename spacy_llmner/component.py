@@ -1,0 +1,360 @@
+"""The ``llm_lar_ner`` component: doc → chunks → prompts → backend → parsed mentions → verified spans.
+
+All predicted spans (nested too) go to ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.ents``.
+"""
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import srsly
+from spacy.language import Language
+from spacy.pipeline import Pipe
+from spacy.tokens import Doc, Span
+from spacy.training import Example
+from spacy.util import filter_spans, minibatch
+
+from . import backends  # noqa: F401  (registers the backends; creates llm_models)
+from .formats import locate
+from .labels import LabelSet
+from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
+from .ty import BackendError, Generation, GenerationRequest, OutputFormat
+from .usage import Usage
+
+if not Doc.has_extension("llm_ner_usage"):
+    Doc.set_extension("llm_ner_usage", default=None)  # {component name: Usage dict}
+if not Doc.has_extension("llm_ner_io"):
+    Doc.set_extension("llm_ner_io", default=None)  # {component name: [{"prompt", "response"}]} with save_io
+
+DEFAULT_CONFIG = {
+    "labels": [],
+    "label_definitions": {},
+    "label_synonyms": {},
+    "format": {"@misc": "spacy_llmner.LinesFormat.v1"},
+    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"},
+    "demonstrations": None,
+    "instructions": DEFAULT_INSTRUCTIONS,
+    "constrained": True,
+    "spans_key": "llm_ner",
+    "alignment_mode": "expand",
+    "max_chunk_tokens": 200,
+    "max_new_tokens": 256,
+    "cache_path": None,
+    "save_io": False,
+    "on_error": "raise",
+    "show_progress": False,
+    "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+}
+
+
+@Language.factory("llm_lar_ner", default_config=DEFAULT_CONFIG)
+def make_llm_lar_ner(
+    nlp: Language,
+    name: str,
+    labels: List[str],
+    label_definitions: Dict[str, str],
+    label_synonyms: Dict[str, str],
+    format: OutputFormat,
+    backend: Any,
+    demonstrations: Optional[str],
+    instructions: str,
+    constrained: bool,
+    spans_key: str,
+    alignment_mode: str,
+    max_chunk_tokens: int,
+    max_new_tokens: int,
+    cache_path: Optional[str],
+    save_io: bool,
+    on_error: str,
+    show_progress: bool,
+    scorer: Optional[Callable],
+) -> "LLMNER":
+    return LLMNER(
+        nlp.vocab,
+        name=name,
+        labels=LabelSet(labels, label_definitions, label_synonyms),
+        fmt=format,
+        backend=backend,
+        demonstrations=demonstrations,
+        instructions=instructions,
+        constrained=constrained,
+        spans_key=spans_key,
+        alignment_mode=alignment_mode,
+        max_chunk_tokens=max_chunk_tokens,
+        max_new_tokens=max_new_tokens,
+        cache_path=cache_path,
+        save_io=save_io,
+        on_error=on_error,
+        show_progress=show_progress,
+        scorer=scorer,
+    )
+
+
+def load_demonstrations(source: Union[str, Path, Sequence], nlp_vocab=None) -> List[Demonstration]:
+    """Demonstrations from a jsonl file (``text`` + ``spans``/``entities``), a ``.spacy`` DocBin, a BIO file,
+    or a list of Docs / dicts / Demonstrations."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"llm_lar_ner: demonstrations file not found: {path}")
+        if path.suffix in (".jsonl", ".json"):
+            return [Demonstration.from_dict(row) for row in srsly.read_jsonl(path)]
+        from .corpora import read_bio, read_docbin
+
+        docs = read_docbin(path, nlp_vocab) if path.suffix == ".spacy" else read_bio(path, nlp_vocab)
+        return load_demonstrations(docs)
+    out = []
+    for item in source:
+        if isinstance(item, Demonstration):
+            out.append(item)
+        elif isinstance(item, Doc):
+            out.append(Demonstration(item.text, [(e.start_char, e.end_char, e.label_) for e in item.ents]))
+        else:
+            out.append(Demonstration.from_dict(item))
+    return out
+
+
+class LLMNER(Pipe):
+    def __init__(
+        self,
+        vocab,
+        name: str = "llm_lar_ner",
+        *,
+        labels: LabelSet,
+        fmt: OutputFormat,
+        backend: Any,
+        demonstrations: Optional[str] = None,
+        instructions: str = DEFAULT_INSTRUCTIONS,
+        constrained: bool = True,
+        spans_key: str = "llm_ner",
+        alignment_mode: str = "expand",
+        max_chunk_tokens: int = 200,
+        max_new_tokens: int = 256,
+        cache_path: Optional[str] = None,
+        save_io: bool = False,
+        on_error: str = "raise",
+        show_progress: bool = False,
+        scorer: Optional[Callable] = None,
+    ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"{name}: on_error must be 'raise' or 'skip', not {on_error!r}")
+        if alignment_mode not in ("strict", "contract", "expand"):
+            raise ValueError(f"{name}: alignment_mode must be strict, contract or expand, not {alignment_mode!r}")
+        if max_chunk_tokens < 1:
+            raise ValueError(f"{name}: max_chunk_tokens must be positive")
+        self.vocab = vocab
+        self.name = name
+        self.label_set = labels
+        self.format = fmt
+        if cache_path:
+            from .backends.cache import CachedBackend
+
+            backend = CachedBackend(backend, cache_path)
+        self.backend = backend
+        self.demonstrations_source = demonstrations
+        self._demonstrations: Optional[List[Demonstration]] = None
+        self.prompts = PromptBuilder(labels, fmt, instructions)
+        self.constrained = constrained and getattr(backend, "supports_grammar", False)
+        self.spans_key = spans_key
+        self.alignment_mode = alignment_mode
+        self.max_chunk_tokens = max_chunk_tokens
+        self.max_new_tokens = max_new_tokens
+        self.save_io = save_io
+        self.on_error = on_error
+        self.show_progress = show_progress
+        self.scorer = scorer
+        self.usage = Usage()  # this run's totals; reset with reset_usage()
+
+    # ---- demonstrations -------------------------------------------------------------------------------------
+    @property
+    def demonstrations(self) -> List[Demonstration]:
+        # Read lazily: a pipeline loaded from disk carries its own copy and never touches the original file.
+        if self._demonstrations is None:
+            src = self.demonstrations_source
+            self._demonstrations = load_demonstrations(src, self.vocab) if src else []
+        return self._demonstrations
+
+    def set_demonstrations(self, source: Union[str, Path, Sequence]) -> None:
+        self._demonstrations = load_demonstrations(source, self.vocab)
+
+    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None) -> None:
+        """Labels from ``labels`` or, when none are configured, from the gold entities of ``get_examples``;
+        demonstrations from a path or a list (then saved with the pipeline)."""
+        if labels:
+            self._set_labels(labels)
+        elif not self.label_set.labels and get_examples is not None:
+            self._set_labels(sorted({e.label_ for eg in get_examples() for e in eg.reference.ents}))
+        if demonstrations is not None:
+            self.set_demonstrations(demonstrations)
+
+    @property
+    def labels(self) -> Tuple[str, ...]:
+        return tuple(self.label_set.labels)
+
+    def add_label(self, label: str) -> int:
+        if label in self.label_set.labels:
+            return 0
+        self._set_labels(self.label_set.labels + [label])
+        return 1
+
+    def _set_labels(self, labels: Sequence[str]) -> None:
+        old = self.label_set
+        self.label_set = LabelSet(labels, {k: v for k, v in old.definitions.items() if k in labels},
+                                  {k: v for k, v in old.synonyms.items() if v in labels})
+        self.prompts = PromptBuilder(self.label_set, self.format, self.prompts.instructions)
+
+    # ---- running --------------------------------------------------------------------------------------------
+    def __call__(self, doc: Doc) -> Doc:
+        return next(iter(self.pipe([doc])))
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 16) -> Iterator[Doc]:
+        if not self.label_set.labels:
+            raise ValueError(f"{self.name}: no labels configured; set 'labels' in the config or initialize()")
+        progress = None
+        if self.show_progress:
+            from tqdm import tqdm
+
+            progress = tqdm(desc=self.name, unit="doc")
+        for batch in minibatch(stream, size=batch_size):
+            for doc in self._process(list(batch)):
+                if progress is not None:
+                    progress.update(1)
+                yield doc
+        if progress is not None:
+            progress.close()
+
+    def reset_usage(self) -> Usage:
+        old, self.usage = self.usage, Usage()
+        return old
+
+    def chunks(self, doc: Doc) -> List[Tuple[int, int]]:
+        """Token ranges to send one at a time: whole sentences packed up to ``max_chunk_tokens``; a longer
+        sentence is cut at the limit. Never truncated: every token is in exactly one chunk."""
+        n = len(doc)
+        if n <= self.max_chunk_tokens:
+            return [(0, n)] if n else []
+        if doc.has_annotation("SENT_START"):
+            sents = [(s.start, s.end) for s in doc.sents]
+        else:
+            from spacy.pipeline import Sentencizer
+
+            starts = [i for i, tag in enumerate(Sentencizer().predict([doc])[0]) if tag or i == 0]
+            sents = list(zip(starts, starts[1:] + [n]))
+        pieces = []
+        for start, end in sents:
+            for s in range(start, end, self.max_chunk_tokens):
+                pieces.append((s, min(end, s + self.max_chunk_tokens)))
+        out: List[Tuple[int, int]] = []
+        for start, end in pieces:
+            if out and end - out[-1][0] <= self.max_chunk_tokens:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
+    def request(self, chunk: Span) -> GenerationRequest:
+        text = chunk.text
+        grammar = None
+        if self.constrained:
+            offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
+            grammar = self.format.grammar(display(text), offsets, self.label_set.names())
+        prompt = self.prompts.build(text, self.demonstrations)
+        return GenerationRequest(prompt, self.max_new_tokens, tuple(self.format.stop), grammar)
+
+    def _process(self, docs: List[Doc]) -> List[Doc]:
+        jobs: List[Tuple[int, Span]] = []
+        for i, doc in enumerate(docs):
+            for start, end in self.chunks(doc):
+                chunk = doc[start:end]
+                if chunk.text.strip():
+                    jobs.append((i, chunk))
+        requests = [self.request(chunk) for _, chunk in jobs]
+        answers: List[Optional[Generation]] = [None] * len(jobs)
+        error: Optional[BaseException] = None
+        try:
+            answers = list(self.backend.generate(requests))
+        except BackendError as e:
+            if self.on_error == "raise":
+                raise BackendError(
+                    f"{self.name}: the backend failed on a batch of {len(docs)} doc(s) "
+                    f"(earlier batches were returned; answers so far are in the cache if one is set): {e}"
+                ) from e
+            error = e
+        per_doc: List[List[Span]] = [[] for _ in docs]
+        usage = [Usage(docs=1) for _ in docs]
+        io: List[List[Dict[str, str]]] = [[] for _ in docs]
+        for (i, chunk), req, answer in zip(jobs, requests, answers):
+            if answer is None:
+                usage[i].errors += 1
+                continue
+            spans = self.parse(chunk, answer.text, usage[i])
+            per_doc[i].extend(spans)
+            u = usage[i]
+            u.calls += 0 if answer.cached else 1
+            u.cached_calls += 1 if answer.cached else 0
+            u.prompt_tokens += answer.prompt_tokens
+            u.completion_tokens += answer.completion_tokens
+            u.seconds += answer.seconds
+            if self.save_io:
+                io[i].append({"prompt": req.prompt, "response": answer.text})
+        for doc, spans, u, doc_io in zip(docs, per_doc, usage, io):
+            self.set_annotations(doc, spans)
+            doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: u.to_dict()}
+            if error is not None:
+                doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {error}")
+            if self.save_io:
+                doc._.llm_ner_io = {**(doc._.llm_ner_io or {}), self.name: doc_io}
+            self.usage.add(u)
+        return docs
+
+    def parse(self, chunk: Span, answer: str, usage: Usage) -> List[Span]:
+        parsed = self.format.parse(answer)
+        usage.malformed += parsed.malformed
+        located = locate(parsed.mentions, display(chunk.text), parsed.plain_text)
+        usage.hallucinated += len(located.hallucinated)
+        doc = chunk.doc
+        out = []
+        for start, end, answer_label in located.spans:
+            label = self.label_set.resolve(answer_label)
+            if label is None:
+                usage.unknown_labels += 1
+                continue
+            span = doc.char_span(
+                chunk.start_char + start, chunk.start_char + end, label=label, alignment_mode=self.alignment_mode
+            )
+            if span is not None and len(span):
+                out.append(span)
+        return out
+
+    def set_annotations(self, doc: Doc, spans: List[Span]) -> None:
+        unique = sorted({(s.start, s.end, s.label_): s for s in spans}.values(), key=lambda s: (s.start, -s.end))
+        doc.spans[self.spans_key] = unique
+        doc.ents = filter_spans(unique)
+
+    # ---- scoring and serialization --------------------------------------------------------------------------
+    def score(self, examples: Iterable[Example], **kwargs) -> Dict[str, Any]:
+        if self.scorer is None:
+            raise ValueError(f"{self.name}: no scorer configured")
+        return self.scorer(examples, **kwargs)
+
+    def _state(self) -> Dict[str, Any]:
+        return {"demonstrations": [d.to_dict() for d in self.demonstrations]}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self._demonstrations = [Demonstration.from_dict(d) for d in state.get("demonstrations", [])]
+
+    def to_bytes(self, *, exclude=tuple()) -> bytes:
+        return srsly.msgpack_dumps(self._state())
+
+    def from_bytes(self, bytes_data: bytes, *, exclude=tuple()) -> "LLMNER":
+        self._load_state(srsly.msgpack_loads(bytes_data))
+        return self
+
+    def to_disk(self, path, *, exclude=tuple()) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
+
+    def from_disk(self, path, *, exclude=tuple()) -> "LLMNER":
+        demos = Path(path) / "demonstrations.jsonl"
+        self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else []})
+        return self

@@ -1,0 +1,90 @@
+"""Readers for the data this project is measured on: CrossNER / CoNLL BIO files, jsonl with character spans
+(GENIA, demonstrations), and spaCy DocBins. BIO tags go through spaCy's own IOB utilities."""
+
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional, Union
+
+import srsly
+from spacy.tokens import Doc, DocBin, Span
+from spacy.training.iob_utils import biluo_tags_to_spans, iob_to_biluo
+from spacy.util import filter_spans, registry
+from spacy.vocab import Vocab
+
+
+def _bio_sentences(path: Path) -> Iterator[List[List[str]]]:
+    rows: List[List[str]] = []
+    with path.open(encoding="utf8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                if rows:
+                    yield rows
+                rows = []
+                continue
+            rows.append(line.split())
+    if rows:
+        yield rows
+
+
+def read_bio(path: Union[str, Path], vocab: Optional[Vocab] = None, limit: Optional[int] = None) -> List[Doc]:
+    """``token<TAB>tag`` (CrossNER) or ``token POS chunk tag`` (CoNLL-2003) files; IOB1 or IOB2."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"BIO file not found: {path}")
+    vocab = vocab or Vocab()
+    docs = []
+    for rows in _bio_sentences(path):
+        words = [r[0] for r in rows]
+        tags = [r[-1] if len(r) > 1 else "O" for r in rows]
+        doc = Doc(vocab, words=words)
+        doc.ents = biluo_tags_to_spans(doc, iob_to_biluo(tags))
+        docs.append(doc)
+        if limit and len(docs) >= limit:
+            break
+    return docs
+
+
+def read_jsonl(path: Union[str, Path], nlp, spans_key: str = "sc", limit: Optional[int] = None) -> List[Doc]:
+    """``{"text": ..., "entities"|"spans": [{"start", "end", "label"}]}`` per line. All spans (nested too) go to
+    ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.ents``."""
+    docs = []
+    for i, row in enumerate(srsly.read_jsonl(path)):
+        doc = nlp.make_doc(row["text"])
+        spans = []
+        for ent in row.get("entities", row.get("spans", [])):
+            span = doc.char_span(ent["start"], ent["end"], label=ent["label"], alignment_mode="expand")
+            if span is None:
+                raise ValueError(f"{path}: line {i + 1}: entity {ent} does not fall on the text")
+            spans.append(span)
+        doc.spans[spans_key] = spans
+        doc.ents = filter_spans(spans)
+        docs.append(doc)
+        if limit and len(docs) >= limit:
+            break
+    return docs
+
+
+def read_docbin(path: Union[str, Path], vocab: Optional[Vocab] = None) -> List[Doc]:
+    return list(DocBin().from_disk(path).get_docs(vocab or Vocab()))
+
+
+def read_any(path: Union[str, Path], nlp) -> List[Doc]:
+    path = Path(path)
+    if path.suffix == ".spacy":
+        return read_docbin(path, nlp.vocab)
+    if path.suffix in (".jsonl", ".json"):
+        return read_jsonl(path, nlp)
+    return read_bio(path, nlp.vocab)
+
+
+@registry.readers("spacy_llmner.BIOReader.v1")
+def bio_reader(path: str, limit: Optional[int] = None):
+    """A corpus reader for ``spacy train`` / ``spacy evaluate`` configs over CrossNER / CoNLL BIO files."""
+    from spacy.training import Example
+
+    def read(nlp):
+        for doc in read_bio(path, nlp.vocab, limit=limit):
+            yield Example(nlp.make_doc(doc.text), doc)
+
+    return read

@@ -1,0 +1,3 @@
+from .scheme import LabelSet
+
+__all__ = ["LabelSet"]

@@ -1,0 +1,26 @@
+"""Accounting: LLM calls, tokens and seconds, per doc and per run, plus what parsing had to drop."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Dict
+
+
+@dataclass
+class Usage:
+    docs: int = 0
+    calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0  # generation time reported by the backend (0 for cached answers)
+    hallucinated: int = 0  # mentions whose text is not in the source
+    unknown_labels: int = 0  # mentions whose label is none of the label set
+    malformed: int = 0  # answer fragments that could not be read as a mention
+    errors: int = 0  # chunks left unannotated because the backend failed (on_error="skip")
+
+    def add(self, other: "Usage") -> "Usage":
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def to_dict(self) -> Dict[str, float]:
+        return asdict(self)

@@ -1,0 +1,35 @@
+"""Canned-response backend for parsing and plumbing tests."""
+
+from typing import Callable, List, Sequence
+
+from spacy_llmner.ty import Generation, GenerationRequest
+
+
+class FakeBackend:
+    """Canned answers for parsing and plumbing tests: ``answer(prompt_query_text) -> completion``."""
+
+    supports_grammar = False
+
+    def __init__(self, answer: Callable[[str], str]):
+        self.answer = answer
+        self.requests: List[GenerationRequest] = []
+
+    def identity(self):
+        return {"backend": "fake"}
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        self.requests.extend(requests)
+        out = []
+        for r in requests:
+            query = r.prompt.rsplit("Sentence: ", 1)[1].split("\n", 1)[0]
+            out.append(Generation(self.answer(query), prompt_tokens=len(r.prompt) // 4, completion_tokens=5))
+        return out
+
+
+def add_fake_ner(nlp, answer, **config):
+    cfg = {"labels": ["person", "location", "organisation"], "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"}}
+    cfg.update(config)
+    ner = nlp.add_pipe("llm_lar_ner", config=cfg)
+    ner.backend = FakeBackend(answer)
+    ner.constrained = False
+    return ner
