@@ -258,7 +258,10 @@ class LLMNER(Pipe):
             offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
             grammar = self.format.grammar(display(text), offsets, self.label_set.names())
         prompt = self.prompts.build(text, self.demonstrations)
-        return GenerationRequest(prompt, self.max_new_tokens, tuple(self.format.stop), grammar)
+        # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
+        # stops greedy decoding that loops on a repeated mention from running to the hard cap.
+        budget = min(self.max_new_tokens, 24 + 2 * len(chunk))
+        return GenerationRequest(prompt, budget, tuple(self.format.stop), grammar)
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
         jobs: List[Tuple[int, Span]] = []

@@ -61,9 +61,9 @@ class PromptBuilder:
             target = self.labels.resolve(label)
             if target is not None:
                 spans.append((s, e, self.labels.prompt_names[target]))
-        text = display(demo.text)
+        text = display(demo.text).rstrip()
         return f"Sentence: {text}\n{self.format.cue}{self.format.render(text, spans)}\n\n"
 
     def build(self, text: str, demonstrations: Sequence[Demonstration] = ()) -> str:
         demos = "".join(self.render_demonstration(d) for d in demonstrations)
-        return f"{self.header()}{demos}Sentence: {display(text)}\n{self.format.cue}"
+        return f"{self.header()}{demos}Sentence: {display(text).rstrip()}\n{self.format.cue}"

@@ -64,6 +64,8 @@ class OutputFormat(Protocol):
     """How an answer is written: renders demonstrations, parses answers, builds a GBNF grammar for an input."""
 
     name: str
+    cue: str  # what the prompt says just before an answer ("Entities:")
+    lead: str  # what every answer starts with (a space after a cue on the same line)
     stop: Tuple[str, ...]
     inline: bool  # True: the answer rewrites the sentence with markup; False: it lists mentions
 

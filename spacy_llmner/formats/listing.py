@@ -17,6 +17,7 @@ class LinesFormat:
     name = "lines"
     inline = False
     cue = "Entities:\n"
+    lead = ""
     stop: Tuple[str, ...] = ("\n\n",)
     empty = "none"
 
@@ -60,12 +61,13 @@ def _unescape(s: str) -> str:
 class JSONFormat:
     name = "json"
     inline = False
-    cue = "Entities: "
+    cue = "Entities:"
     stop: Tuple[str, ...] = ("\n",)
+    lead = " "  # see inline.py: the answer, not the prompt, carries the space
 
     def render(self, text: str, spans: Sequence[Tuple[int, int, str]]) -> str:
         items = [{"text": text[s:e], "label": label} for s, e, label in sorted(set(spans))]
-        return json.dumps(items, ensure_ascii=False)
+        return self.lead + json.dumps(items, ensure_ascii=False)
 
     def parse(self, answer: str) -> ParsedAnswer:
         parsed = ParsedAnswer()
@@ -92,7 +94,7 @@ class JSONFormat:
         _, tokens, gaps = gbnf.pieces(text, token_offsets)
         esc = lambda s: json.dumps(s, ensure_ascii=False)[1:-1]  # noqa: E731
         rules = [
-            'root ::= "[" (item (", " item)*)? "]" "\\n"',
+            'root ::= " [" (item (", " item)*)? "]" "\\n"',
             'item ::= "{\\"text\\": \\"" mention "\\", \\"label\\": \\"" label "\\"}"',
             "label ::= " + gbnf.alternatives([esc(lab) for lab in labels]),
         ]

@@ -1,0 +1,148 @@
+"""The OpenAI-compatible backend against real servers on loopback: llama-cpp-python's server running the packaged
+Gemma model, and a small HTTP server that fails before it answers (retries, backoff, errors)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import requests
+import spacy
+
+from spacy_llmner.backends.openai_compat import OpenAICompatBackend
+from spacy_llmner.ty import BackendError, GenerationRequest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    from spacy_llmner.backends.llamacpp import resolve_model_path
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model_path("gemma3-270m"),
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", "gemma"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("llama_cpp.server exited: " + proc.stderr.read().decode()[-2000:])
+            try:
+                if requests.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("llama_cpp.server did not start in 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("grammar_field", [None, "grammar"])
+def test_component_against_llama_cpp_server(llama_server, grammar_field):
+    from test_llamacpp_e2e import DEMOS, LABELS
+
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": LABELS,
+            "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": llama_server, "model": "gemma",
+                        "grammar_field": grammar_field, "api_key_env": "SPACY_LLMNER_TEST_KEY"},
+        },
+    )
+    ner.set_demonstrations(DEMOS)
+    assert ner.constrained == (grammar_field is not None)
+    docs = list(nlp.pipe([DEMOS[2]["text"], DEMOS[0]["text"]]))
+    assert ("Tony Blair", "politician") in {(e.text, e.label_) for e in docs[0].ents}
+    assert ner.usage.calls == 2 and ner.usage.prompt_tokens > 200 and ner.usage.completion_tokens > 0
+    if grammar_field:
+        assert ner.usage.hallucinated == 0 and ner.usage.malformed == 0
+
+
+class FlakyHandler(BaseHTTPRequestHandler):
+    failures_left = 0
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.headers.get("Authorization"), body))
+        if type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        out = json.dumps({"choices": [{"text": "Paris | location"}],
+                          "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    server = HTTPServer(("127.0.0.1", 0), FlakyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FlakyHandler.seen = []
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_retries_on_503_then_succeeds_and_sends_the_key(flaky_server, monkeypatch):
+    server, url = flaky_server
+    FlakyHandler.failures_left = 2
+    monkeypatch.setenv("SPACY_LLMNER_TEST_KEY", "sk-test")
+    backend = OpenAICompatBackend(base_url=url, api_key_env="SPACY_LLMNER_TEST_KEY", backoff=0.01, max_retries=3)
+    gen = backend.generate([GenerationRequest("hi", stop=("\n\n",))])[0]
+    assert gen.text == "Paris | location" and gen.prompt_tokens == 7
+    assert len(FlakyHandler.seen) == 3
+    assert FlakyHandler.seen[-1][0] == "Bearer sk-test" and FlakyHandler.seen[-1][1]["stop"] == ["\n\n"]
+
+
+def test_gives_up_after_retries_with_a_clear_error(flaky_server):
+    server, url = flaky_server
+    FlakyHandler.failures_left = 10
+    backend = OpenAICompatBackend(base_url=url, backoff=0.01, max_retries=2)
+    with pytest.raises(BackendError, match=r"failed after 3 attempt\(s\): HTTP 503"):
+        backend.generate([GenerationRequest("hi")])
+
+
+def test_server_down_is_a_clear_error_and_earlier_docs_are_kept():
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    nlp = spacy.blank("en")
+    nlp.add_pipe("llm_lar_ner", config={
+        "labels": ["location"],
+        "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_retries": 1},
+    })
+    nlp.get_pipe("llm_lar_ner").backend.backoff = 0.01
+    with pytest.raises(BackendError, match=r"llm_lar_ner: .*ConnectionError"):
+        nlp("Paris is big.")
+
+
+def test_concurrent_requests_are_bounded(flaky_server):
+    server, url = flaky_server
+    FlakyHandler.failures_left = 0
+    backend = OpenAICompatBackend(base_url=url, max_concurrency=3)
+    gens = backend.generate([GenerationRequest(f"p{i}") for i in range(7)])
+    assert [g.text for g in gens] == ["Paris | location"] * 7
+    assert sorted(b["prompt"] for _, b in FlakyHandler.seen) == sorted(f"p{i}" for i in range(7))
