@@ -7,7 +7,9 @@ format unconstrained and grammar-constrained, one after another in one process o
 """
 
 import argparse
+import datetime
 import json
+import platform
 from pathlib import Path
 
 from common import CROSSNER_LABELS, blank, fixed_demonstrations, load_split, run_and_score
@@ -23,6 +25,7 @@ def main():
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--formats", default="lines,json,bracket,xml")
+    ap.add_argument("--parallel", type=int, default=8, help="sequences decoded together (1: one at a time)")
     ap.add_argument("--out", default="metrics/formats.json")
     args = ap.parse_args()
 
@@ -38,7 +41,8 @@ def main():
                 config={
                     "labels": CROSSNER_LABELS[args.domain].split(),
                     "format": {"@misc": f"spacy_llmner.{FORMATS[fmt]}.v1"},
-                    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model},
+                    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model,
+                                "parallel": args.parallel},
                     "constrained": constrained,
                 },
             )
@@ -48,6 +52,7 @@ def main():
             res = run_and_score(nlp, gold)
             u = ner.usage
             row = {
+                "parallel": args.parallel,
                 "format": fmt,
                 "constrained": constrained,
                 **{k: res[k] for k in ("f1", "p", "r", "sentences_per_second", "seconds")},
@@ -60,7 +65,8 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}".strip()}
+    Path(args.out).write_text(json.dumps({"args": vars(args), **meta, "rows": rows}, indent=2))
     print("\n| format | decoding | F1 | P | R | sent/s | prompt tok/sent | completion tok/sent | hallucinated |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

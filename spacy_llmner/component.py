@@ -252,12 +252,12 @@ class LLMNER(Pipe):
         return out
 
     def request(self, chunk: Span) -> GenerationRequest:
-        text = chunk.text
+        shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
         grammar = None
         if self.constrained:
             offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
-            grammar = self.format.grammar(display(text), offsets, self.label_set.names())
-        prompt = self.prompts.build(text, self.demonstrations)
+            grammar = self.format.grammar(shown, offsets, self.label_set.names())
+        prompt = self.prompts.build(shown, self.demonstrations)
         # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
         # stops greedy decoding that loops on a repeated mention from running to the hard cap.
         budget = min(self.max_new_tokens, 24 + 2 * len(chunk))
@@ -312,7 +312,7 @@ class LLMNER(Pipe):
     def parse(self, chunk: Span, answer: str, usage: Usage) -> List[Span]:
         parsed = self.format.parse(answer)
         usage.malformed += parsed.malformed
-        located = locate(parsed.mentions, display(chunk.text), parsed.plain_text)
+        located = locate(parsed.mentions, display(chunk.text).rstrip(), parsed.plain_text)
         usage.hallucinated += len(located.hallucinated)
         doc = chunk.doc
         out = []

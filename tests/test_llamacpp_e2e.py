@@ -81,3 +81,45 @@ def test_grammars_compile_for_awkward_text(fmt):
     offsets = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
     grammar = FORMATS[fmt]().grammar(text, offsets, ["person", "city_town"])
     assert LlamaGrammar.from_string(grammar, verbose=False) is not None
+
+
+@pytest.mark.parametrize("fmt", ["lines", "xml"])
+def test_fast_grammar_decoding_equals_llama_cpp_grammar_sampling(fmt):
+    """Checking the grammar on the best candidates first must not change a greedy answer."""
+    from spacy_llmner.backends.llamacpp import LlamaCppBackend
+
+    nlp, ner = make(fmt, constrained=True)
+    reqs = [ner.request(nlp.make_doc(t)[:]) for t in
+            ("Gordon Brown spoke to the Conservative Party in Manchester.", "Jacinda Ardern met Macron in Paris.")]
+    fast = [g.text for g in LlamaCppBackend(fast_grammar=True).generate(reqs)]
+    full = [g.text for g in LlamaCppBackend(fast_grammar=False).generate(reqs)]
+    assert fast == full and all(fast)
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_batched_decoding_answers_every_request(constrained):
+    """More requests than parallel slots, refilled as sequences finish; grammar held per sequence."""
+    nlp, ner = make("lines", constrained=constrained)
+    ner.backend.parallel = 3
+    texts = [DEMOS[2]["text"], "Gordon Brown spoke in Manchester.", "Nothing happened.", DEMOS[0]["text"],
+             "Jacinda Ardern met Emmanuel Macron in Wellington and Paris.", DEMOS[2]["text"]]
+    docs = list(nlp.pipe(texts, batch_size=16))
+    assert ner.usage.calls == len(texts) and ner.usage.completion_tokens > 0
+    for i in (0, 5):  # the demonstrated sentence, early and late in the batch
+        got = {(e.text, e.label_) for e in docs[i].ents}
+        assert ("Tony Blair", "politician") in got and ("London", "location") in got
+    if constrained:
+        assert ner.usage.hallucinated == 0 and ner.usage.malformed == 0
+
+
+def test_batched_prompts_with_nothing_in_common():
+    from spacy_llmner.backends.llamacpp import LlamaCppBackend
+    from spacy_llmner.ty import GenerationRequest
+
+    backend = LlamaCppBackend(parallel=2)
+    reqs = [GenerationRequest("The capital of France is", max_tokens=4),
+            GenerationRequest("One, two, three, four,", max_tokens=4, stop=("\n",)),
+            GenerationRequest("Q: Is the sky blue?\nA:", max_tokens=3)]
+    gens = backend.generate(reqs)
+    assert len(gens) == 3 and all(0 < g.completion_tokens <= r.max_tokens for g, r in zip(gens, reqs))
+    assert "Paris" in gens[0].text and "five" in gens[1].text.lower()

@@ -155,6 +155,7 @@ class LlamaCppBackend(SpacyLLMCallable):
         seed: int = 0,
         n_threads: Optional[int] = None,
         fast_grammar: bool = True,
+        parallel: int = 8,
     ):
         self.model = model
         self.n_ctx = n_ctx
@@ -162,6 +163,8 @@ class LlamaCppBackend(SpacyLLMCallable):
         self.seed = seed
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.fast_grammar = fast_grammar  # False: llama-cpp-python's own grammar sampling (same output, slower)
+        self.parallel = parallel  # sequences decoded together in one batch (greedy only); 1 = one at a time
+        self._decoder = None
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
 
     @property
@@ -178,37 +181,55 @@ class LlamaCppBackend(SpacyLLMCallable):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf8"), add_bos=True, special=False))
 
+    def _check_fits(self, n_prompt: int, req: GenerationRequest, n_ctx: int) -> None:
+        if n_prompt + req.max_tokens > n_ctx:
+            raise BackendError(
+                f"llama.cpp backend: prompt of {n_prompt} tokens + {req.max_tokens} to generate exceeds "
+                f"the context window n_ctx={n_ctx}; raise n_ctx or lower max_chunk_tokens"
+            )
+
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
-        llm = self.llm
-        out = []
         with self._lock:
-            for req in requests:
-                n_prompt = self.count_tokens(req.prompt)
-                if n_prompt + req.max_tokens > self.n_ctx:
-                    raise BackendError(
-                        f"llama.cpp backend: prompt of {n_prompt} tokens + {req.max_tokens} to generate exceeds "
-                        f"the context window n_ctx={self.n_ctx}; raise n_ctx or lower max_chunk_tokens"
-                    )
-                t0 = time.perf_counter()
-                if req.grammar and self.fast_grammar and self.temperature == 0:
-                    text, n_in, n_out = generate_with_grammar(llm, req.prompt, req.grammar, req.max_tokens, req.stop)
-                    out.append(Generation(text, n_in, n_out, time.perf_counter() - t0))
-                    continue
-                res = llm.create_completion(
-                    req.prompt,
-                    max_tokens=req.max_tokens,
-                    temperature=self.temperature,
-                    seed=self.seed,
-                    stop=list(req.stop) or None,
-                    grammar=_grammar(req.grammar) if req.grammar else None,
-                )
-                usage = res.get("usage", {})
-                out.append(
-                    Generation(
-                        text=res["choices"][0]["text"],
-                        prompt_tokens=usage.get("prompt_tokens", n_prompt),
-                        completion_tokens=usage.get("completion_tokens", 0),
-                        seconds=time.perf_counter() - t0,
-                    )
-                )
-        return out
+            if self.parallel > 1 and self.temperature == 0 and len(requests) > 1:
+                return self._generate_batched(requests)
+            return [self._generate_one(req) for req in requests]
+
+    def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        from .batched import BatchedDecoder
+
+        llm = self.llm
+        if self._decoder is None:
+            self._decoder = BatchedDecoder(llm, n_seq=self.parallel, n_ctx=self.n_ctx * 4)
+            atexit.register(self._decoder.close)
+        tokens = [llm.tokenize(r.prompt.encode("utf8"), add_bos=True, special=True) for r in requests]
+        for toks, req in zip(tokens, requests):
+            self._check_fits(len(toks), req, self.n_ctx)
+        t0 = time.perf_counter()
+        results = self._decoder.generate(
+            tokens, [r.max_tokens for r in requests], [r.stop for r in requests], [r.grammar for r in requests]
+        )
+        per = (time.perf_counter() - t0) / len(requests)  # sequences decode together: they share the time
+        return [Generation(text, len(toks), n, per) for (text, n), toks in zip(results, tokens)]
+
+    def _generate_one(self, req: GenerationRequest) -> Generation:
+        llm = self.llm
+        self._check_fits(self.count_tokens(req.prompt), req, self.n_ctx)
+        t0 = time.perf_counter()
+        if req.grammar and self.fast_grammar and self.temperature == 0:
+            text, n_in, n_out = generate_with_grammar(llm, req.prompt, req.grammar, req.max_tokens, req.stop)
+            return Generation(text, n_in, n_out, time.perf_counter() - t0)
+        res = llm.create_completion(
+            req.prompt,
+            max_tokens=req.max_tokens,
+            temperature=self.temperature,
+            seed=self.seed,
+            stop=list(req.stop) or None,
+            grammar=_grammar(req.grammar) if req.grammar else None,
+        )
+        usage = res.get("usage", {})
+        return Generation(
+            text=res["choices"][0]["text"],
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            seconds=time.perf_counter() - t0,
+        )

@@ -8,25 +8,11 @@ from .spans import Located, locate
 
 FORMATS = {f.name: f for f in (BracketFormat, XMLFormat, JSONFormat, LinesFormat)}
 
-
-@registry.misc("spacy_llmner.BracketFormat.v1")
-def make_bracket_format() -> BracketFormat:
-    return BracketFormat()
-
-
-@registry.misc("spacy_llmner.XMLFormat.v1")
-def make_xml_format() -> XMLFormat:
-    return XMLFormat()
-
-
-@registry.misc("spacy_llmner.JSONFormat.v1")
-def make_json_format() -> JSONFormat:
-    return JSONFormat()
-
-
-@registry.misc("spacy_llmner.LinesFormat.v1")
-def make_lines_format() -> LinesFormat:
-    return LinesFormat()
+# The classes are the registered functions (no arguments): {"@misc": "spacy_llmner.LinesFormat.v1"}
+make_bracket_format = registry.misc.register("spacy_llmner.BracketFormat.v1", func=BracketFormat)
+make_xml_format = registry.misc.register("spacy_llmner.XMLFormat.v1", func=XMLFormat)
+make_json_format = registry.misc.register("spacy_llmner.JSONFormat.v1", func=JSONFormat)
+make_lines_format = registry.misc.register("spacy_llmner.LinesFormat.v1", func=LinesFormat)
 
 
 def get_format(name: str):

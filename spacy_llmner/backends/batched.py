@@ -1,0 +1,231 @@
+"""Greedy decoding of many prompts at once on one llama.cpp model: one sequence per prompt in a single batch.
+
+On a CPU, generating one token for one sequence leaves most of each weight read unused; a batch of sequences
+shares every read, so tokens per second grow with the batch (prompt evaluation, which is already batched, runs
+~6× faster per token than single-sequence generation here). Prompts that share a prefix (instructions, label
+list, demonstrations) evaluate it once: it is kept in sequence 0 across calls and copied to each sequence.
+
+Each sequence may carry a GBNF grammar; as in ``llamacpp.generate_with_grammar`` it is applied to the best
+``top_k`` candidates first and to the whole vocabulary only when none of them is allowed, so greedy output
+equals full filtering. llama_cpp is imported lazily by the caller (the backend), never at package import.
+"""
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass
+class _Seq:
+    tokens: List[int]
+    max_tokens: int
+    stop: Sequence[str]
+    grammar: Optional[str]
+    seq_id: int = 0
+    pos: int = 0
+    sampler: object = None
+    generated: List[int] = field(default_factory=list)
+    out: bytes = b""
+    text: str = ""
+    done: bool = False
+    logit_row: int = -1
+
+
+class BatchedDecoder:
+    def __init__(self, llm, n_seq: int = 8, n_ctx: int = 16384, top_k: int = 16):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.llama_cpp = llama_cpp
+        self.llm = llm
+        self.n_seq = n_seq
+        self.top_k = top_k
+        params = llama_cpp.llama_context_default_params()
+        for name, _ in llama_cpp.llama_context_params._fields_:
+            setattr(params, name, getattr(llm.context_params, name))
+        params.n_ctx = n_ctx
+        params.n_seq_max = n_seq + 1  # sequence 0 holds the shared prefix
+        params.kv_unified = True  # sequences share one KV buffer, so copying the prefix costs no memory
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.n_ctx = n_ctx
+        self.n_batch = params.n_batch
+        self.batch = llama_cpp.llama_batch_init(max(self.n_batch, n_seq + 1), 0, n_seq + 1)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.vocab = llm._model.vocab
+        self.n_vocab = llm.n_vocab()
+        self.prefix: List[int] = []  # what sequence 0 holds
+        self._few = (llama_cpp.llama_token_data * top_k)()
+        self._all = None
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+
+    # -- batch plumbing ---------------------------------------------------------------------------------------
+    def _decode(self, items: List[Tuple[int, int, int, bool]]) -> List[int]:
+        """Decode (token, pos, seq_id, wants_logits) items in n_batch slices; returns each item's logit row
+        (-1 when it asked for none). Rows are valid for the last slice only: ``generate`` keeps a step that
+        wants logits within one slice (only the shared prefix, which wants none, may need several)."""
+        rows = [-1] * len(items)
+        b = self.batch
+        for start in range(0, len(items), self.n_batch):
+            part = items[start : start + self.n_batch]
+            b.n_tokens = len(part)
+            for j, (tok, pos, seq, logits) in enumerate(part):
+                b.token[j] = tok
+                b.pos[j] = pos
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = seq
+                b.logits[j] = logits
+                if logits:
+                    rows[start + j] = j
+            rc = self.llama_cpp.llama_decode(self.ctx.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}): context of {self.n_ctx} tokens exhausted?")
+        return rows
+
+    def _logits(self, row: int) -> np.ndarray:
+        ptr = self.llama_cpp.llama_get_logits_ith(self.ctx.ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _pick(self, seq: _Seq, logits: np.ndarray) -> Optional[int]:
+        if seq.sampler is None:
+            return int(np.argmax(logits))
+        lc = self.llama_cpp
+        k = self.top_k
+        best = np.argpartition(logits, -k)[-k:]
+        best = best[np.argsort(-logits[best])]
+        few = self._few
+        for i, tok in enumerate(best):
+            few[i].id, few[i].logit, few[i].p = int(tok), float(logits[tok]), 0.0
+        arr = lc.llama_token_data_array(few, k, -1, False)
+        lc.llama_sampler_apply(seq.sampler, ctypes.byref(arr))
+        for i in range(k):  # still in logit order
+            if few[i].logit != float("-inf"):
+                return int(few[i].id)
+        if self._all is None:
+            self._all = (lc.llama_token_data * self.n_vocab)()
+        everything = self._all
+        for i in range(self.n_vocab):
+            everything[i].id, everything[i].logit, everything[i].p = i, float(logits[i]), 0.0
+        arr = lc.llama_token_data_array(everything, self.n_vocab, -1, False)
+        lc.llama_sampler_apply(seq.sampler, ctypes.byref(arr))
+        allowed = np.fromiter((everything[i].logit for i in range(self.n_vocab)), dtype=np.float32)
+        if not np.isfinite(allowed).any():
+            return None
+        return int(np.argmax(allowed))
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def _set_prefix(self, prefix: List[int]) -> None:
+        lc = self.llama_cpp
+        keep = 0
+        for a, b in zip(self.prefix, prefix):
+            if a != b:
+                break
+            keep += 1
+        lc.llama_memory_seq_rm(self.memory, 0, keep, -1)
+        rest = prefix[keep:]
+        if rest:
+            self._decode([(t, keep + i, 0, False) for i, t in enumerate(rest)])
+        self.prefix = list(prefix)
+
+    def _start(self, s: _Seq, common: int) -> List[Tuple[int, int, int, bool]]:
+        """Prepare a sequence's slot and return its prompt tokens past the shared prefix (logits on the last)."""
+        lc = self.llama_cpp
+        if len(s.tokens) + s.max_tokens > self.n_ctx:
+            raise ValueError(f"prompt of {len(s.tokens)} tokens + {s.max_tokens} exceeds n_ctx={self.n_ctx}")
+        lc.llama_memory_seq_rm(self.memory, s.seq_id, -1, -1)
+        if common:
+            lc.llama_memory_seq_cp(self.memory, 0, s.seq_id, 0, common)
+        if s.grammar:
+            s.sampler = lc.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf8"), b"root")
+            if not s.sampler:
+                raise ValueError("the GBNF grammar did not compile")
+        s.pos = len(s.tokens)
+        last = len(s.tokens) - 1
+        return [(t, common + i, s.seq_id, common + i == last) for i, t in enumerate(s.tokens[common:])]
+
+    def _advance(self, s: _Seq, logits: np.ndarray) -> Optional[int]:
+        """Choose the sequence's next token; None when it has finished."""
+        lc = self.llama_cpp
+        token = self._pick(s, logits)
+        if token is None or lc.llama_vocab_is_eog(self.vocab, token):
+            return None
+        if s.sampler is not None:
+            lc.llama_sampler_accept(s.sampler, token)
+        s.out += self.llm.detokenize([token], prev_tokens=s.tokens + s.generated)
+        s.generated.append(token)
+        s.text = s.out.decode("utf8", errors="ignore")
+        hit = min((s.text.index(x) for x in s.stop if x in s.text), default=None)
+        if hit is not None:
+            s.text = s.text[:hit]
+            return None
+        return None if len(s.generated) >= s.max_tokens else token
+
+    def _finish(self, s: _Seq) -> None:
+        if s.sampler is not None:
+            self.llama_cpp.llama_sampler_free(s.sampler)
+            s.sampler = None
+        self.llama_cpp.llama_memory_seq_rm(self.memory, s.seq_id, -1, -1)
+        s.done = True
+
+    def generate(
+        self, prompts: Sequence[List[int]], max_tokens: Sequence[int], stops: Sequence[Sequence[str]],
+        grammars: Sequence[Optional[str]],
+    ) -> List[Tuple[str, int]]:
+        """Greedy completions for tokenized prompts: (text, completion tokens) each.
+
+        Continuous batching: up to ``n_seq`` sequences decode together, and a finished one's slot is refilled
+        at once, its prompt tokens riding in the same batch as the others' next tokens.
+        """
+        if not prompts:
+            return []
+        # The shared prefix, less one token so every sequence has a suffix whose last token yields logits.
+        common = min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            common = min(common, next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), common))
+        self._set_prefix(list(prompts[0][:common]))
+        seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
+        pending = list(reversed(seqs))
+        free_ids = list(range(self.n_seq, 0, -1))
+        active: List[_Seq] = []
+        step: List[Tuple[int, int, int, bool]] = []
+        try:
+            while pending or active:
+                # Admit new sequences while slots and batch room remain (one at least, so nothing stalls).
+                while pending and free_ids:
+                    s = pending[-1]
+                    s.seq_id = free_ids[-1]
+                    need = len(s.tokens) - common
+                    if step and len(step) + need > self.n_batch:
+                        break
+                    pending.pop()
+                    free_ids.pop()
+                    step.extend(self._start(s, common))
+                    active.append(s)
+                rows = self._decode(step)
+                # Each active sequence's logits sit at the row of its last item in this step.
+                row_of = {}
+                for (tok, pos, seq_id, wants), row in zip(step, rows):
+                    if wants:
+                        row_of[seq_id] = row
+                still, step = [], []
+                for s in active:
+                    token = self._advance(s, self._logits(row_of[s.seq_id]))
+                    if token is None:
+                        self._finish(s)
+                        free_ids.append(s.seq_id)
+                        continue
+                    still.append(s)
+                    step.append((token, s.pos, s.seq_id, True))
+                    s.pos += 1
+                active = still
+        finally:
+            for s in seqs:
+                if not s.done and s.seq_id:
+                    self._finish(s)
+        return [(s.text, len(s.generated)) for s in seqs]
