@@ -25,19 +25,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory):
     from spacy_llmner.backends.llamacpp import resolve_model_path
 
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model_path("gemma3-270m"),
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", "gemma"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "wb")  # a file, not a pipe: llama.cpp logs enough to fill a pipe and block the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError("llama_cpp.server exited: " + proc.stderr.read().decode()[-2000:])
+                raise RuntimeError("llama_cpp.server exited: " + log_path.read_text(errors="ignore")[-2000:])
             try:
                 if requests.get(f"{url}/models", timeout=1).status_code == 200:
                     break
@@ -49,6 +51,7 @@ def llama_server():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.mark.model

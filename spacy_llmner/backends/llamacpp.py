@@ -168,6 +168,11 @@ class LlamaCppBackend(SpacyLLMCallable):
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
 
     @property
+    def context_length(self) -> int:
+        """Read by spacy-llm's ``llm`` component to shard long docs (tokens)."""
+        return self.n_ctx
+
+    @property
     def llm(self):
         return _load(resolve_model_path(self.model), self.n_ctx, self.n_threads, self.seed)
 
