@@ -21,5 +21,5 @@ def test_config_assembles_and_loads_without_network(config, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     nlp = spacy.load(out)
     ner = nlp.get_pipe("llm_lar_ner")
-    assert "person" in ner.labels and len(ner.demonstrations) == 3
+    assert "person" in ner.labels and len(ner.demonstrations) == 6
     assert (out / "llm_lar_ner" / "demonstrations.jsonl").exists()
