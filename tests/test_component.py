@@ -240,3 +240,11 @@ def test_generation_budget_scales_with_input(nlp):
     nlp(" ".join(["word"] * 150))
     budgets = [r.max_tokens for r in ner.backend.requests]
     assert budgets[0] < 40 and budgets[1] == 256
+
+
+def test_progress_bar_counts_docs(nlp, capsys):
+    add_fake_ner(nlp, lines_for({"Paris": "location"}), show_progress=True)
+    docs = list(nlp.pipe(["Paris one.", "Paris two.", "Paris three."], batch_size=2))
+    assert len(docs) == 3
+    err = capsys.readouterr().err
+    assert "llm_lar_ner" in err and "3doc" in err.replace(" ", "")

@@ -5,9 +5,11 @@ shares every read, so tokens per second grow with the batch (prompt evaluation, 
 ~6× faster per token than single-sequence generation here). Prompts that share a prefix (instructions, label
 list, demonstrations) evaluate it once: it is kept in sequence 0 across calls and copied to each sequence.
 
-Each sequence may carry a GBNF grammar; as in ``llamacpp.generate_with_grammar`` it is applied to the best
-``top_k`` candidates first and to the whole vocabulary only when none of them is allowed, so greedy output
-equals full filtering. llama_cpp is imported lazily by the caller (the backend), never at package import.
+Each sequence may carry a GBNF grammar. llama-cpp-python's own sampler applies a grammar to every vocabulary
+entry at every step (262k for Gemma: most of the time per token); like llama.cpp's common sampler, this applies
+it to the best ``top_k`` candidates first and to the whole vocabulary only when none of them is allowed. Greedy
+picks the best allowed token either way, so the output equals full filtering (tested against
+llama-cpp-python's sampler). llama_cpp is imported here, and this module only by the backend on first use.
 """
 
 import ctypes

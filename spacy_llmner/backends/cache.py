@@ -87,9 +87,12 @@ class CachedBackend(SpacyLLMCallable):
         keys = [request_key(ident, r) for r in requests]
         out: List[Generation] = [self.cache.get(k) for k in keys]  # type: ignore[misc]
         todo = [i for i, g in enumerate(out) if g is None]
-        # One request at a time, so each answer is stored before the next is asked for.
-        for i in todo:
-            gen = self.backend.generate([requests[i]])[0]
-            self.cache.put(keys[i], gen)
-            out[i] = gen
+        # In groups as large as the backend decodes at once, each stored as soon as it is answered: a crash
+        # loses at most the group in flight, and parallel decoding still pays off behind the cache.
+        group = max(1, getattr(self.backend, "parallel", 1))
+        for start in range(0, len(todo), group):
+            part = todo[start : start + group]
+            for i, gen in zip(part, self.backend.generate([requests[i] for i in part])):
+                self.cache.put(keys[i], gen)
+                out[i] = gen
         return out
