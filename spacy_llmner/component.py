@@ -32,6 +32,8 @@ DEFAULT_CONFIG = {
     "format": {"@misc": "spacy_llmner.LinesFormat.v1"},
     "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"},
     "demonstrations": None,
+    "retriever": None,
+    "max_demo_tokens": None,
     "instructions": DEFAULT_INSTRUCTIONS,
     "constrained": True,
     "spans_key": "llm_ner",
@@ -56,6 +58,8 @@ def make_llm_lar_ner(
     format: OutputFormat,
     backend: Any,
     demonstrations: Optional[str],
+    retriever: Optional[Any],
+    max_demo_tokens: Optional[int],
     instructions: str,
     constrained: bool,
     spans_key: str,
@@ -75,6 +79,8 @@ def make_llm_lar_ner(
         fmt=format,
         backend=backend,
         demonstrations=demonstrations,
+        retriever=retriever,
+        max_demo_tokens=max_demo_tokens,
         instructions=instructions,
         constrained=constrained,
         spans_key=spans_key,
@@ -123,6 +129,8 @@ class LLMNER(Pipe):
         fmt: OutputFormat,
         backend: Any,
         demonstrations: Optional[str] = None,
+        retriever: Optional[Any] = None,
+        max_demo_tokens: Optional[int] = None,
         instructions: str = DEFAULT_INSTRUCTIONS,
         constrained: bool = True,
         spans_key: str = "llm_ner",
@@ -152,6 +160,9 @@ class LLMNER(Pipe):
         self.backend = backend
         self.demonstrations_source = demonstrations
         self._demonstrations: Optional[List[Demonstration]] = None
+        # Per-query demonstrations from a pool (retrieval) replace the static ones once the pool is built.
+        self.retriever = retriever
+        self.max_demo_tokens = max_demo_tokens
         self.prompts = PromptBuilder(labels, fmt, instructions)
         self.constrained = constrained and getattr(backend, "supports_grammar", False)
         self.spans_key = spans_key
@@ -176,15 +187,49 @@ class LLMNER(Pipe):
     def set_demonstrations(self, source: Union[str, Path, Sequence]) -> None:
         self._demonstrations = load_demonstrations(source, self.vocab)
 
-    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None) -> None:
+    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None) -> None:
         """Labels from ``labels`` or, when none are configured, from the gold entities of ``get_examples``;
-        demonstrations from a path or a list (then saved with the pipeline)."""
+        demonstrations from a path or a list; with a retriever, its pool from ``pool`` (path or list) or else
+        the gold docs of ``get_examples`` (the training corpus under ``spacy train`` / ``spacy assemble``).
+        All are saved with the pipeline."""
         if labels:
             self._set_labels(labels)
         elif not self.label_set.labels and get_examples is not None:
             self._set_labels(sorted({e.label_ for eg in get_examples() for e in eg.reference.ents}))
         if demonstrations is not None:
             self.set_demonstrations(demonstrations)
+        if self.retriever is not None:
+            if pool is not None:
+                self.build_pool(pool)
+            elif get_examples is not None:
+                self.build_pool([eg.reference for eg in get_examples()])
+
+    def build_pool(self, source: Union[str, Path, Sequence]) -> None:
+        if self.retriever is None:
+            raise ValueError(f"{self.name}: no retriever configured, so there is no pool to build")
+        self.retriever.build(load_demonstrations(source, self.vocab))
+
+    def demonstrations_for(self, texts: Sequence[str]) -> List[List[Demonstration]]:
+        """The demonstrations each query sees, in prompt order, within ``max_demo_tokens`` if set (the least
+        similar are dropped whole, never truncated)."""
+        if self.retriever is not None and self.retriever.pool is not None:
+            chosen = self.retriever.retrieve(texts)
+        else:
+            chosen = [self.demonstrations] * len(texts)
+        if self.max_demo_tokens is None:
+            return chosen
+        count = getattr(self.backend, "count_tokens", None) or (lambda text: len(text) // 4 + 1)
+        out = []
+        for demos in chosen:
+            kept, total = [], 0
+            for demo in reversed(demos):  # most similar first
+                cost = count(self.prompts.render_demonstration(demo))
+                if total + cost > self.max_demo_tokens:
+                    continue
+                kept.insert(0, demo)
+                total += cost
+            out.append(kept)
+        return out
 
     @property
     def labels(self) -> Tuple[str, ...]:
@@ -251,13 +296,14 @@ class LLMNER(Pipe):
                 out.append((start, end))
         return out
 
-    def request(self, chunk: Span) -> GenerationRequest:
+    def request(self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None) -> GenerationRequest:
         shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
         grammar = None
         if self.constrained:
             offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
             grammar = self.format.grammar(shown, offsets, self.label_set.names())
-        prompt = self.prompts.build(shown, self.demonstrations)
+        demos = self.demonstrations_for([shown])[0] if demonstrations is None else demonstrations
+        prompt = self.prompts.build(shown, demos)
         # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
         # stops greedy decoding that loops on a repeated mention from running to the hard cap.
         budget = min(self.max_new_tokens, 24 + 2 * len(chunk))
@@ -270,7 +316,8 @@ class LLMNER(Pipe):
                 chunk = doc[start:end]
                 if chunk.text.strip():
                     jobs.append((i, chunk))
-        requests = [self.request(chunk) for _, chunk in jobs]
+        demos = self.demonstrations_for([display(chunk.text).rstrip() for _, chunk in jobs])
+        requests = [self.request(chunk, d) for (_, chunk), d in zip(jobs, demos)]
         answers: List[Optional[Generation]] = [None] * len(jobs)
         error: Optional[BaseException] = None
         try:
@@ -356,8 +403,12 @@ class LLMNER(Pipe):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
+        if self.retriever is not None:
+            self.retriever.to_disk(path / "pool")
 
     def from_disk(self, path, *, exclude=tuple()) -> "LLMNER":
         demos = Path(path) / "demonstrations.jsonl"
         self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else []})
+        if self.retriever is not None:
+            self.retriever.from_disk(Path(path) / "pool")
         return self

@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent(
     md.entry_points = lambda **kw: ours.select(**kw) if kw else ours
     import spacy
     nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person"], "format": {"@misc": "spacy_llmner.JSONFormat.v1"}})
+    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person"], "format": {"@misc": "spacy_llmner.JSONFormat.v1"},
+                                              "retriever": {"@misc": "spacy_llmner.Retriever.v1", "k": 4}})
     nlp.to_disk(sys.argv[1])
     spacy.load(sys.argv[1])
     print(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY))

@@ -1,0 +1,207 @@
+"""Per-sentence demonstration retrieval: which pool sentences a small LLM sees before each query.
+
+Strategies (``strategy``):
+- ``word`` (IF-WRANER): every query word piece is matched to its most similar word piece in a pool sentence
+  (cosine of contextual MiniLM embeddings); the sentence scores the IDF-weighted mean of those best matches.
+  A mean of best matches (BERTScore-recall style) rewards a pool sentence for covering *each* query word, and
+  IDF weighting makes sharing a rare word (usually part of an entity) count for more than sharing "the".
+- ``span`` (EL4NER): candidate entity spans of the query (capitalised or numeric token runs) against the pool's
+  gold entity spans, mean of best matches, mixed with sentence similarity (``span_weight``).
+- ``sentence``: cosine of MiniLM sentence embeddings (GPT-NER's kNN baseline); ``bm25`` (bm25s); ``random``
+  (seeded per query, so reruns agree).
+On a pool larger than ``candidates``, ``word`` and ``span`` re-rank the union of the sentence and BM25 top
+``candidates`` (blocked numpy, no Python loop over the pool).
+
+Selection: top ``k`` by relevance, optionally trading relevance for diversity (``mmr``: weight of redundancy
+with already chosen demonstrations) and preferring demonstrations that show a not-yet-shown label
+(``label_coverage``). ``retrieve`` returns demonstrations in prompt order: the most similar last, closest to
+the query.
+"""
+
+import zlib
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..prompt import Demonstration
+from .encoder import MiniLMEncoder
+from .pool import Pool
+
+STRATEGIES = ("word", "span", "sentence", "bm25", "random")
+
+
+def candidate_spans(text: str) -> List[str]:
+    """Runs of capitalised or numeric words: a parser-free guess at where a sentence's entities are."""
+    words = text.split()
+    out, run = [], []
+    for w in words + [""]:
+        core = w.strip(".,;:!?()[]\"'")
+        if core and (core[0].isupper() or core[0].isdigit()):
+            run.append(core)
+        else:
+            if run:
+                out.append(" ".join(run))
+            run = []
+    return out
+
+
+def _segment_max(sims: np.ndarray, offsets: np.ndarray, empty: float = 0.0) -> np.ndarray:
+    """Row-wise max of ``sims`` [m, T] within each column segment ``offsets`` [C + 1] -> [m, C]."""
+    sizes = np.diff(offsets)
+    out = np.full((sims.shape[0], len(sizes)), empty, dtype=np.float32)
+    nonempty = sizes > 0
+    if nonempty.any() and sims.shape[1]:
+        starts = offsets[:-1][nonempty]
+        out[:, nonempty] = np.maximum.reduceat(sims, starts, axis=1)
+    return out
+
+
+class Retriever:
+    def __init__(
+        self,
+        strategy: str = "word",
+        k: int = 8,
+        candidates: int = 200,
+        mmr: float = 0.0,
+        label_coverage: bool = False,
+        span_weight: float = 0.5,
+        seed: int = 0,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Retriever: strategy must be one of {STRATEGIES}, not {strategy!r}")
+        if k < 0:
+            raise ValueError("Retriever: k must be >= 0")
+        self.strategy = strategy
+        self.k = k
+        self.candidates = candidates
+        self.mmr = mmr
+        self.label_coverage = label_coverage
+        self.span_weight = span_weight
+        self.seed = seed
+        self.encoder = MiniLMEncoder()
+        self.pool: Optional[Pool] = None
+        self._bm25 = None
+
+    # -- pool ---------------------------------------------------------------------------------------------------
+    def build(self, demonstrations: Sequence[Demonstration]) -> None:
+        self.pool = Pool.build(demonstrations, self.encoder)
+        self._bm25 = None
+
+    def to_disk(self, path: Union[str, Path]) -> None:
+        if self.pool is not None:
+            self.pool.to_disk(path)
+
+    def from_disk(self, path: Union[str, Path]) -> None:
+        if (Path(path) / "sentence.npy").exists():
+            self.pool = Pool.from_disk(path)
+            self._bm25 = None
+
+    def _bm25_scores(self, texts: Sequence[str]) -> np.ndarray:
+        import bm25s
+
+        if self._bm25 is None:  # rebuilt from the pool's texts on first use (seconds for 100k sentences)
+            tokens = bm25s.tokenize([d.text for d in self.pool.demonstrations], stopwords="en", return_ids=False,
+                                    show_progress=False)
+            self._bm25 = bm25s.BM25()
+            self._bm25.index(tokens, show_progress=False)
+        vocab = self._bm25.vocab_dict
+        out = np.zeros((len(texts), len(self.pool)), dtype=np.float32)
+        for i, toks in enumerate(bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)):
+            known = [t for t in toks if t in vocab]
+            if known:
+                out[i] = self._bm25.get_scores(known)
+        return out
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    def _shortlist(self, sent_sims: np.ndarray, bm25: Optional[np.ndarray]) -> np.ndarray:
+        n = len(sent_sims)
+        if n <= self.candidates:
+            return np.arange(n)
+        picks = [np.argpartition(-sent_sims, self.candidates)[: self.candidates]]
+        if bm25 is not None:
+            picks.append(np.argpartition(-bm25, self.candidates)[: self.candidates])
+        return np.unique(np.concatenate(picks))
+
+    def scores(self, texts: Sequence[str]) -> List[tuple]:
+        """Per query: (pool indices considered, their relevance)."""
+        pool = self.pool
+        n = len(pool)
+        if self.strategy == "random":
+            out = []
+            for t in texts:
+                rng = np.random.default_rng(self.seed + zlib.crc32(t.encode("utf8")))
+                out.append((np.arange(n), rng.random(n).astype(np.float32)))
+            return out
+        if self.strategy == "bm25":
+            return [(np.arange(n), s) for s in self._bm25_scores(texts)]
+        if self.strategy == "sentence":
+            q = self.encoder.sentences(texts)
+            return [(np.arange(n), s) for s in q @ pool.sentence.T]
+        q_sent, q_pieces, q_ids = self.encoder.pieces(texts)
+        sent_sims = q_sent @ pool.sentence.T
+        bm25 = self._bm25_scores(texts) if n > self.candidates else None
+        out = []
+        for i, text in enumerate(texts):
+            cand = self._shortlist(sent_sims[i], None if bm25 is None else bm25[i])
+            if self.strategy == "word":
+                out.append((cand, self._word_scores(q_pieces[i], q_ids[i], cand)))
+            else:
+                out.append((cand, self._span_scores(text, sent_sims[i], cand)))
+        return out
+
+    def _word_scores(self, q: np.ndarray, ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        pool = self.pool
+        if not len(q):
+            return np.zeros(len(cand), np.float32)
+        starts, ends = pool.piece_offsets[cand], pool.piece_offsets[cand + 1]
+        pieces = np.concatenate([pool.pieces[s:e] for s, e in zip(starts, ends)]).astype(np.float32)
+        offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+        best = _segment_max(q @ pieces.T, offsets)  # [m, C]
+        weights = pool.idf_of(ids)
+        return (weights @ best) / weights.sum()
+
+    def _span_scores(self, text: str, sent_sims: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        pool = self.pool
+        spans = candidate_spans(text)
+        span_part = np.zeros(len(cand), np.float32)
+        if spans and len(pool.spans):
+            q = self.encoder.sentences(spans)
+            best = _segment_max(q @ pool.spans.T, pool.span_offsets)  # [qs, N]
+            span_part = best[:, cand].mean(axis=0)
+        return self.span_weight * span_part + (1 - self.span_weight) * sent_sims[cand]
+
+    # -- selection ----------------------------------------------------------------------------------------------
+    def select(self, cand: np.ndarray, rel: np.ndarray) -> List[int]:
+        if self.k == 0 or not len(cand):
+            return []
+        order = np.argsort(-rel, kind="stable")
+        if not self.mmr and not self.label_coverage:
+            return [int(cand[j]) for j in order[: self.k]]
+        top = order[: self.k * 5]
+        idx, r = cand[top], rel[top]
+        r = (r - r.min()) / (r.max() - r.min() + 1e-9)
+        sent = self.pool.sentence[idx]
+        chosen: List[int] = []
+        shown: set = set()
+        while len(chosen) < min(self.k, len(idx)):
+            value = (1 - self.mmr) * r
+            if chosen and self.mmr:
+                value = value - self.mmr * (sent @ sent[chosen].T).max(axis=1)
+            if self.label_coverage:
+                value = value + np.array([0.5 if set(self.pool.labels_of(int(i))) - shown else 0.0 for i in idx])
+            value[chosen] = -np.inf
+            j = int(np.argmax(value))
+            chosen.append(j)
+            shown.update(self.pool.labels_of(int(idx[j])))
+        return [int(idx[j]) for j in chosen]
+
+    def retrieve(self, texts: Sequence[str]) -> List[List[Demonstration]]:
+        """Demonstrations for each text, in prompt order (most similar last)."""
+        if self.pool is None or not len(self.pool) or not texts:
+            return [[] for _ in texts]
+        out = []
+        for cand, rel in self.scores(texts):
+            picked = self.select(np.asarray(cand), np.asarray(rel, dtype=np.float32))
+            out.append([self.pool.demonstrations[i] for i in reversed(picked)])
+        return out
