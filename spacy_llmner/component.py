@@ -391,9 +391,14 @@ class LLMNER(Pipe):
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._demonstrations = [Demonstration.from_dict(d) for d in state.get("demonstrations", [])]
+        if state.get("pool") is not None and self.retriever is not None:
+            from .retrieval import Pool
+
+            self.retriever.pool = Pool.from_bytes(state["pool"])
 
     def to_bytes(self, *, exclude=tuple()) -> bytes:
-        return srsly.msgpack_dumps(self._state())
+        pool = getattr(self.retriever, "pool", None)
+        return srsly.msgpack_dumps({**self._state(), "pool": pool.to_bytes() if pool is not None else None})
 
     def from_bytes(self, bytes_data: bytes, *, exclude=tuple()) -> "LLMNER":
         self._load_state(srsly.msgpack_loads(bytes_data))

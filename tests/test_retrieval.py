@@ -131,6 +131,12 @@ def test_component_uses_retrieved_demos_and_saves_the_pool(tmp_path, built):
     assert len(lner.retriever.pool) == len(POOL)
     assert [d.text for d in lner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]] == \
         [d.text for d in ner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]]
+    # to_bytes carries the pool too (nlp.pipe with n_process > 1 ships components as bytes)
+    again = spacy.blank("en").from_config(nlp.config)
+    again.from_bytes(nlp.to_bytes())
+    bner = again.get_pipe("llm_lar_ner")
+    assert len(bner.retriever.pool) == len(POOL)
+    assert np.array_equal(np.asarray(bner.retriever.pool.pieces), np.asarray(built.pool.pieces))
 
 
 def test_demonstration_budget_drops_whole_demos(built):

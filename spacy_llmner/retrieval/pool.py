@@ -72,6 +72,19 @@ class Pool:
         for name in ARRAYS:
             np.save(path / f"{name}.npy", np.asarray(getattr(self, name)), allow_pickle=False)
 
+    def to_bytes(self) -> bytes:
+        import srsly  # msgpack with numpy support: arrays travel as raw buffers, no pickle
+
+        return srsly.msgpack_dumps({"demonstrations": [d.to_dict() for d in self.demonstrations],
+                                    **{name: np.asarray(getattr(self, name)) for name in ARRAYS}})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Pool":
+        import srsly
+
+        msg = srsly.msgpack_loads(data)
+        return cls([Demonstration.from_dict(d) for d in msg["demonstrations"]], **{n: msg[n] for n in ARRAYS})
+
     @classmethod
     def from_disk(cls, path: Union[str, Path]) -> "Pool":
         path = Path(path)
