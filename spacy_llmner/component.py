@@ -254,6 +254,11 @@ class LLMNER(Pipe):
     def pipe(self, stream: Iterable[Doc], *, batch_size: int = 16) -> Iterator[Doc]:
         if not self.label_set.labels:
             raise ValueError(f"{self.name}: no labels configured; set 'labels' in the config or initialize()")
+        if self.retriever is not None and self.retriever.pool is None:
+            raise ValueError(
+                f"{self.name}: a retriever is configured but has no pool; call initialize(pool=...) or "
+                "nlp.initialize() with training examples (or build_pool(...)) first"
+            )
         progress = None
         if self.show_progress:
             from tqdm import tqdm

@@ -178,3 +178,10 @@ def test_real_model_with_retrieved_demonstrations(built):
     assert {t for t, _ in got} == {"Angela Merkel", "Social Democratic Party", "Berlin"}
     assert ("Berlin", "location") in got
     assert ner.usage.calls == 2 and ner.usage.hallucinated == 0
+
+
+def test_retriever_without_pool_is_a_clear_error():
+    nlp = spacy.blank("en")
+    add_fake_ner(nlp, lambda q: "none", retriever={"@misc": "spacy_llmner.Retriever.v1"})
+    with pytest.raises(ValueError, match="llm_lar_ner: a retriever is configured but has no pool"):
+        nlp("Paris is big.")
