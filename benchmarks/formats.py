@@ -13,8 +13,7 @@ import platform
 from pathlib import Path
 
 from common import CROSSNER_LABELS, blank, fixed_demonstrations, load_split, run_and_score
-
-FORMATS = {"lines": "LinesFormat", "json": "JSONFormat", "bracket": "BracketFormat", "xml": "XMLFormat"}
+from spacy_llmner.formats import FORMATS
 
 
 def main():
@@ -40,7 +39,7 @@ def main():
                 "llm_lar_ner",
                 config={
                     "labels": CROSSNER_LABELS[args.domain].split(),
-                    "format": {"@misc": f"spacy_llmner.{FORMATS[fmt]}.v1"},
+                    "format": {"@misc": f"spacy_llmner.{FORMATS[fmt].__name__}.v1"},
                     "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model,
                                 "parallel": args.parallel},
                     "constrained": constrained,

@@ -30,6 +30,11 @@ def annotate(
     import spacy
     from spacy import displacy
 
+    from .formats import FORMATS
+
+    if output_format not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {sorted(FORMATS)}, not {output_format!r}")
+
     t0 = time.perf_counter()
     if input_path.suffix == ".jsonl":
         texts = [json.loads(line)["text"] for line in input_path.read_text(encoding="utf8").splitlines() if line]
@@ -40,7 +45,7 @@ def annotate(
         "llm_lar_ner",
         config={
             "labels": [label.strip() for label in labels.split(",") if label.strip()],
-            "format": {"@misc": f"spacy_llmner.{_FORMAT_NAMES[output_format]}.v1"},
+            "format": {"@misc": f"spacy_llmner.{FORMATS[output_format].__name__}.v1"},
             "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model},
             "demonstrations": str(demonstrations) if demonstrations else None,
             "constrained": constrained,
@@ -68,9 +73,6 @@ def annotate(
         f"{u.completion_tokens} completion tokens, {u.seconds:.1f}s generating; first result after "
         f"{first or 0:.1f}s; wrote {output / 'entities.jsonl'} and {output / 'displacy.html'}"
     )
-
-
-_FORMAT_NAMES = {"lines": "LinesFormat", "bracket": "BracketFormat", "xml": "XMLFormat", "json": "JSONFormat"}
 
 
 def main() -> None:
