@@ -69,15 +69,6 @@ def read_docbin(path: Union[str, Path], vocab: Optional[Vocab] = None) -> List[D
     return list(DocBin().from_disk(path).get_docs(vocab or Vocab()))
 
 
-def read_any(path: Union[str, Path], nlp) -> List[Doc]:
-    path = Path(path)
-    if path.suffix == ".spacy":
-        return read_docbin(path, nlp.vocab)
-    if path.suffix in (".jsonl", ".json"):
-        return read_jsonl(path, nlp)
-    return read_bio(path, nlp.vocab)
-
-
 @registry.readers("spacy_llmner.BIOReader.v1")
 def bio_reader(path: str, limit: Optional[int] = None):
     """A corpus reader for ``spacy train`` / ``spacy evaluate`` configs over CrossNER / CoNLL BIO files."""

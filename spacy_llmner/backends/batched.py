@@ -32,7 +32,6 @@ class _Seq:
     out: bytes = b""
     text: str = ""
     done: bool = False
-    logit_row: int = -1
 
 
 class BatchedDecoder:

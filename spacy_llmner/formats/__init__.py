@@ -14,12 +14,4 @@ make_xml_format = registry.misc.register("spacy_llmner.XMLFormat.v1", func=XMLFo
 make_json_format = registry.misc.register("spacy_llmner.JSONFormat.v1", func=JSONFormat)
 make_lines_format = registry.misc.register("spacy_llmner.LinesFormat.v1", func=LinesFormat)
 
-
-def get_format(name: str):
-    try:
-        return FORMATS[name]()
-    except KeyError:
-        raise ValueError(f"Unknown output format {name!r}; choose one of {sorted(FORMATS)}") from None
-
-
-__all__ = ["BracketFormat", "XMLFormat", "JSONFormat", "LinesFormat", "FORMATS", "get_format", "locate", "Located"]
+__all__ = ["BracketFormat", "XMLFormat", "JSONFormat", "LinesFormat", "FORMATS", "locate", "Located"]

@@ -96,8 +96,5 @@ class Pool:
         }
         return cls(demos, **arrays)
 
-    def sentence_pieces(self, i: int) -> np.ndarray:
-        return self.pieces[self.piece_offsets[i] : self.piece_offsets[i + 1]]
-
     def labels_of(self, i: int) -> List[str]:
         return [label for _, _, label in self.demonstrations[i].spans]
