@@ -91,9 +91,13 @@ def test_fast_grammar_decoding_equals_llama_cpp_grammar_sampling(fmt):
     nlp, ner = make(fmt, constrained=True)
     reqs = [ner.request(nlp.make_doc(t)[:]) for t in
             ("Gordon Brown spoke to the Conservative Party in Manchester.", "Jacinda Ardern met Macron in Paris.")]
-    fast = [g.text for g in LlamaCppBackend(fast_grammar=True, parallel=1).generate(reqs)]
+    backend = LlamaCppBackend(fast_grammar=True, parallel=1)
+    fast = [g.text for g in backend.generate(reqs)]
     full = [g.text for g in LlamaCppBackend(fast_grammar=False).generate(reqs)]
     assert fast == full and all(fast)
+    # With one candidate checked, most steps take the whole-vocabulary path: it must agree as well.
+    backend._decoder.top_k = 1
+    assert [g.text for g in backend.generate(reqs)] == full
 
 
 @pytest.mark.parametrize("constrained", [False, True])

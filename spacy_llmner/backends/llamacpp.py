@@ -131,8 +131,7 @@ class LlamaCppBackend(SpacyLLMCallable):
 
         llm = self.llm
         if self._decoder is None:
-            # room for the shared prefix plus every sequence's own prompt and answer
-            self._decoder = BatchedDecoder(llm, n_seq=self.parallel, n_ctx=self.n_ctx * min(self.parallel, 4))
+            self._decoder = BatchedDecoder(llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
             atexit.register(self._decoder.close)
         tokens = [llm.tokenize(r.prompt.encode("utf8"), add_bos=True, special=True) for r in requests]
         for toks, req in zip(tokens, requests):
