@@ -15,15 +15,21 @@ from spacy.util import filter_spans, minibatch
 
 from . import backends  # noqa: F401  (registers the backends; creates llm_models)
 from .formats import locate
+from .formats import LinesFormat
 from .labels import LabelSet
+from .labels.alignment import LabelAlignment
+from .lar import CONTENT_FREE, VERIFY_OPTIONS, Candidate, LARStages, best, choose, p_yes, typing_context, typing_options
+from .lar import verification_context, verification_examples
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
-from .ty import BackendError, Generation, GenerationRequest, OutputFormat
+from .ty import BackendError, GenerationRequest, OutputFormat, ScoreRequest
 from .usage import Usage
 
 if not Doc.has_extension("llm_ner_usage"):
     Doc.set_extension("llm_ner_usage", default=None)  # {component name: Usage dict}
 if not Doc.has_extension("llm_ner_io"):
     Doc.set_extension("llm_ner_io", default=None)  # {component name: [{"prompt", "response"}]} with save_io
+
+EXTRACT_INSTRUCTIONS = "Find the named entities in each sentence."
 
 DEFAULT_CONFIG = {
     "labels": [],
@@ -45,6 +51,7 @@ DEFAULT_CONFIG = {
     "on_error": "raise",
     "show_progress": False,
     "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+    "lar": None,
 }
 
 
@@ -71,6 +78,7 @@ def make_llm_lar_ner(
     on_error: str,
     show_progress: bool,
     scorer: Optional[Callable],
+    lar: Optional[LARStages],
 ) -> "LLMNER":
     return LLMNER(
         nlp.vocab,
@@ -92,6 +100,7 @@ def make_llm_lar_ner(
         on_error=on_error,
         show_progress=show_progress,
         scorer=scorer,
+        lar=lar,
     )
 
 
@@ -142,6 +151,7 @@ class LLMNER(Pipe):
         on_error: str = "raise",
         show_progress: bool = False,
         scorer: Optional[Callable] = None,
+        lar: Optional[LARStages] = None,
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"{name}: on_error must be 'raise' or 'skip', not {on_error!r}")
@@ -174,6 +184,9 @@ class LLMNER(Pipe):
         self.show_progress = show_progress
         self.scorer = scorer
         self.usage = Usage()  # this run's totals; reset with reset_usage()
+        # LAR / EL4NER stages (``lar.py``); None: one pass. The alignment is learned in initialize() or set.
+        self.lar = lar
+        self.alignment: Optional[LabelAlignment] = None
 
     # ---- demonstrations -------------------------------------------------------------------------------------
     @property
@@ -187,11 +200,13 @@ class LLMNER(Pipe):
     def set_demonstrations(self, source: Union[str, Path, Sequence]) -> None:
         self._demonstrations = load_demonstrations(source, self.vocab)
 
-    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None) -> None:
+    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None,
+                   alignment_corpus=None) -> None:
         """Labels from ``labels`` or, when none are configured, from the gold entities of ``get_examples``;
         demonstrations from a path or a list; with a retriever, its pool from ``pool`` (path or list) or else
         the gold docs of ``get_examples`` (the training corpus under ``spacy train`` / ``spacy assemble``).
-        All are saved with the pipeline."""
+        With a ``source`` proposer, the label alignment is learned on ``alignment_corpus`` (else those gold docs)
+        by running the pipeline's earlier components on it. All are saved with the pipeline."""
         if labels:
             self._set_labels(labels)
         elif not self.label_set.labels and get_examples is not None:
@@ -203,6 +218,51 @@ class LLMNER(Pipe):
                 self.build_pool(pool)
             elif get_examples is not None:
                 self.build_pool([eg.reference for eg in get_examples()])
+        if self._uses("source"):
+            gold = None
+            if alignment_corpus is not None:
+                gold = load_demonstrations(alignment_corpus, self.vocab)
+            elif get_examples is not None:
+                gold = load_demonstrations([eg.reference for eg in get_examples()])
+            if gold and nlp is not None:
+                self.learn_alignment(nlp, gold)
+            elif self.lar.alignment:
+                self.alignment = self._pin(self.align_by_embeddings(sorted(self.lar.alignment)))
+
+    def learn_alignment(self, nlp: Language, gold: Sequence[Demonstration]) -> LabelAlignment:
+        """Source → target alignment from the source's predictions on gold target data (co-occurrence at equal
+        boundaries) mixed with label-embedding similarity; config rows pinned on top."""
+        before = []
+        for name, proc in nlp.pipeline:
+            if name == self.name:
+                break
+            before.append(proc)
+        pairs = []
+        for demo in gold:
+            doc = nlp.make_doc(demo.text)
+            for proc in before:
+                doc = proc(doc)
+            truth = {(s, e): lab for s, e, lab in demo.spans}
+            pairs.extend((lab, truth.get((s, e))) for s, e, lab in self.lar.source_spans(doc))
+        source = sorted({s for s, _ in pairs} | set(self.lar.alignment or {}))
+        if not source:
+            raise ValueError(f"{self.name}: the source predicted no spans on the alignment corpus; is a source "
+                             f"NER component placed before {self.name} (source={self.lar.source!r})?")
+        cooc = LabelAlignment.from_cooccurrence(pairs, source, self.label_set.labels)
+        w = self.lar.embedding_weight
+        self.alignment = self._pin(LabelAlignment.combine([(self.align_by_embeddings(source), w), (cooc, 1 - w)]))
+        return self.alignment
+
+    def align_by_embeddings(self, source: Sequence[str]) -> LabelAlignment:
+        encoder = getattr(self.retriever, "encoder", None)
+        if encoder is None:
+            from .retrieval.encoder import MiniLMEncoder
+
+            encoder = MiniLMEncoder()
+        return LabelAlignment.from_embeddings(source, self.label_set.labels, encoder, self.label_set.definitions)
+
+    def _pin(self, alignment: LabelAlignment) -> LabelAlignment:
+        return alignment.override(self.lar.alignment) if self.lar.alignment else alignment
 
     def build_pool(self, source: Union[str, Path, Sequence]) -> None:
         if self.retriever is None:
@@ -246,6 +306,7 @@ class LLMNER(Pipe):
         self.label_set = LabelSet(labels, {k: v for k, v in old.definitions.items() if k in labels},
                                   {k: v for k, v in old.synonyms.items() if v in labels})
         self.prompts = PromptBuilder(self.label_set, self.format, self.prompts.instructions)
+        self.alignment = None  # learned for the old label set
 
     # ---- running --------------------------------------------------------------------------------------------
     def __call__(self, doc: Doc) -> Doc:
@@ -301,79 +362,221 @@ class LLMNER(Pipe):
                 out.append((start, end))
         return out
 
-    def request(self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None) -> GenerationRequest:
+    def request(self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None,
+                extract: bool = False) -> GenerationRequest:
+        """The one-pass request for a chunk; ``extract``: the same with every type shown as ``entity`` (spans only)."""
         shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
+        prompts = self._extract_prompts() if extract else self.prompts
         grammar = None
         if self.constrained:
             offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
-            grammar = self.format.grammar(shown, offsets, self.label_set.names())
+            grammar = self.format.grammar(shown, offsets, prompts.labels.names())
         demos = self.demonstrations_for([shown])[0] if demonstrations is None else demonstrations
-        prompt = self.prompts.build(shown, demos)
+        prompt = prompts.build(shown, demos)
         # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
         # stops greedy decoding that loops on a repeated mention from running to the hard cap.
         budget = min(self.max_new_tokens, 24 + 2 * len(chunk))
         return GenerationRequest(prompt, budget, tuple(self.format.stop), grammar)
 
+    def _extract_prompts(self) -> PromptBuilder:
+        aliases = {a: "entity" for label in self.label_set for a in (label, self.label_set.prompt_names[label])
+                   if a != "entity"}
+        return PromptBuilder(LabelSet(["entity"], synonyms=aliases), self.format, EXTRACT_INSTRUCTIONS)
+
     def _process(self, docs: List[Doc]) -> List[Doc]:
+        # Source spans are read first: this component overwrites doc.ents.
+        source = [self.lar.source_spans(doc) for doc in docs] if self._uses("source") else None
         jobs: List[Tuple[int, Span]] = []
         for i, doc in enumerate(docs):
             for start, end in self.chunks(doc):
                 chunk = doc[start:end]
                 if chunk.text.strip():
                     jobs.append((i, chunk))
-        demos = self.demonstrations_for([display(chunk.text).rstrip() for _, chunk in jobs])
-        requests = [self.request(chunk, d) for (_, chunk), d in zip(jobs, demos)]
-        answers: List[Optional[Generation]] = [None] * len(jobs)
-        error: Optional[BaseException] = None
+        shown = [display(chunk.text).rstrip() for _, chunk in jobs]
+        demos = self.demonstrations_for(shown)
+        run = _Run(docs)
+        candidates: List[Dict[Tuple[int, int], Candidate]] = [{} for _ in jobs]
+        if self.lar is None or "generate" in self.lar.proposers:
+            requests = [self.request(chunk, d) for (_, chunk), d in zip(jobs, demos)]
+            for j, text in enumerate(self._generate(jobs, requests, run)):
+                if text is not None:
+                    for start, end, label in self.parse_offsets(jobs[j][1], text, run.usage[jobs[j][0]]):
+                        candidates[j].setdefault((start, end), Candidate(start, end, label=label))
+        if self.lar is not None:
+            if "extract" in self.lar.proposers:
+                requests = [self.request(chunk, d, extract=True) for (_, chunk), d in zip(jobs, demos)]
+                for j, text in enumerate(self._generate(jobs, requests, run)):
+                    if text is not None:
+                        for start, end, _ in self.parse_offsets(jobs[j][1], text, run.usage[jobs[j][0]], True):
+                            candidates[j].setdefault((start, end), Candidate(start, end))
+            if source is not None:
+                for j, (i, chunk) in enumerate(jobs):
+                    for start, end, label in source[i]:
+                        if chunk.start_char <= start and end <= chunk.end_char:
+                            c = candidates[j].setdefault((start - chunk.start_char, end - chunk.start_char),
+                                                         Candidate(start - chunk.start_char, end - chunk.start_char))
+                            c.source_label = label
+            if self.lar.needs_typing:
+                self._type(jobs, shown, demos, candidates, run)
+            if self.lar.verify:
+                self._verify(jobs, shown, demos, candidates, run)
+        per_doc: List[List[Span]] = [[] for _ in docs]
+        for (i, chunk), cands in zip(jobs, candidates):
+            for c in cands.values():
+                if c.label is None:
+                    continue
+                span = chunk.doc.char_span(chunk.start_char + c.start, chunk.start_char + c.end, label=c.label,
+                                           alignment_mode=self.alignment_mode)
+                if span is not None and len(span):
+                    per_doc[i].append(span)
+        for i, doc in enumerate(docs):
+            self.set_annotations(doc, per_doc[i])
+            doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: run.usage[i].to_dict()}
+            if run.error is not None:
+                doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {run.error}")
+            if self.save_io:
+                doc._.llm_ner_io = {**(doc._.llm_ner_io or {}), self.name: run.io[i]}
+            self.usage.add(run.usage[i])
+        return docs
+
+    def _uses(self, proposer: str) -> bool:
+        return self.lar is not None and proposer in self.lar.proposers
+
+    def _call(self, fn, requests, run: "_Run"):
+        """One backend call; a BackendError is raised with context, or (on_error="skip") remembered."""
+        if run.error is not None or not requests:
+            return None
         try:
-            answers = list(self.backend.generate(requests))
+            return fn(requests)
         except BackendError as e:
             if self.on_error == "raise":
                 raise BackendError(
-                    f"{self.name}: the backend failed on a batch of {len(docs)} doc(s) "
+                    f"{self.name}: the backend failed on a batch of {len(run.usage)} doc(s) "
                     f"(earlier batches were returned; answers so far are in the cache if one is set): {e}"
                 ) from e
-            error = e
-        per_doc: List[List[Span]] = [[] for _ in docs]
-        usage = [Usage(docs=1) for _ in docs]
-        io: List[List[Dict[str, str]]] = [[] for _ in docs]
-        for (i, chunk), req, answer in zip(jobs, requests, answers):
-            if answer is None:
-                usage[i].errors += 1
-                continue
-            spans = self.parse(chunk, answer.text, usage[i])
-            per_doc[i].extend(spans)
-            u = usage[i]
+            run.error = e
+            return None
+
+    def _generate(self, jobs, requests: List[GenerationRequest], run: "_Run") -> List[Optional[str]]:
+        answers = self._call(self.backend.generate, requests, run)
+        if answers is None:
+            for i, _ in jobs:
+                run.usage[i].errors += 1
+            return [None] * len(jobs)
+        for (i, _), req, answer in zip(jobs, requests, answers):
+            u = run.usage[i]
             u.calls += 0 if answer.cached else 1
             u.cached_calls += 1 if answer.cached else 0
             u.prompt_tokens += answer.prompt_tokens
             u.completion_tokens += answer.completion_tokens
             u.seconds += answer.seconds
             if self.save_io:
-                io[i].append({"prompt": req.prompt, "response": answer.text})
-        for doc, spans, u, doc_io in zip(docs, per_doc, usage, io):
-            self.set_annotations(doc, spans)
-            doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: u.to_dict()}
-            if error is not None:
-                doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {error}")
-            if self.save_io:
-                doc._.llm_ner_io = {**(doc._.llm_ner_io or {}), self.name: doc_io}
-            self.usage.add(u)
-        return docs
+                run.io[i].append({"prompt": req.prompt, "response": answer.text})
+        return [a.text for a in answers]
 
-    def parse(self, chunk: Span, answer: str, usage: Usage) -> List[Span]:
+    def _choose(self, owners: List[int], requests: List[ScoreRequest], run: "_Run") -> Optional[List[List[float]]]:
+        got = self._call(lambda reqs: choose(self.backend, reqs), requests, run)
+        if got is None:
+            return None
+        scores, tokens, calls = got
+        for i in set(owners):  # shared evenly between the docs that asked
+            share = owners.count(i) / len(owners)
+            run.usage[i].calls += round(calls * share)
+            run.usage[i].prompt_tokens += round(tokens * share)
+        return scores
+
+    def _type(self, jobs, shown, demos, candidates, run: "_Run") -> None:
+        names = self.label_set.prompt_names
+        by_name = {n: lab for lab, n in names.items()}
+        typing_prompts = self._typing_prompts()
+        everything = typing_options(self.label_set.names())
+        todo, requests, owners, priors = [], [], [], {}
+        for j, cands in enumerate(candidates):
+            prompt = None
+            for c in cands.values():
+                if c.label is not None and not self.lar.retype:
+                    continue
+                if c.source_label is not None and self.alignment is not None:
+                    options = [t for t, _ in self.alignment.candidates(c.source_label, self.lar.top_k)]
+                else:
+                    options = list(self.label_set.labels)
+                if c.label is not None and c.label not in options:
+                    options.append(c.label)
+                if prompt is None:
+                    prompt = typing_prompts.build(shown[j], demos[j])
+                    if self.lar.calibrate:  # the label prior in this context: a content-free span
+                        priors[j] = len(requests)
+                        requests.append(ScoreRequest(typing_context(prompt, CONTENT_FREE), everything))
+                        owners.append(jobs[j][0])
+                todo.append((j, c, options, len(requests)))
+                requests.append(ScoreRequest(typing_context(prompt, shown[j][c.start:c.end]),
+                                             typing_options([names[o] for o in options])))
+                owners.append(jobs[j][0])
+        scores = self._choose(owners, requests, run)
+        if scores is None:
+            return
+        for j, c, options, at in todo:
+            sc = scores[at]
+            if j in priors:
+                prior = dict(zip(everything, scores[priors[j]]))
+                sc = [x - prior[o] for x, o in zip(sc, typing_options([names[o] for o in options]))]
+            k, margin = best(sc)
+            chosen = by_name[names[options[k]]]
+            if c.source_label is not None and margin < self.lar.keep_margin and self.alignment is not None:
+                chosen = self.alignment.candidates(c.source_label, 1)[0][0]
+            c.label, c.score = chosen, margin
+
+    def _verify(self, jobs, shown, demos, candidates, run: "_Run") -> None:
+        names = self.label_set.prompt_names
+        todo, requests, owners = [], [], []
+        for j, cands in enumerate(candidates):
+            examples = verification_examples(demos[j], names, self.lar.verify_demos, self.lar.seed)
+            priors: Dict[str, int] = {}
+            for c in cands.values():
+                if c.label is None:
+                    continue
+                name = names[c.label]
+                if self.lar.calibrate and name not in priors:  # how readily it says yes to a content-free span
+                    priors[name] = len(requests)
+                    requests.append(ScoreRequest(verification_context(examples, shown[j], CONTENT_FREE, name),
+                                                 VERIFY_OPTIONS))
+                    owners.append(jobs[j][0])
+                todo.append((c, len(requests), priors.get(name)))
+                requests.append(ScoreRequest(
+                    verification_context(examples, shown[j], shown[j][c.start:c.end], name), VERIFY_OPTIONS))
+                owners.append(jobs[j][0])
+        scores = self._choose(owners, requests, run)
+        if scores is None:
+            return
+        for c, at, prior in todo:
+            c.p_yes = p_yes(scores[at], scores[prior] if prior is not None else None)
+            if c.p_yes < self.lar.verify_threshold:
+                c.label = None
+
+    def _typing_prompts(self) -> PromptBuilder:
+        if self.format.name == "lines":
+            return self.prompts
+        return PromptBuilder(self.label_set, LinesFormat(), self.prompts.instructions)
+
+    def parse_offsets(self, chunk: Span, answer: str, usage: Usage, extract: bool = False):
+        """(start, end, label) in the chunk's characters for each verified mention; label None when extracting."""
         parsed = self.format.parse(answer)
         usage.malformed += parsed.malformed
         located = locate(parsed.mentions, display(chunk.text).rstrip(), parsed.plain_text)
         usage.hallucinated += len(located.hallucinated)
-        doc = chunk.doc
         out = []
         for start, end, answer_label in located.spans:
-            label = self.label_set.resolve(answer_label)
-            if label is None:
+            label = None if extract else self.label_set.resolve(answer_label)
+            if label is None and not extract:
                 usage.unknown_labels += 1
                 continue
-            span = doc.char_span(
+            out.append((start, end, label))
+        return out
+
+    def parse(self, chunk: Span, answer: str, usage: Usage) -> List[Span]:
+        out = []
+        for start, end, label in self.parse_offsets(chunk, answer, usage):
+            span = chunk.doc.char_span(
                 chunk.start_char + start, chunk.start_char + end, label=label, alignment_mode=self.alignment_mode
             )
             if span is not None and len(span):
@@ -392,10 +595,13 @@ class LLMNER(Pipe):
         return self.scorer(examples, **kwargs)
 
     def _state(self) -> Dict[str, Any]:
-        return {"demonstrations": [d.to_dict() for d in self.demonstrations]}
+        return {"demonstrations": [d.to_dict() for d in self.demonstrations],
+                "alignment": self.alignment.to_dict() if self.alignment is not None else None}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._demonstrations = [Demonstration.from_dict(d) for d in state.get("demonstrations", [])]
+        if state.get("alignment") is not None:
+            self.alignment = LabelAlignment.from_dict(state["alignment"])
         if state.get("pool") is not None and self.retriever is not None:
             from .retrieval import Pool
 
@@ -413,12 +619,25 @@ class LLMNER(Pipe):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
+        if self.alignment is not None:
+            srsly.write_json(path / "alignment.json", self.alignment.to_dict())
         if self.retriever is not None:
             self.retriever.to_disk(path / "pool")
 
     def from_disk(self, path, *, exclude=tuple()) -> "LLMNER":
         demos = Path(path) / "demonstrations.jsonl"
-        self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else []})
+        alignment = Path(path) / "alignment.json"
+        self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else [],
+                          "alignment": srsly.read_json(alignment) if alignment.exists() else None})
         if self.retriever is not None:
             self.retriever.from_disk(Path(path) / "pool")
         return self
+
+
+class _Run:
+    """What one batch of docs accumulates across stages."""
+
+    def __init__(self, docs: List[Doc]):
+        self.usage = [Usage(docs=1) for _ in docs]
+        self.io: List[List[Dict[str, str]]] = [[] for _ in docs]
+        self.error: Optional[BaseException] = None

@@ -29,6 +29,22 @@ class Generation:
     cached: bool = False
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A constrained choice: the log-probability of each option continuing the context (label names, yes/no)."""
+
+    context: str
+    options: Tuple[str, ...]
+
+
+@dataclass
+class Scores:
+    logprobs: List[float]  # one per option, summed over its tokens
+    prompt_tokens: int = 0  # tokens evaluated for this request (context and options)
+    seconds: float = 0.0
+    cached: bool = False
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Prompts in, completions out, batched. ``identity`` names everything that changes an answer (the cache key)."""
@@ -39,6 +55,15 @@ class Backend(Protocol):
         ...
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Backends that can score fixed continuations (llama.cpp) make LAR's typing and verification one forward
+    pass per option instead of a generation; others answer the same choice with a grammar-restricted generation."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
         ...
 
 

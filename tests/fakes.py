@@ -2,7 +2,7 @@
 
 from typing import Callable, List, Sequence
 
-from spacy_llmner.ty import Generation, GenerationRequest
+from spacy_llmner.ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
 class FakeBackend:
@@ -33,3 +33,18 @@ def add_fake_ner(nlp, answer, **config):
     ner.backend = FakeBackend(answer)
     ner.constrained = False
     return ner
+
+
+class FakeScorer(FakeBackend):
+    """Also scores fixed continuations: ``logprobs(context, options) -> [float per option]``."""
+
+    supports_scoring = True
+
+    def __init__(self, answer: Callable[[str], str], logprobs: Callable[[str, Sequence[str]], List[float]]):
+        super().__init__(answer)
+        self.logprobs = logprobs
+        self.score_requests: List[ScoreRequest] = []
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        self.score_requests.extend(requests)
+        return [Scores(list(self.logprobs(r.context, r.options)), prompt_tokens=len(r.context) // 4) for r in requests]

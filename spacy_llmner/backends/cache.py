@@ -12,16 +12,17 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
-from ..ty import Generation, GenerationRequest
+from ..ty import Generation, GenerationRequest, ScoreRequest, Scores
 from .base import SpacyLLMCallable
 
 
-def request_key(identity: Dict[str, Any], req: GenerationRequest) -> str:
-    blob = json.dumps(
-        {"id": identity, "max_tokens": req.max_tokens, "stop": list(req.stop), "grammar": req.grammar or ""},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode() + b"\x00" + req.prompt.encode()).hexdigest()
+def request_key(identity: Dict[str, Any], req: Union[GenerationRequest, ScoreRequest]) -> str:
+    if isinstance(req, ScoreRequest):
+        head, text = {"id": identity, "score": list(req.options)}, req.context
+    else:
+        head = {"id": identity, "max_tokens": req.max_tokens, "stop": list(req.stop), "grammar": req.grammar or ""}
+        text = req.prompt
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode() + b"\x00" + text.encode()).hexdigest()
 
 
 class AnswerCache:
@@ -42,6 +43,13 @@ class AnswerCache:
             conn.commit()
             self._conn = conn
         return self._conn
+
+    def get_scores(self, key: str):
+        got = self.get(key)
+        return None if got is None else Scores(json.loads(got.text), got.prompt_tokens, cached=True)
+
+    def put_scores(self, key: str, scores: Scores) -> None:
+        self.put(key, Generation(json.dumps(scores.logprobs), scores.prompt_tokens, 0, scores.seconds))
 
     def get(self, key: str):
         with self._lock:
@@ -73,6 +81,7 @@ class CachedBackend(SpacyLLMCallable):
         self.backend = backend
         self.cache = AnswerCache(path)
         self.supports_grammar = getattr(backend, "supports_grammar", False)
+        self.supports_scoring = getattr(backend, "supports_scoring", False)
 
     def identity(self) -> Dict[str, Any]:
         return self.backend.identity()
@@ -95,4 +104,14 @@ class CachedBackend(SpacyLLMCallable):
             for i, gen in zip(part, self.backend.generate([requests[i] for i in part])):
                 self.cache.put(keys[i], gen)
                 out[i] = gen
+        return out
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        ident = self.identity()
+        keys = [request_key(ident, r) for r in requests]
+        out: List[Scores] = [self.cache.get_scores(k) for k in keys]  # type: ignore[misc]
+        todo = [i for i, s in enumerate(out) if s is None]
+        for i, scores in zip(todo, self.backend.score([requests[i] for i in todo]) if todo else []):
+            self.cache.put_scores(keys[i], scores)
+            out[i] = scores
         return out

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..ty import BackendError, Generation, GenerationRequest
+from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import SpacyLLMCallable
 
 
@@ -71,6 +71,7 @@ def _grammar(text: str):
 
 class LlamaCppBackend(SpacyLLMCallable):
     supports_grammar = True
+    supports_scoring = True
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class LlamaCppBackend(SpacyLLMCallable):
         self.fast_grammar = fast_grammar
         self.parallel = max(1, parallel)  # sequences decoded together (greedy only); 1 = one at a time
         self._decoder = None
+        self._scorer = None
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
 
     @property
@@ -125,6 +127,30 @@ class LlamaCppBackend(SpacyLLMCallable):
             if self.temperature == 0 and self.fast_grammar:
                 return self._generate_batched(requests)
             return [self._generate_sampled(req) for req in requests]
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        """Each option's log-probability after its context, without generating (``scoring.TrieScorer``)."""
+        from .scoring import TrieScorer
+
+        if not requests:
+            return []
+        with self._lock:
+            llm = self.llm
+            if self._scorer is None:
+                self._scorer = TrieScorer(llm, n_ctx=max(8192, 2 * self.n_ctx))
+                atexit.register(self._scorer.close)
+            items = []
+            for r in requests:
+                ctx = llm.tokenize(r.context.encode("utf8"), add_bos=True, special=True)
+                opts = [llm.tokenize(o.encode("utf8"), add_bos=False, special=True) for o in r.options]
+                items.append((ctx, opts))
+            t0 = time.perf_counter()
+            try:
+                logprobs = self._scorer.score(items)
+            except ValueError as e:
+                raise BackendError(f"llama.cpp backend: {e}") from e
+            per = (time.perf_counter() - t0) / len(requests)
+        return [Scores(lp, len(c) + sum(map(len, o)), per) for lp, (c, o) in zip(logprobs, items)]
 
     def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         from .batched import BatchedDecoder
