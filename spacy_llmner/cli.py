@@ -75,6 +75,25 @@ def annotate(
     )
 
 
+@app.command()
+def alignment(
+    pipeline: Path = typer.Argument(..., help="A saved pipeline folder (or installed package name)"),
+    component: str = typer.Option("llm_lar_ner", help="Name of the llm_lar_ner component"),
+    top_k: int = typer.Option(3, help="Target candidates shown per source label"),
+):
+    """Print the learned source → target label alignment of a pipeline (no model is loaded)."""
+    import spacy
+
+    nlp = spacy.load(pipeline)
+    if component not in nlp.pipe_names:
+        raise typer.BadParameter(f"no component {component!r} in {pipeline} (it has {nlp.pipe_names})")
+    found = nlp.get_pipe(component).alignment
+    if found is None:
+        typer.echo(f"{component} has no label alignment (it is learned by initialize() with a source proposer)")
+        raise typer.Exit(1)
+    typer.echo(found.table(top_k))
+
+
 def main() -> None:
     app()
 

@@ -3,6 +3,7 @@
 All predicted spans (nested too) go to ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.ents``.
 """
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,7 +20,7 @@ from .formats import LinesFormat
 from .labels import LabelSet
 from .labels.alignment import LabelAlignment
 from .lar import CONTENT_FREE, VERIFY_OPTIONS, Candidate, LARStages, best, choose, p_yes, typing_context, typing_options
-from .lar import verification_context, verification_examples
+from .lar import SpanMemory, verification_context, verification_examples
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
 from .ty import BackendError, GenerationRequest, OutputFormat, ScoreRequest
 from .usage import Usage
@@ -187,6 +188,8 @@ class LLMNER(Pipe):
         # LAR / EL4NER stages (``lar.py``); None: one pass. The alignment is learned in initialize() or set.
         self.lar = lar
         self.alignment: Optional[LabelAlignment] = None
+        self.span_memory: Optional[SpanMemory] = None  # gold spans of the alignment corpus, for kNN typing
+        self._own_encoder = None
 
     # ---- demonstrations -------------------------------------------------------------------------------------
     @property
@@ -233,7 +236,7 @@ class LLMNER(Pipe):
         """Source → target alignment from the source's predictions on gold target data (co-occurrence at equal
         boundaries) mixed with label-embedding similarity; config rows pinned on top."""
         before = []
-        for name, proc in nlp.pipeline:
+        for name, proc in nlp.components:  # disabled ones too: `spacy assemble` disables sourced components
             if name == self.name:
                 break
             before.append(proc)
@@ -249,17 +252,24 @@ class LLMNER(Pipe):
             raise ValueError(f"{self.name}: the source predicted no spans on the alignment corpus; is a source "
                              f"NER component placed before {self.name} (source={self.lar.source!r})?")
         cooc = LabelAlignment.from_cooccurrence(pairs, source, self.label_set.labels)
+        self.span_memory = SpanMemory.build(gold, self._encoder())
         w = self.lar.embedding_weight
         self.alignment = self._pin(LabelAlignment.combine([(self.align_by_embeddings(source), w), (cooc, 1 - w)]))
         return self.alignment
 
     def align_by_embeddings(self, source: Sequence[str]) -> LabelAlignment:
+        return LabelAlignment.from_embeddings(source, self.label_set.labels, self._encoder(),
+                                              self.label_set.definitions)
+
+    def _encoder(self):
         encoder = getattr(self.retriever, "encoder", None)
         if encoder is None:
-            from .retrieval.encoder import MiniLMEncoder
+            if self._own_encoder is None:
+                from .retrieval.encoder import MiniLMEncoder
 
-            encoder = MiniLMEncoder()
-        return LabelAlignment.from_embeddings(source, self.label_set.labels, encoder, self.label_set.definitions)
+                self._own_encoder = MiniLMEncoder()
+            encoder = self._own_encoder
+        return encoder
 
     def _pin(self, alignment: LabelAlignment) -> LabelAlignment:
         return alignment.override(self.lar.alignment) if self.lar.alignment else alignment
@@ -504,7 +514,7 @@ class LLMNER(Pipe):
                     options.append(c.label)
                 if prompt is None:
                     prompt = typing_prompts.build(shown[j], demos[j])
-                    if self.lar.calibrate:  # the label prior in this context: a content-free span
+                    if self.lar.calibrate and self.lar.typer != "knn":  # the label prior in this context: a content-free span
                         priors[j] = len(requests)
                         requests.append(ScoreRequest(typing_context(prompt, CONTENT_FREE), everything))
                         owners.append(jobs[j][0])
@@ -512,14 +522,29 @@ class LLMNER(Pipe):
                 requests.append(ScoreRequest(typing_context(prompt, shown[j][c.start:c.end]),
                                              typing_options([names[o] for o in options])))
                 owners.append(jobs[j][0])
-        scores = self._choose(owners, requests, run)
+        typer = self.lar.typer
+        if typer != "llm" and self.span_memory is None:
+            raise ValueError(f"{self.name}: typer={typer!r} needs the span memory learned by initialize()")
+        if typer == "knn":
+            scores = [[0.0] * len(r.options) for r in requests]
+        else:
+            scores = self._choose(owners, requests, run)
         if scores is None:
             return
-        for j, c, options, at in todo:
+        knn = []
+        if typer != "llm":
+            texts = [shown[j][c.start:c.end] for j, c, _, _ in todo]
+            knn = self.span_memory.distributions(texts, self._encoder())
+        for n, (j, c, options, at) in enumerate(todo):
             sc = scores[at]
-            if j in priors:
+            if j in priors and typer != "knn":
                 prior = dict(zip(everything, scores[priors[j]]))
                 sc = [x - prior[o] for x, o in zip(sc, typing_options([names[o] for o in options]))]
+            if knn:
+                weight = 1.0 if typer == "knn" else self.lar.knn_weight
+                # the option order (alignment rank) breaks ties when no neighbour votes for any option
+                sc = [x + weight * math.log(knn[n].get(o, 0.0) + 1e-3) - 1e-6 * i
+                      for i, (x, o) in enumerate(zip(sc, options))]
             k, margin = best(sc)
             chosen = by_name[names[options[k]]]
             if c.source_label is not None and margin < self.lar.keep_margin and self.alignment is not None:
@@ -595,13 +620,23 @@ class LLMNER(Pipe):
         return self.scorer(examples, **kwargs)
 
     def _state(self) -> Dict[str, Any]:
+        memory = self.span_memory
         return {"demonstrations": [d.to_dict() for d in self.demonstrations],
-                "alignment": self.alignment.to_dict() if self.alignment is not None else None}
+                "alignment": self.alignment.to_dict() if self.alignment is not None else None,
+                "span_memory": None if memory is None else {
+                    "labels": memory.labels, "shape": list(memory.vectors.shape),
+                    "vectors": memory.vectors.astype("<f2").tobytes()}}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._demonstrations = [Demonstration.from_dict(d) for d in state.get("demonstrations", [])]
         if state.get("alignment") is not None:
             self.alignment = LabelAlignment.from_dict(state["alignment"])
+        if state.get("span_memory") is not None:
+            import numpy as np
+
+            m = state["span_memory"]
+            vectors = m["vectors"] if isinstance(m["vectors"], np.ndarray) else np.frombuffer(m["vectors"], "<f2")
+            self.span_memory = SpanMemory(vectors.reshape(m["shape"]), m["labels"])
         if state.get("pool") is not None and self.retriever is not None:
             from .retrieval import Pool
 
@@ -621,14 +656,27 @@ class LLMNER(Pipe):
         srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
         if self.alignment is not None:
             srsly.write_json(path / "alignment.json", self.alignment.to_dict())
+        if self.span_memory is not None:
+            import numpy as np
+
+            np.save(path / "span_memory.npy", self.span_memory.vectors, allow_pickle=False)
+            srsly.write_json(path / "span_memory.json", self.span_memory.labels)
         if self.retriever is not None:
             self.retriever.to_disk(path / "pool")
 
     def from_disk(self, path, *, exclude=tuple()) -> "LLMNER":
         demos = Path(path) / "demonstrations.jsonl"
-        alignment = Path(path) / "alignment.json"
+        alignment, memory = Path(path) / "alignment.json", Path(path) / "span_memory.npy"
+        span_memory = None
+        if memory.exists():
+            import numpy as np
+
+            vectors = np.load(memory, allow_pickle=False)
+            span_memory = {"vectors": vectors, "shape": list(vectors.shape),
+                           "labels": srsly.read_json(Path(path) / "span_memory.json")}
         self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else [],
-                          "alignment": srsly.read_json(alignment) if alignment.exists() else None})
+                          "alignment": srsly.read_json(alignment) if alignment.exists() else None,
+                          "span_memory": span_memory})
         if self.retriever is not None:
             self.retriever.from_disk(Path(path) / "pool")
         return self

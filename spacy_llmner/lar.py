@@ -6,7 +6,7 @@ verify each typed span.
   source NER's spans, e.g. a CoNLL model earlier in the pipeline: its labels are source labels);
 - typing: the LLM picks each span's label among candidates: the alignment's top-k for a source label, all labels
   otherwise. The context is the one-pass prompt (lines format) with the answer begun at the span
-  (``Entities:\\nSpan |``) and each option is `` label\\n``: the model scores the continuation it was shown in the
+  (``Entities:\\nSpan |``) and each option is `` label``: the model scores the continuation it was shown in the
   demonstrations. Backends that score (llama.cpp) rank options by log-probability in one forward pass; others
   answer with a grammar-restricted generation. With ``keep_margin`` a source span keeps its aligned label when
   the model's preference is weaker than that margin (nats). Scores are calibrated against a content-free span;
@@ -56,6 +56,8 @@ class LARStages:
     alignment: Optional[Dict[str, Dict[str, float]]] = None  # pinned rows, applied over the learned matrix
     embedding_weight: float = 0.3  # in the learned matrix; co-occurrence counts get the rest
     calibrate: bool = True  # subtract the content-free prior from typing and verification scores
+    typer: str = "llm"  # llm | knn | llm+knn: who picks a span's label (knn: nearest gold spans, no LLM call)
+    knn_weight: float = 1.0  # llm+knn: weight of log P_knn(label) added to the LLM's calibrated score
     verify_demos: int = 6  # yes/no examples drawn from the demonstrations
     seed: int = 0
 
@@ -65,6 +67,8 @@ class LARStages:
             raise ValueError(f"LAR proposers must be among {PROPOSERS}, got {list(self.proposers)}")
         if not (self.source == "ents" or self.source.startswith("spans:")):
             raise ValueError(f"LAR source must be 'ents' or 'spans:<key>', not {self.source!r}")
+        if self.typer not in ("llm", "knn", "llm+knn"):
+            raise ValueError(f"LAR typer must be llm, knn or llm+knn, not {self.typer!r}")
         if not 0.0 <= self.verify_threshold <= 1.0:
             raise ValueError("LAR verify_threshold must lie in [0, 1]")
 
@@ -90,9 +94,11 @@ def make_lar(
     alignment: Optional[Dict[str, Dict[str, float]]] = None,
     embedding_weight: float = 0.3,
     calibrate: bool = True,
+    typer: str = "llm",
+    knn_weight: float = 1.0,
 ) -> LARStages:
     return LARStages(tuple(proposers), source, retype, top_k, keep_margin, verify, verify_threshold, alignment,
-                     embedding_weight, calibrate)
+                     embedding_weight, calibrate, typer, knn_weight)
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------
@@ -102,7 +108,9 @@ def typing_context(prompt: str, span_text: str) -> str:
 
 
 def typing_options(names: Sequence[str]) -> Tuple[str, ...]:
-    return tuple(f" {n}\n" for n in names)
+    # No trailing newline: a one-token label then needs no logits of its own (the span's row serves all such
+    # labels), and full-vocabulary logits rows are what scoring costs on a 262k-token model.
+    return tuple(f" {n}" for n in names)
 
 
 def verification_examples(demos: Sequence[Demonstration], names: Dict[str, str], k: int, seed: int) -> str:
@@ -176,3 +184,39 @@ def p_yes(scores: Sequence[float], prior: Optional[Sequence[float]] = None) -> f
     if prior is not None and all(math.isfinite(x) for x in prior):
         logit -= prior[0] - prior[1]
     return 1.0 / (1.0 + math.exp(-logit))
+
+
+class SpanMemory:
+    """The target train split's gold entity spans, embedded (MiniLM, the span text alone), for kNN typing: a
+    span's label distribution is the similarity-weighted vote of its nearest gold spans (an entity seen in
+    training is its own nearest neighbour). Saved with the pipeline as one .npy array + a json label list."""
+
+    def __init__(self, vectors, labels: Sequence[str], k: int = 10, temperature: float = 0.05):
+        import numpy as np
+
+        self.vectors = np.asarray(vectors, dtype=np.float16)
+        self.labels = list(labels)
+        self.k = k
+        self.temperature = temperature
+
+    @classmethod
+    def build(cls, demos: Sequence[Demonstration], encoder) -> "SpanMemory":
+        texts = [d.text[s:e] for d in demos for s, e, _ in d.spans]
+        return cls(encoder.sentences(texts), [lab for d in demos for _, _, lab in d.spans])
+
+    def distributions(self, texts: Sequence[str], encoder) -> List[Dict[str, float]]:
+        import numpy as np
+
+        if not texts or not self.labels:
+            return [{} for _ in texts]
+        sims = encoder.sentences(list(texts)) @ self.vectors.astype(np.float32).T
+        out = []
+        for row in sims:
+            top = np.argsort(-row)[: self.k]
+            w = np.exp((row[top] - row[top[0]]) / self.temperature)
+            dist: Dict[str, float] = {}
+            for j, weight in zip(top, w):
+                dist[self.labels[j]] = dist.get(self.labels[j], 0.0) + float(weight)
+            total = sum(dist.values())
+            out.append({lab: v / total for lab, v in dist.items()})
+        return out

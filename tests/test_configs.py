@@ -23,3 +23,45 @@ def test_config_assembles_and_loads_without_network(config, tmp_path):
     ner = nlp.get_pipe("llm_lar_ner")
     assert "person" in ner.labels and len(ner.demonstrations) == 6
     assert (out / "llm_lar_ner" / "demonstrations.jsonl").exists()
+
+
+def _tiny_source_ner(path):
+    """A real tok2vec + ner pipeline trained for a moment on two fixture sentences (PER / LOC)."""
+    import random
+
+    from spacy.training import Example
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tok2vec")
+    nlp.add_pipe("ner", config={"model": {"tok2vec": {"@architectures": "spacy.Tok2VecListener.v1", "width": 96}}})
+    data = [("Angela Merkel visited Germany .", [(0, 13, "PER"), (22, 29, "LOC")]),
+            ("Olaf Scholz flew to France .", [(0, 11, "PER"), (20, 26, "LOC")])]
+    examples = [Example.from_dict(nlp.make_doc(t), {"entities": e}) for t, e in data]
+    optimizer = nlp.initialize(lambda: examples)
+    random.seed(0)
+    for _ in range(40):
+        nlp.update(examples, sgd=optimizer, drop=0.0)
+    nlp.to_disk(path)
+
+
+def test_lar_config_assembles_with_a_sourced_ner_and_learns_its_alignment(tmp_path):
+    import srsly
+
+    _tiny_source_ner(tmp_path / "source")
+    corpus = tmp_path / "train.jsonl"
+    srsly.write_jsonl(corpus, [
+        {"text": "Angela Merkel visited Germany .", "spans": [{"start": 0, "end": 13, "label": "politician"},
+                                                            {"start": 22, "end": 29, "label": "country"}]},
+        {"text": "Olaf Scholz flew to France .", "spans": [{"start": 0, "end": 11, "label": "politician"},
+                                                         {"start": 20, "end": 26, "label": "country"}]}])
+    out = tmp_path / "pipe"
+    res = subprocess.run(
+        [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / "lar.cfg"), str(out),
+         "--paths.source", str(tmp_path / "source"), "--paths.train", str(corpus),
+         "--paths.demonstrations", str(ROOT / "assets" / "demonstrations.jsonl")],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    alignment = spacy.load(out).get_pipe("llm_lar_ner").alignment
+    assert alignment.candidates("PER", 1)[0][0] == "politician"
+    assert alignment.candidates("LOC", 1)[0][0] == "country"

@@ -150,7 +150,9 @@ class LlamaCppBackend(SpacyLLMCallable):
             except ValueError as e:
                 raise BackendError(f"llama.cpp backend: {e}") from e
             per = (time.perf_counter() - t0) / len(requests)
-        return [Scores(lp, len(c) + sum(map(len, o)), per) for lp, (c, o) in zip(logprobs, items)]
+            # Shared context is evaluated once: each request is charged an equal share of what was evaluated.
+            share, extra = divmod(self._scorer.evaluated, len(requests))
+        return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
 
     def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         from .batched import BatchedDecoder

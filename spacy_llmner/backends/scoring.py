@@ -47,6 +47,7 @@ class TrieScorer:
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.n_vocab = llm.n_vocab()
         self.prefix: List[int] = []  # what sequence 0 holds
+        self.evaluated = 0
 
     def close(self) -> None:
         if self.batch is not None:
@@ -55,7 +56,9 @@ class TrieScorer:
         self.ctx.close()
 
     def score(self, items: Sequence[Tuple[List[int], Sequence[List[int]]]]) -> List[List[float]]:
-        """``items``: (context tokens, [option tokens, ...]). Returns each option's summed log-probability."""
+        """``items``: (context tokens, [option tokens, ...]). Returns each option's summed log-probability;
+        ``evaluated`` counts the tokens actually run through the model (shared trie nodes once)."""
+        self.evaluated = 0
         out: List[List[float]] = [[] for _ in items]
         group: List[int] = []
         seqs = cells = 0
@@ -128,12 +131,14 @@ class TrieScorer:
             keep += 1
         self.llama_cpp.llama_memory_seq_rm(self.memory, 0, keep, -1)
         rest = prefix[keep:]
+        self.evaluated += len(rest)
         for start in range(0, len(rest), self.n_batch):
             part = [_Node(t, keep + start + i, [0]) for i, t in enumerate(rest[start : start + self.n_batch])]
             self._decode(part)
         self.prefix = list(prefix)
 
     def _evaluate(self, order: List[_Node]) -> None:
+        self.evaluated += len(order)
         for start in range(0, len(order), self.n_batch):
             part = order[start : start + self.n_batch]
             self._decode(part)
