@@ -15,8 +15,7 @@ from spacy.training import Example
 from spacy.util import filter_spans, minibatch
 
 from . import backends  # noqa: F401  (registers the backends; creates llm_models)
-from .formats import locate
-from .formats import LinesFormat
+from .formats import LinesFormat, locate
 from .labels import LabelSet
 from .labels.alignment import LabelAlignment
 from .lar import CONTENT_FREE, VERIFY_OPTIONS, Candidate, LARStages, best, choose, p_yes, typing_context, typing_options
@@ -596,16 +595,6 @@ class LLMNER(Pipe):
                 usage.unknown_labels += 1
                 continue
             out.append((start, end, label))
-        return out
-
-    def parse(self, chunk: Span, answer: str, usage: Usage) -> List[Span]:
-        out = []
-        for start, end, label in self.parse_offsets(chunk, answer, usage):
-            span = chunk.doc.char_span(
-                chunk.start_char + start, chunk.start_char + end, label=label, alignment_mode=self.alignment_mode
-            )
-            if span is not None and len(span):
-                out.append(span)
         return out
 
     def set_annotations(self, doc: Doc, spans: List[Span]) -> None:
