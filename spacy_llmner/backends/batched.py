@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._llama import kept_prefix, new_context, shared_prefix
+
 
 @dataclass
 class _Seq:
@@ -39,21 +41,14 @@ class _Seq:
 class BatchedDecoder:
     def __init__(self, llm, n_seq: int = 8, n_ctx_seq: int = 4096, top_k: int = 16):
         import llama_cpp
-        from llama_cpp import _internals
 
         self.llama_cpp = llama_cpp
         self.llm = llm
         self.n_seq = n_seq
         self.top_k = top_k
-        params = llama_cpp.llama_context_default_params()
-        for name, _ in llama_cpp.llama_context_params._fields_:
-            setattr(params, name, getattr(llm.context_params, name))
-        params.n_seq_max = n_seq + 1  # sequence 0 holds the shared prefix
-        params.n_ctx = n_ctx_seq * params.n_seq_max  # split evenly between the streams
-        params.kv_unified = False
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        # sequence 0 holds the shared prefix; the context is split evenly between the sequences' KV streams
+        self.ctx, self.n_batch = new_context(llm, n_ctx_seq * (n_seq + 1), n_seq + 1, unified=False)
         self.n_ctx = n_ctx_seq  # per sequence
-        self.n_batch = params.n_batch
         self.batch = llama_cpp.llama_batch_init(max(self.n_batch, n_seq + 1), 0, n_seq + 1)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.vocab = llm._model.vocab
@@ -132,11 +127,7 @@ class BatchedDecoder:
     # -- generation -------------------------------------------------------------------------------------------
     def _set_prefix(self, prefix: List[int]) -> None:
         lc = self.llama_cpp
-        keep = 0
-        for a, b in zip(self.prefix, prefix):
-            if a != b:
-                break
-            keep += 1
+        keep = kept_prefix(self.prefix, prefix)
         lc.llama_memory_seq_rm(self.memory, 0, keep, -1)
         rest = prefix[keep:]
         if rest:
@@ -196,9 +187,7 @@ class BatchedDecoder:
         if not prompts:
             return []
         # The shared prefix, less one token so every sequence has a suffix whose last token yields logits.
-        common = min(len(p) for p in prompts) - 1
-        for p in prompts[1:]:
-            common = min(common, next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), common))
+        common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
         self._set_prefix(list(prompts[0][:common]))
         seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
         pending = list(reversed(seqs))

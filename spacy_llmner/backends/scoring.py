@@ -15,6 +15,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ._llama import kept_prefix, new_context, shared_prefix
+
 
 @dataclass
 class _Node:
@@ -29,20 +31,13 @@ class _Node:
 class TrieScorer:
     def __init__(self, llm, n_ctx: int = 8192, max_seqs: int = 64):
         import llama_cpp
-        from llama_cpp import _internals
 
         self.llama_cpp = llama_cpp
         self.llm = llm
-        params = llama_cpp.llama_context_default_params()
-        for name, _ in llama_cpp.llama_context_params._fields_:
-            setattr(params, name, getattr(llm.context_params, name))
-        params.n_ctx = n_ctx
-        params.n_seq_max = max_seqs
-        params.kv_unified = True  # one cell may belong to many sequences: shared trie nodes are stored once
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        # unified: one cell may belong to many sequences, so shared trie nodes are stored once
+        self.ctx, self.n_batch = new_context(llm, n_ctx, max_seqs, unified=True)
         self.n_ctx = n_ctx
         self.max_seqs = max_seqs
-        self.n_batch = params.n_batch
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, max_seqs)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.n_vocab = llm.n_vocab()
@@ -83,9 +78,7 @@ class TrieScorer:
         lc = self.llama_cpp
         full = [ctx + opt for ctx, options in items for opt in options]
         # The part every sequence shares, short of each context's last token (whose logits we need).
-        common = min(len(ctx) for ctx, _ in items) - 1
-        for seq in full[1:]:
-            common = min(common, next((i for i, (a, b) in enumerate(zip(full[0], seq)) if a != b), common))
+        common = shared_prefix(full, min(len(ctx) for ctx, _ in items) - 1)
         self._set_prefix(full[0][:common])
         roots: Dict[int, _Node] = {}
         order: List[_Node] = []  # parents before children
@@ -124,11 +117,7 @@ class TrieScorer:
                 out.append(float(sum(parent.logprobs[tok] for parent, tok in zip(path, opt))))
 
     def _set_prefix(self, prefix: List[int]) -> None:
-        keep = 0
-        for a, b in zip(self.prefix, prefix):
-            if a != b:
-                break
-            keep += 1
+        keep = kept_prefix(self.prefix, prefix)
         self.llama_cpp.llama_memory_seq_rm(self.memory, 0, keep, -1)
         rest = prefix[keep:]
         self.evaluated += len(rest)
