@@ -234,11 +234,14 @@ class LLMNER(Pipe):
     def learn_alignment(self, nlp: Language, gold: Sequence[Demonstration]) -> LabelAlignment:
         """Source → target alignment from the source's predictions on gold target data (co-occurrence at equal
         boundaries) mixed with label-embedding similarity; config rows pinned on top."""
+        from .ensemble import Ensemble
+
         before = []
         for name, proc in nlp.components:  # disabled ones too: `spacy assemble` disables sourced components
             if name == self.name:
                 break
-            before.append(proc)
+            if not isinstance(proc, (LLMNER, Ensemble)):  # other LLM members of an ensemble are no source
+                before.append(proc)
         pairs = []
         for demo in gold:
             doc = nlp.make_doc(demo.text)
@@ -551,16 +554,25 @@ class LLMNER(Pipe):
             c.label, c.score = chosen, margin
 
     def _verify(self, jobs, shown, demos, candidates, run: "_Run") -> None:
+        self._p_yes(jobs, shown, demos, candidates, run)
+        for cands in candidates:
+            for c in cands.values():
+                if c.p_yes is not None and c.p_yes < self.lar.verify_threshold:
+                    c.label = None
+
+    def _p_yes(self, jobs, shown, demos, candidates, run: "_Run") -> None:
+        """Sets each typed candidate's calibrated P(yes) for "Is <span> a <label>?"."""
+        stages = self.lar or LARStages()  # the verification defaults when the component runs one pass
         names = self.label_set.prompt_names
         todo, requests, owners = [], [], []
         for j, cands in enumerate(candidates):
-            examples = verification_examples(demos[j], names, self.lar.verify_demos, self.lar.seed)
+            examples = verification_examples(demos[j], names, stages.verify_demos, stages.seed)
             priors: Dict[str, int] = {}
             for c in cands.values():
                 if c.label is None:
                     continue
                 name = names[c.label]
-                if self.lar.calibrate and name not in priors:  # how readily it says yes to a content-free span
+                if stages.calibrate and name not in priors:  # how readily it says yes to a content-free span
                     priors[name] = len(requests)
                     requests.append(ScoreRequest(verification_context(examples, shown[j], CONTENT_FREE, name),
                                                  VERIFY_OPTIONS))
@@ -574,8 +586,38 @@ class LLMNER(Pipe):
             return
         for c, at, prior in todo:
             c.p_yes = p_yes(scores[at], scores[prior] if prior is not None else None)
-            if c.p_yes < self.lar.verify_threshold:
-                c.label = None
+
+    def validate(self, docs: Sequence[Doc], spans: Sequence[Sequence[Span]]
+                 ) -> Tuple[List[List[Optional[float]]], List[Usage]]:
+        """Self-validation for callers such as the ensemble: the calibrated P(yes) of each given (labelled) span,
+        asked with this component's verification prompt, backend and demonstrations, and what it cost per doc.
+        None where the backend failed (``on_error="skip"``) or the span crosses a chunk boundary."""
+        jobs: List[Tuple[int, Span]] = []
+        candidates: List[Dict[Tuple[int, int], Candidate]] = []
+        where: List[List[Optional[Candidate]]] = []
+        for i, (doc, doc_spans) in enumerate(zip(docs, spans)):
+            first = len(jobs)
+            for start, end in self.chunks(doc):
+                jobs.append((i, doc[start:end]))
+                candidates.append({})
+            placed: List[Optional[Candidate]] = []
+            for span in doc_spans:
+                c = None
+                for j in range(first, len(jobs)):
+                    chunk = jobs[j][1]
+                    if chunk.start <= span.start and span.end <= chunk.end:
+                        key = (span.start_char - chunk.start_char, span.end_char - chunk.start_char)
+                        c = Candidate(*key, label=span.label_)
+                        candidates[j][(key[0], key[1], span.label_)] = c
+                        break
+                placed.append(c)
+            where.append(placed)
+        shown = [display(chunk.text).rstrip() for _, chunk in jobs]
+        run = _Run(list(docs))
+        self._p_yes(jobs, shown, self.demonstrations_for(shown), candidates, run)
+        for u in run.usage:
+            self.usage.add(u)
+        return [[None if c is None else c.p_yes for c in placed] for placed in where], run.usage
 
     def _typing_prompts(self) -> PromptBuilder:
         if self.format.name == "lines":

@@ -18,6 +18,8 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 class OpenAICompatBackend(SpacyLLMCallable):
+    remote = True  # waits on a server, not the CPU: an ensemble runs it beside its local members
+
     def __init__(
         self,
         base_url: str = "http://127.0.0.1:8000/v1",

