@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
-	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
+	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -94,6 +94,77 @@ def alignment(
     typer.echo(found.table(top_k))
 
 
+@app.command()
+def convert(
+    input_path: Path = typer.Argument(..., help="CrossNER / CoNLL BIO file (.txt, .bio, eng.*) or jsonl with "
+                                                "character spans (GENIA)"),
+    output_path: Path = typer.Argument(..., help="The .spacy DocBin to write"),
+    limit: int = typer.Option(0, help="Only the first N sentences (0: all)"),
+    spans_key: str = typer.Option("sc", help="jsonl: doc.spans key for all (nested) entities"),
+    lang: str = typer.Option("en", help="Tokenizer language for jsonl text"),
+):
+    """BIO or jsonl → .spacy, one doc per sentence: BIO through spaCy's IOB utilities; jsonl entities (nested
+    too) to ``doc.spans[spans_key]``, the longest non-overlapping ones to ``doc.ents``."""
+    import spacy
+    from spacy.tokens import DocBin
+
+    from .corpora import read_bio, read_jsonl
+
+    if not input_path.exists():
+        raise typer.BadParameter(f"input file not found: {input_path}")
+    nlp = spacy.blank(lang)
+    if input_path.suffix == ".jsonl":
+        docs = read_jsonl(input_path, nlp, spans_key=spans_key, limit=limit or None)
+    else:
+        docs = read_bio(input_path, nlp.vocab, limit=limit or None)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    DocBin(docs=docs, store_user_data=False).to_disk(output_path)
+    nested = sum(len(d.spans.get(spans_key, [])) - len(d.ents) for d in docs)
+    typer.echo(f"{input_path} → {output_path}: {len(docs)} docs, {sum(len(d.ents) for d in docs)} entities"
+               + (f" (+{nested} nested in doc.spans[{spans_key!r}])" if nested else ""))
+
+
+@app.command("pre-annotate")
+def pre_annotate(
+    pipeline: str = typer.Argument(..., help="A pipeline folder or installed package (e.g. an assembled ensemble)"),
+    input_path: Path = typer.Argument(..., help=".spacy DocBin (its gold labels are ignored), .jsonl with 'text', "
+                                                "or a text file with one document per line"),
+    output_path: Path = typer.Argument(..., help="The .spacy DocBin of annotated docs to write"),
+    limit: int = typer.Option(0, help="Only the first N documents (0: all)"),
+):
+    """Annotate texts with a pipeline and write them as a DocBin: silver data for a distilled student
+    (configs/student.cfg) or pre-annotations for human review. Written as it goes: an interruption keeps the
+    documents already annotated in ``<output>.partial``."""
+    import spacy
+    from spacy.tokens import DocBin
+
+    if not input_path.exists():
+        raise typer.BadParameter(f"input file not found: {input_path}")
+    nlp = spacy.load(pipeline)
+    if input_path.suffix == ".spacy":
+        from .corpora import read_docbin
+
+        texts = [d.text for d in read_docbin(input_path, nlp.vocab)]
+    elif input_path.suffix == ".jsonl":
+        texts = [json.loads(line)["text"] for line in input_path.read_text(encoding="utf8").splitlines() if line]
+    else:
+        texts = [line for line in input_path.read_text(encoding="utf8").splitlines() if line.strip()]
+    texts = texts[:limit] if limit else texts
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(output_path.name + ".partial")
+    out = DocBin(store_user_data=False)
+    t0 = time.perf_counter()
+    for i, doc in enumerate(nlp.pipe(texts, batch_size=16), 1):
+        out.add(doc)
+        if i % 64 == 0:
+            out.to_disk(partial)
+    out.to_disk(output_path)
+    partial.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    typer.echo(f"{len(texts)} docs annotated by {pipeline} in {seconds:.1f}s "
+               f"({len(texts) / seconds if seconds else 0:.2f} docs/s) → {output_path}")
+
+
 def main() -> None:
     app()
 

@@ -104,9 +104,11 @@ def make_llm_lar_ner(
     )
 
 
-def load_demonstrations(source: Union[str, Path, Sequence], nlp_vocab=None) -> List[Demonstration]:
+def load_demonstrations(source: Union[str, Path, Sequence], nlp_vocab=None,
+                        spans_key: Optional[str] = None) -> List[Demonstration]:
     """Demonstrations from a jsonl file (``text`` + ``spans``/``entities``), a ``.spacy`` DocBin, a BIO file,
-    or a list of Docs / dicts / Demonstrations."""
+    or a list of Docs / dicts / Demonstrations. A Doc's spans are ``doc.spans[spans_key]`` where it has that
+    group (nested entities, e.g. GENIA), else its ``doc.ents``."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -116,13 +118,14 @@ def load_demonstrations(source: Union[str, Path, Sequence], nlp_vocab=None) -> L
         from .corpora import read_bio, read_docbin
 
         docs = read_docbin(path, nlp_vocab) if path.suffix == ".spacy" else read_bio(path, nlp_vocab)
-        return load_demonstrations(docs)
+        return load_demonstrations(docs, spans_key=spans_key)
     out = []
     for item in source:
         if isinstance(item, Demonstration):
             out.append(item)
         elif isinstance(item, Doc):
-            out.append(Demonstration(item.text, [(e.start_char, e.end_char, e.label_) for e in item.ents]))
+            spans = item.spans[spans_key] if spans_key and spans_key in item.spans else item.ents
+            out.append(Demonstration(item.text, [(e.start_char, e.end_char, e.label_) for e in spans]))
         else:
             out.append(Demonstration.from_dict(item))
     return out
@@ -196,11 +199,11 @@ class LLMNER(Pipe):
         # Read lazily: a pipeline loaded from disk carries its own copy and never touches the original file.
         if self._demonstrations is None:
             src = self.demonstrations_source
-            self._demonstrations = load_demonstrations(src, self.vocab) if src else []
+            self._demonstrations = load_demonstrations(src, self.vocab, self.spans_key) if src else []
         return self._demonstrations
 
     def set_demonstrations(self, source: Union[str, Path, Sequence]) -> None:
-        self._demonstrations = load_demonstrations(source, self.vocab)
+        self._demonstrations = load_demonstrations(source, self.vocab, self.spans_key)
 
     def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None,
                    alignment_corpus=None) -> None:
@@ -220,6 +223,12 @@ class LLMNER(Pipe):
                 self.build_pool(pool)
             elif get_examples is not None:
                 self.build_pool([eg.reference for eg in get_examples()])
+        if not self.label_set.labels:  # none configured or in the examples: the labels the demonstrations show
+            pool = getattr(self.retriever, "pool", None)
+            shown = pool.demonstrations if pool is not None else self.demonstrations
+            found = sorted({lab for demo in shown for _, _, lab in demo.spans})
+            if found:
+                self._set_labels(found)
         if self._uses("source"):
             gold = None
             if alignment_corpus is not None:
@@ -279,7 +288,7 @@ class LLMNER(Pipe):
     def build_pool(self, source: Union[str, Path, Sequence]) -> None:
         if self.retriever is None:
             raise ValueError(f"{self.name}: no retriever configured, so there is no pool to build")
-        self.retriever.build(load_demonstrations(source, self.vocab))
+        self.retriever.build(load_demonstrations(source, self.vocab, self.spans_key))
 
     def demonstrations_for(self, texts: Sequence[str]) -> List[List[Demonstration]]:
         """The demonstrations each query sees, in prompt order, within ``max_demo_tokens`` if set (the least

@@ -50,10 +50,11 @@ def read_jsonl(path: Union[str, Path], nlp, spans_key: str = "sc", limit: Option
     ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.ents``."""
     docs = []
     for i, row in enumerate(srsly.read_jsonl(path)):
-        doc = nlp.make_doc(row["text"])
+        entities = row.get("entities", row.get("spans", []))
+        doc = _split_at(nlp.make_doc(row["text"]), {o for ent in entities for o in (ent["start"], ent["end"])})
         spans = []
-        for ent in row.get("entities", row.get("spans", [])):
-            span = doc.char_span(ent["start"], ent["end"], label=ent["label"], alignment_mode="expand")
+        for ent in entities:
+            span = doc.char_span(ent["start"], ent["end"], label=ent["label"])
             if span is None:
                 raise ValueError(f"{path}: line {i + 1}: entity {ent} does not fall on the text")
             spans.append(span)
@@ -63,6 +64,22 @@ def read_jsonl(path: Union[str, Path], nlp, spans_key: str = "sc", limit: Option
         if limit and len(docs) >= limit:
             break
     return docs
+
+
+def _split_at(doc: Doc, offsets) -> Doc:
+    """The doc re-tokenized so that every offset is a token boundary ("NF-kappa B." → "NF-kappa B" + "."): gold
+    entities keep their exact extent instead of growing to the tokenizer's tokens."""
+    inside = {t.i: sorted(o for o in offsets if t.idx < o < t.idx + len(t)) for t in doc}
+    if not any(inside.values()):
+        return doc
+    words, spaces = [], []
+    for t in doc:
+        cuts = [t.idx, *inside[t.i], t.idx + len(t)]
+        for a, b in zip(cuts, cuts[1:]):
+            words.append(doc.text[a:b])
+            spaces.append(False)
+        spaces[-1] = bool(t.whitespace_)
+    return Doc(doc.vocab, words=words, spaces=spaces)
 
 
 def read_docbin(path: Union[str, Path], vocab: Optional[Vocab] = None) -> List[Doc]:
@@ -79,3 +96,32 @@ def bio_reader(path: str, limit: Optional[int] = None):
             yield Example(nlp.make_doc(doc.text), doc)
 
     return read
+
+
+@registry.readers("spacy_llmner.MixedCorpus.v1")
+def mixed_corpus(gold: str, silver: Optional[str] = None, silver_limit: int = 0):
+    """Gold examples, then silver ones (docs an LLM pipeline annotated; ``spacy-llmner pre-annotate``): the
+    training corpus of a distilled student. Both are spaCy DocBins read with spaCy's own ``Corpus``."""
+    from spacy.training import Corpus
+
+    gold_corpus = Corpus(gold)
+    silver_corpus = Corpus(silver, limit=silver_limit) if silver else None
+
+    def read(nlp):
+        yield from gold_corpus(nlp)
+        if silver_corpus is not None:
+            yield from silver_corpus(nlp)
+
+    return read
+
+
+@registry.scorers("spacy_llmner.nested_scorer.v1")
+def nested_scorer(spans_key: str = "sc"):
+    """Exact span + label over every span in ``doc.spans[spans_key]``, nested ones included (GENIA)."""
+    from spacy.scorer import Scorer
+
+    def score(examples, **kwargs):
+        return Scorer.score_spans(examples, f"spans_{spans_key}", getter=lambda doc, attr: doc.spans.get(spans_key, []),
+                                  has_annotation=lambda doc: spans_key in doc.spans, allow_overlap=True)
+
+    return score

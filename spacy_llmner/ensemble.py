@@ -363,11 +363,13 @@ class Ensemble(Pipe):
         return self.fitted
 
     def _prepare(self, docs: List[Doc]) -> List[Doc]:
-        """Runs the enabled components before the ensemble (members may read what they leave, e.g. LAR sources)."""
-        for name, proc in self.nlp.pipeline:
+        """Runs the components before the ensemble that are not members (members may read what they leave, e.g.
+        a LAR source): disabled ones too, as ``spacy assemble`` disables sourced components while initializing."""
+        for name, proc in self.nlp.components:
             if name == self.name:
                 break
-            docs = list(proc.pipe(docs)) if hasattr(proc, "pipe") else [proc(d) for d in docs]
+            if name not in self.members:
+                docs = list(proc.pipe(docs)) if hasattr(proc, "pipe") else [proc(d) for d in docs]
         return docs
 
     # ---- scoring ----
