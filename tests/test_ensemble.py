@@ -247,3 +247,14 @@ def test_gemma_and_smollm2_ensemble_end_to_end(tmp_path):
     nlp.to_disk(tmp_path / "ens")
     back = spacy.load(tmp_path / "ens")
     assert [(e.text, e.label_) for e in back(texts[0]).ents] == [(e.text, e.label_) for e in docs[0].ents]
+
+
+def test_non_llm_members_do_not_inherit_entities_left_by_earlier_components(nlp):
+    # an enabled component before the ensemble (e.g. a LAR source) leaves "Royal Society"; spaCy's ner would keep
+    # such entities as its own, so a non-LLM member starts from a doc without them
+    source = nlp.add_pipe("entity_ruler", name="source")
+    source.add_patterns([{"label": "ORG", "pattern": "Royal Society"}])
+    build(nlp, [("Paris", "location")], [("Paris", "location")])
+    doc = nlp(TEXT)
+    assert [s.text for s in doc.spans["vote:rules"]] == ["Ada Lovelace", "Paris"]
+    assert "Royal Society" not in [e.text for e in doc.ents]
