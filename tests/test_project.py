@@ -114,3 +114,36 @@ def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     ours = {json.loads(line)["text"] for line in (ROOT / "assets/demonstrations.jsonl").read_text().splitlines()
             if line.strip()}
     assert packaged and packaged <= ours
+
+
+def test_pre_annotate_then_train_the_distilled_student(tmp_path):
+    """Silver data from a pipeline (an entity ruler stands in for the LLM pipeline), then configs/student.cfg
+    trains on gold + silver through the MixedCorpus reader."""
+    teacher = spacy.blank("en")
+    teacher.add_pipe("entity_ruler").add_patterns([{"label": "politician", "pattern": "Olaf Scholz"},
+                                                   {"label": "country", "pattern": "Germany"}])
+    teacher.to_disk(tmp_path / "teacher")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Olaf Scholz visited Germany .\nGermany voted .\nNothing here .\n")
+    out = _cli("-m", "spacy_llmner.cli", "pre-annotate", str(tmp_path / "teacher"), str(texts),
+               str(tmp_path / "silver.spacy"))
+    assert "3 docs annotated" in out
+    silver = list(DocBin().from_disk(tmp_path / "silver.spacy").get_docs(spacy.blank("en").vocab))
+    assert [[(e.text, e.label_) for e in d.ents] for d in silver] == [
+        [("Olaf Scholz", "politician"), ("Germany", "country")], [("Germany", "country")], []]
+    _cli("-m", "spacy_llmner.cli", "convert", str(FIXTURES / "crossner/politics/train.txt"), str(tmp_path / "g.spacy"))
+    _cli("-m", "spacy", "train", str(ROOT / "configs/student.cfg"), "--paths.train", str(tmp_path / "g.spacy"),
+         "--paths.silver", str(tmp_path / "silver.spacy"), "--paths.dev", str(tmp_path / "g.spacy"),
+         "--vars.max_steps", "6", "--vars.eval_frequency", "3", "--output", str(tmp_path / "student"))
+    student = spacy.load(tmp_path / "student" / "model-best")
+    assert "politician" in student.get_pipe("ner").labels
+
+
+def test_mixed_corpus_yields_gold_then_silver(tmp_path):
+    from spacy_llmner.corpora import mixed_corpus
+
+    nlp = spacy.blank("en")
+    for name, text in (("gold", "Gold sentence ."), ("silver", "Silver sentence .")):
+        DocBin(docs=[nlp.make_doc(text)] * 2).to_disk(tmp_path / f"{name}.spacy")
+    read = mixed_corpus(str(tmp_path / "gold.spacy"), str(tmp_path / "silver.spacy"), silver_limit=1)
+    assert [eg.reference.text for eg in read(nlp)] == ["Gold sentence ."] * 2 + ["Silver sentence ."]
