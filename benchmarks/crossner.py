@@ -38,6 +38,7 @@ ENSEMBLES = {
     "ens_all": ["spacy_ner", "gemma_span", "smol_span", "gemma_lar", "knn"],
     "ens_spacy+knn+gemma": ["spacy_ner", "knn", "gemma_span"],
 }
+VALIDATED = ["ens_llm+spacy", "ens_all"]  # weighted + self-validation by gemma_span (real LLM calls)
 BASELINES = ["spacy_llm_v3"]  # run on test only: not ensemble members
 
 
@@ -84,12 +85,14 @@ def build(domain, args):
     members = [s for s in systems if s not in BASELINES]
     ens = nlp.add_pipe("llm_ner_ensemble", config={"members": members, "voting": "weighted",
                                                    "validator": "gemma_span"})
+    ens.cfg_members = members + BASELINES  # run_systems narrows ens.members to one system at a time
     return nlp, ens, systems
 
 
 def run_systems(nlp, ens, systems, gold):
     """Each system alone on fresh docs (the enabled CoNLL source first): its spans, usage and wall seconds."""
-    docs = ens._prepare([nlp.make_doc(d.text) for d in gold])
+    ens.members = [name for name in ens.cfg_members]  # all of them, so only the CoNLL source prepares the docs
+    docs = ens._prepare([nlp.make_doc(d.text) for d in gold])  # the CoNLL source's entities (LAR systems read them)
     outputs, usage, seconds = {}, {}, {}
     for name in systems:
         ens.members = [name]
@@ -213,7 +216,7 @@ def vote_rows(domain, got, ens=None, docs=None):
         fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
         rows.append({**base, "system": f"{ens_name}:weighted", **prf(weighted, truth),
                      **cost(names, usage, got["seconds"], n), "fitted": fitted})
-        if ens is not None and "gemma_span" in names:
+        if ens is not None and ens_name in VALIDATED:
             ens.members, ens.threshold, ens.validator = names, threshold, "gemma_span"
             t0 = time.perf_counter()
             checked = ens._validate(docs, votes, keep)

@@ -375,12 +375,16 @@ class Ensemble(Pipe):
         return self.fitted
 
     def _prepare(self, docs: List[Doc]) -> List[Doc]:
-        """Runs the components before the ensemble that are not members (members may read what they leave, e.g.
-        a LAR source): disabled ones too, as ``spacy assemble`` disables sourced components while initializing."""
+        """Runs the components before the ensemble that members may read from (e.g. a LAR source's NER):
+        disabled ones too, as ``spacy assemble`` disables sourced components while initializing; never members,
+        and never LLM components (ours or spacy-llm's), which are members or baselines, not sources."""
+        from .component import LLMNER
+
         for name, proc in self.nlp.components:
             if name == self.name:
                 break
-            if name not in self.members:
+            llm = isinstance(proc, (LLMNER, Ensemble)) or type(proc).__module__.startswith("spacy_llm")
+            if name not in self.members and not llm:
                 docs = list(proc.pipe(docs)) if hasattr(proc, "pipe") else [proc(d) for d in docs]
         return docs
 
