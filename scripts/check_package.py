@@ -1,9 +1,9 @@
 """Installs a packaged pipeline wheel into a fresh virtual environment and loads it offline.
 
 The pipeline wheel (``spacy package --build wheel``) requires ``spacy-llmner``, which is installed from the wheel
-in --dist (``pip wheel . --no-deps``). ``--reuse-deps-from`` points the new environment at an existing
-site-packages for every other dependency (a quick check of the wheels themselves, as the tests do); without it
-everything is installed from the package index (the real first-install experience; minutes).
+in --dist (``pip wheel . --no-deps``). ``--deps fresh`` installs every other dependency from the package index (the
+real first-install experience; minutes); ``--deps <site-packages>`` points the new environment at an existing
+site-packages instead (a quick check of the wheels themselves, as the tests do).
 Then, with HF_HUB_OFFLINE=1 and from outside the repository: ``spacy.load(name)`` annotates a sentence.
 Writes the wheel's size, install and load times and the entities found to --out.
 """
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("packages", help="folder spacy package wrote to")
     ap.add_argument("--name", required=True, help="the package name (lang_name, e.g. en_llmner_demo)")
     ap.add_argument("--dist", default="packages/dist", help="folder holding the spacy-llmner wheel")
-    ap.add_argument("--reuse-deps-from", default=None, help="site-packages providing the other dependencies")
+    ap.add_argument("--deps", default="fresh", help="'fresh', or a site-packages providing the other dependencies")
     ap.add_argument("--out", default="metrics/package_check.json")
     args = ap.parse_args()
     wheels = sorted(glob.glob(f"{args.packages}/**/{args.name}-*.whl", recursive=True))
@@ -50,13 +50,13 @@ def main():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         py = str(venv / "bin" / "python")
         t0 = time.perf_counter()
-        if args.reuse_deps_from:
+        if args.deps != "fresh":
             pip = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[-1], ours[-1]]
             subprocess.run(pip, check=True)
             site = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
                                   capture_output=True, text=True).stdout.strip()
             # appended after the venv's own site-packages: the wheels just installed win over anything there
-            Path(site, "zz_reused_deps.pth").write_text(str(Path(args.reuse_deps_from).resolve()) + "\n")
+            Path(site, "zz_reused_deps.pth").write_text(str(Path(args.deps).resolve()) + "\n")
         else:
             links = ["--find-links", "/opt/wheels"] if os.path.isdir("/opt/wheels") else []
             subprocess.run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
@@ -72,7 +72,7 @@ def main():
         sys.exit(f"spacy_llmner was imported from {probe['spacy_llmner_from']}, not from the installed wheel")
     report = {"wheel": Path(wheels[-1]).name, "wheel_bytes": os.path.getsize(wheels[-1]),
               "spacy_llmner_wheel_bytes": os.path.getsize(ours[-1]), "install_seconds": installed,
-              "dependencies": "reused" if args.reuse_deps_from else "installed from the index", **probe}
+              "dependencies": "installed from the index" if args.deps == "fresh" else "reused", **probe}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -89,7 +89,7 @@ def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "spacy", "project", "run", "all", str(project), "--vars.data", str(FIXTURES),
          "--vars.steps", "20", "--vars.eval_every", "10", "--vars.n", "3", "--vars.package_name", "llmner_test",
-         "--vars.check_deps", f"--reuse-deps-from {deps}"],
+         "--vars.install_from", deps],
         capture_output=True, text=True, cwd=project, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
     for split, n in (("train", 12), ("dev", 4), ("test", 4), ("test_3", 3)):
