@@ -37,6 +37,9 @@ ENSEMBLES = {
     "ens_llm+spacy": ["spacy_ner", "gemma_span", "smol_span"],
     "ens_all": ["spacy_ner", "gemma_span", "smol_span", "gemma_lar", "knn"],
     "ens_spacy+knn+gemma": ["spacy_ner", "knn", "gemma_span"],
+    "ens_spacy+knn+lar": ["spacy_ner", "knn", "gemma_lar"],  # one LLM member: about its cost
+    "ens_lar+span": ["gemma_lar", "gemma_span"],  # two Gemma members sharing one loaded model
+    "ens_spacy+knn+lar+span": ["spacy_ner", "knn", "gemma_lar", "gemma_span"],
 }
 VALIDATED = ["ens_llm+spacy", "ens_all"]  # weighted + self-validation by gemma_span (real LLM calls)
 BASELINES = ["spacy_llm_v3"]  # run on test only: not ensemble members

@@ -661,13 +661,16 @@ class LLMNER(Pipe):
 
     def _state(self) -> Dict[str, Any]:
         memory = self.span_memory
-        return {"demonstrations": [d.to_dict() for d in self.demonstrations],
+        return {"labels": list(self.label_set.labels),
+                "demonstrations": [d.to_dict() for d in self.demonstrations],
                 "alignment": self.alignment.to_dict() if self.alignment is not None else None,
                 "span_memory": None if memory is None else {
                     "labels": memory.labels, "shape": list(memory.vectors.shape),
                     "vectors": memory.vectors.astype("<f2").tobytes()}}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
+        if state.get("labels") and list(state["labels"]) != list(self.label_set.labels):
+            self._set_labels(state["labels"])  # learned in initialize() (e.g. from the pool): not in the config
         self._demonstrations = [Demonstration.from_dict(d) for d in state.get("demonstrations", [])]
         if state.get("alignment") is not None:
             self.alignment = LabelAlignment.from_dict(state["alignment"])
@@ -694,6 +697,7 @@ class LLMNER(Pipe):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
+        srsly.write_json(path / "labels.json", list(self.label_set.labels))
         if self.alignment is not None:
             srsly.write_json(path / "alignment.json", self.alignment.to_dict())
         if self.span_memory is not None:
@@ -714,7 +718,9 @@ class LLMNER(Pipe):
             vectors = np.load(memory, allow_pickle=False)
             span_memory = {"vectors": vectors, "shape": list(vectors.shape),
                            "labels": srsly.read_json(Path(path) / "span_memory.json")}
-        self._load_state({"demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else [],
+        labels = Path(path) / "labels.json"
+        self._load_state({"labels": srsly.read_json(labels) if labels.exists() else None,
+                          "demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else [],
                           "alignment": srsly.read_json(alignment) if alignment.exists() else None,
                           "span_memory": span_memory})
         if self.retriever is not None:

@@ -248,3 +248,15 @@ def test_progress_bar_counts_docs(nlp, capsys):
     assert len(docs) == 3
     err = capsys.readouterr().err
     assert "llm_lar_ner" in err and "3doc" in err.replace(" ", "")
+
+
+def test_labels_learned_in_initialize_are_saved_with_the_pipeline(tmp_path):
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("llm_lar_ner")  # no labels configured
+    ner.initialize(demonstrations=[{"text": "Bob went to Rome.", "spans": [
+        {"start": 0, "end": 3, "label": "person"}, {"start": 12, "end": 16, "label": "city"}]}])
+    assert ner.labels == ("city", "person")
+    nlp.to_disk(tmp_path / "p")
+    assert spacy.load(tmp_path / "p").get_pipe("llm_lar_ner").labels == ("city", "person")
+    back = spacy.blank("en")
+    assert back.add_pipe("llm_lar_ner").from_bytes(ner.to_bytes()).labels == ("city", "person")
