@@ -116,15 +116,20 @@ def _accuracy(label_weights: Optional[Dict[str, Dict[str, float]]], member: str,
     return label_weights.get(member, {}).get(label, 0.5)  # never seen at gold boundaries on dev: a coin flip
 
 
+def _non_overlapping(items, bounds, preference):
+    """Greedy: items in ``preference`` order, each kept unless it overlaps one already kept; in text order."""
+    taken, used = [], set()
+    for item in sorted(items, key=preference):
+        start, end = bounds(item)
+        if not any(t in used for t in range(start, end)):
+            taken.append(item)
+            used.update(range(start, end))
+    return sorted(taken, key=lambda item: bounds(item))
+
+
 def flat(votes: Sequence[Vote]) -> List[Vote]:
     """Non-overlapping spans: most supported first, then longer, then earlier."""
-    taken: List[Vote] = []
-    used = set()
-    for v in sorted(votes, key=lambda v: (-v.support, -(v.end - v.start), v.start)):
-        if not any(t in used for t in range(v.start, v.end)):
-            taken.append(v)
-            used.update(range(v.start, v.end))
-    return sorted(taken, key=lambda v: v.start)
+    return _non_overlapping(votes, lambda v: (v.start, v.end), lambda v: (-v.support, -(v.end - v.start), v.start))
 
 
 def micro_f1(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> float:
@@ -433,9 +438,4 @@ class Ensemble(Pipe):
 
 def flat_spans(spans: Sequence[TokenSpan]) -> List[TokenSpan]:
     """A member's own flat output: longest first, then earlier (what ``filter_spans`` gives)."""
-    taken, used = [], set()
-    for s, e, lab in sorted(set(spans), key=lambda x: (-(x[1] - x[0]), x[0])):
-        if not any(t in used for t in range(s, e)):
-            taken.append((s, e, lab))
-            used.update(range(s, e))
-    return sorted(taken)
+    return _non_overlapping(set(spans), lambda x: (x[0], x[1]), lambda x: (-(x[1] - x[0]), x[0], x[2]))
