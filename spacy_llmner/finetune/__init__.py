@@ -1,0 +1,155 @@
+"""Instruction tuning of the embedded small LLM for NER (IF-WRANER / LLMs4NER), exported back to GGUF.
+
+    spacy-llmner finetune configs/finetune_cpu.cfg training/finetuned --paths.data ../shared/data
+
+reads the datasets, renders training examples with the very component (``[prompt] config``) the tuned model will
+serve (``examples.py``), LoRA-tunes the GGUF model dequantized into torch (``train.py``), merges the adapters and
+writes ``model.gguf`` for the llama.cpp backend (``export.py``), plus the adapter and ``tuning.json`` (settings,
+data sizes, loss curve, seconds). Use it with ``backend.model = "<output>/model.gguf"``.
+
+Needs the ``tune`` extra (peft, gguf); nothing here is imported by ``import spacy_llmner``.
+"""
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .examples import ExampleBuilder, Regularisation, TuningExample
+from .train import TrainingSettings
+
+DEFAULT_CONFIG = """
+[paths]
+data = "../shared/data"
+
+[model]
+# packaged short name or a GGUF path
+base = "gemma3-270m"
+
+[prompt]
+# the pipeline whose llm_lar_ner component the tuned model will serve: examples are its own prompts
+config = "configs/retrieval.cfg"
+component = "llm_lar_ner"
+
+[data]
+# BIO / .spacy / jsonl files; a dataset's labels are those its entities use
+sources = []
+# sentences read from each source (its retrieval pool), and of those, how many become examples
+pool_limit = 2000
+examples_per_source = 400
+seed = 0
+
+[regularisation]
+demo_dropout = 0.3
+random_demo = 0.15
+shuffle_labels = 0.5
+rename_labels = 0.1
+
+[training]
+r = 16
+alpha = 32
+lora_dropout = 0.05
+lr = 0.0002
+weight_decay = 0.01
+warmup = 0.05
+accumulate = 4
+epochs = 1.0
+max_tokens = 1024
+max_minutes = null
+device = "cpu"
+threads = null
+seed = 0
+
+[export]
+# q8_0 (default), f16 or f32 for the re-stored layers
+type = "q8_0"
+"""
+
+
+def load_settings(path: Optional[Path] = None, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from thinc.api import Config
+
+    config = Config().from_str(DEFAULT_CONFIG, interpolate=False)
+    if path is not None:
+        config = config.merge(Config().from_disk(path, interpolate=False))
+    return Config().from_str(config.to_str(), overrides=overrides or {})
+
+
+def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
+    """The training examples: per source, its sentences as the component's retrieval pool and labels, then a
+    seeded sample of them rendered as (prompt, answer)."""
+    import spacy
+    from spacy.util import load_config, load_model_from_config
+
+    from ..component import load_demonstrations
+
+    data, prompt = settings["data"], settings["prompt"]
+    if not data["sources"]:
+        raise ValueError("finetune: [data] sources is empty; give at least one BIO / .spacy / jsonl file")
+    nlp = load_model_from_config(load_config(prompt["config"]), auto_fill=True)
+    if prompt["component"] not in nlp.pipe_names:
+        raise ValueError(f"finetune: {prompt['config']} has no component {prompt['component']!r}")
+    component = nlp.get_pipe(prompt["component"])
+    rng = random.Random(data["seed"])
+    builder = ExampleBuilder(component, Regularisation(**settings["regularisation"]), seed=data["seed"])
+    examples: List[TuningExample] = []
+    for source in data["sources"]:
+        path = Path(source)
+        name = path.parent.name if path.stem in ("train", "dev", "test") else path.stem
+        pool = load_demonstrations(path, spacy.blank("en").vocab)[: data["pool_limit"]]
+        labels = sorted({lab for d in pool for _, _, lab in d.spans})
+        if not labels:
+            raise ValueError(f"finetune: {path} holds no entities")
+        component._set_labels(labels)
+        if component.retriever is not None:
+            component.build_pool(pool)
+        chosen = rng.sample(pool, min(len(pool), data["examples_per_source"]))
+        t0 = time.perf_counter()
+        examples.extend(builder.build(chosen, pool, name))
+        log(f"finetune: {name}: {len(chosen)} examples from a pool of {len(pool)} ({len(labels)} labels, "
+            f"{time.perf_counter() - t0:.0f} s)")
+    return examples
+
+
+def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any]:
+    """Builds the examples, tunes, exports; returns the summary written to ``output/tuning.json``."""
+    from .export import export_gguf, merged_weights
+    from .train import Tokenizer, load_model, model_file, tune, write_log
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    base = model_file(settings["model"]["base"])
+    t0 = time.perf_counter()
+    examples = build_examples(settings, log)
+    t_examples = time.perf_counter() - t0
+    train = TrainingSettings(**settings["training"])
+    tokenizer = Tokenizer(base)
+    t1 = time.perf_counter()
+    model = load_model(base, train.device)
+    t_load = time.perf_counter() - t1
+
+    def progress(state):
+        if state.optimizer_steps % 10 == 0:
+            recent = state.losses[-10:]
+            log(f"finetune: step {state.optimizer_steps}, {state.examples_seen} examples, "
+                f"loss {sum(recent) / len(recent):.3f}, {state.seconds / 60:.1f} min")
+
+    model, tuning_log = tune(model, tokenizer, examples, train, progress)
+    model.save_pretrained(str(output / "adapter"))
+    t2 = time.perf_counter()
+    path = export_gguf(base, merged_weights(model), str(output / "model.gguf"), settings["export"]["type"])
+    t_export = time.perf_counter() - t2
+    tokenizer.close()
+    by_dataset: Dict[str, int] = {}
+    for ex in examples:
+        by_dataset[ex.dataset] = by_dataset.get(ex.dataset, 0) + 1
+    summary = {"base": base, "model": str(path), "model_mb": round(path.stat().st_size / 1e6, 1),
+               "examples": len(examples), "examples_by_dataset": by_dataset,
+               "seconds": {"examples": round(t_examples, 1), "load": round(t_load, 1),
+                           "train": round(tuning_log.seconds, 1), "export": round(t_export, 1)},
+               "config": json.loads(json.dumps(settings))}
+    write_log(output / "tuning.json", tuning_log, train, **summary)
+    log(f"finetune: wrote {path} ({summary['model_mb']} MB); {tuning_log.examples_seen} examples in "
+        f"{tuning_log.seconds / 60:.1f} min")
+    return summary

@@ -1,0 +1,121 @@
+"""Training examples for instruction tuning, rendered by the component the tuned model will serve.
+
+Every example is ``(prompt, answer)``: the prompt is what ``LLMNER.request`` sends for the sentence (instructions,
+label list, retrieved demonstrations, the sentence, the format's cue), the answer is the gold entities in the
+component's output format followed by its stop sequence. Prompts come from the same ``PromptBuilder``, the same
+retriever and the same format objects as at inference, so training and inference cannot drift apart.
+
+Regularisation (IF-WRANER tunes with demonstrations in the prompt and guards against the model learning one label
+set or one prompt by heart; our choices, all per example, all seeded):
+
+* ``demo_dropout``: each retrieved demonstration is dropped with this probability, so the model sees 0..k of them
+  and learns to answer with fewer (and cannot lean on copying one near-duplicate);
+* ``random_demo``: with this probability one demonstration is swapped for a random pool sentence, as retrieval
+  sometimes returns an unhelpful neighbour;
+* ``shuffle_labels``: the label list is shown in a random order, so no label is learned by its position;
+* ``rename_labels``: with this probability (and at least one demonstration shown) every label is renamed to an
+  opaque name (``type_a`` …) in the list, the demonstrations and the answer alike: the model must read the
+  labels the prompt defines and the demonstrations use instead of recalling a domain's names.
+"""
+
+import random
+import string
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from ..labels import LabelSet
+from ..prompt import Demonstration, PromptBuilder, display
+
+
+@dataclass
+class TuningExample:
+    prompt: str
+    answer: str  # the completion: formatted gold entities + the stop sequence
+    dataset: str = ""
+
+    def to_dict(self):
+        return {"prompt": self.prompt, "answer": self.answer, "dataset": self.dataset}
+
+
+@dataclass
+class Regularisation:
+    demo_dropout: float = 0.3
+    random_demo: float = 0.15
+    shuffle_labels: float = 0.5
+    rename_labels: float = 0.1
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"finetune: regularisation.{name} must be a probability in [0, 1], not {value}")
+
+
+def neighbours(component, demonstrations: Sequence[Demonstration]) -> List[List[Demonstration]]:
+    """For each pool sentence, the demonstrations the component would retrieve for it, itself excluded (it is in
+    the pool). Needs the component's retriever pool built from ``demonstrations``."""
+    retriever = component.retriever
+    if retriever is None or retriever.pool is None:
+        return [list(component.demonstrations) for _ in demonstrations]
+    k = retriever.k
+    retriever.k = k + 1
+    try:
+        found = retriever.retrieve([display(d.text).rstrip() for d in demonstrations])
+    finally:
+        retriever.k = k
+    out = []
+    for demo, demos in zip(demonstrations, found):
+        kept = [d for d in demos if d.text != demo.text]
+        out.append(kept[len(kept) - k:] if k else [])  # prompt order: the most similar last
+    return out
+
+
+class ExampleBuilder:
+    """Renders ``TuningExample``s for one dataset through a configured ``llm_lar_ner`` component (its labels set
+    and, with a retriever, its pool built from the dataset's sentences)."""
+
+    def __init__(self, component, regularisation: Optional[Regularisation] = None, seed: int = 0):
+        self.component = component
+        self.reg = regularisation or Regularisation(0.0, 0.0, 0.0, 0.0)
+        self.rng = random.Random(seed)
+
+    def build(self, demonstrations: Sequence[Demonstration], pool: Sequence[Demonstration] = (),
+              dataset: str = "") -> List[TuningExample]:
+        """Examples for these sentences; ``pool``: the retrieval pool (random demonstrations come from it)."""
+        shown = neighbours(self.component, demonstrations)
+        return [self.example(d, demos, pool or demonstrations, dataset) for d, demos in zip(demonstrations, shown)]
+
+    def example(self, gold: Demonstration, demos: Sequence[Demonstration], pool: Sequence[Demonstration] = (),
+                dataset: str = "") -> TuningExample:
+        comp, reg, rng = self.component, self.reg, self.rng
+        demos = [d for d in demos if rng.random() >= reg.demo_dropout]
+        if demos and pool and rng.random() < reg.random_demo:
+            demos[rng.randrange(len(demos))] = rng.choice([p for p in pool if p.text != gold.text] or list(pool))
+        labels = comp.label_set
+        order = list(labels.labels)
+        if rng.random() < reg.shuffle_labels:
+            rng.shuffle(order)
+        rename = {}
+        if demos and rng.random() < reg.rename_labels:
+            codes = [f"type_{c}" for c in string.ascii_lowercase]
+            rng.shuffle(codes)
+            rename = {label: code for label, code in zip(labels.labels, codes)}
+        if order != labels.labels or rename:
+            definitions = {rename.get(k, k): v for k, v in labels.definitions.items()}
+            labels = LabelSet([rename.get(label, label) for label in order], definitions)
+            demos = [self._relabel(d, rename, comp.label_set) for d in demos]
+            gold = self._relabel(gold, rename, comp.label_set)
+        prompts = PromptBuilder(labels, comp.format, comp.prompts.instructions)
+        shown = display(gold.text).rstrip()
+        spans = [(s, e, labels.prompt_names[t]) for s, e, lab in gold.spans
+                 if e <= len(shown) and (t := labels.resolve(lab)) is not None]
+        answer = comp.format.render(shown, spans) + comp.format.stop[0]
+        return TuningExample(prompts.build(shown, demos), answer, dataset)
+
+    @staticmethod
+    def _relabel(demo: Demonstration, rename, labels: LabelSet) -> Demonstration:
+        spans = []
+        for s, e, lab in demo.spans:
+            target = labels.resolve(lab)
+            if target is not None:
+                spans.append((s, e, rename.get(target, target)))
+        return Demonstration(demo.text, spans)
