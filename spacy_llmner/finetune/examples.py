@@ -33,9 +33,6 @@ class TuningExample:
     answer: str  # the completion: formatted gold entities + the stop sequence
     dataset: str = ""
 
-    def to_dict(self):
-        return {"prompt": self.prompt, "answer": self.answer, "dataset": self.dataset}
-
 
 @dataclass
 class Regularisation:

@@ -85,15 +85,6 @@ def answer_loss(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], dev
     return F.cross_entropy(logits.float(), torch.tensor(list(answer_ids), device=device))
 
 
-def answer_logprob(model, tokenizer: Tokenizer, example: TuningExample, device: str = "cpu") -> float:
-    """Total log-probability of the gold answer (a check that tuning moved the model towards it)."""
-    import torch
-
-    a = tokenizer.completion(example.answer)
-    with torch.no_grad():
-        return -float(answer_loss(model, tokenizer.prompt(example.prompt), a, device)) * len(a)
-
-
 @dataclass
 class TuningLog:
     examples_seen: int = 0
