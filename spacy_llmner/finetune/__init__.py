@@ -13,6 +13,7 @@ Needs the ``tune`` extra (peft, gguf); nothing here is imported by ``import spac
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -141,9 +142,7 @@ def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any
     path = export_gguf(base, merged_weights(model), str(output / "model.gguf"), settings["export"]["type"])
     t_export = time.perf_counter() - t2
     tokenizer.close()
-    by_dataset: Dict[str, int] = {}
-    for ex in examples:
-        by_dataset[ex.dataset] = by_dataset.get(ex.dataset, 0) + 1
+    by_dataset = dict(Counter(ex.dataset for ex in examples))
     summary = {"base": base, "model": str(path), "model_mb": round(path.stat().st_size / 1e6, 1),
                "examples": len(examples), "examples_by_dataset": by_dataset,
                "seconds": {"examples": round(t_examples, 1), "load": round(t_load, 1),
