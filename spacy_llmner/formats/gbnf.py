@@ -45,19 +45,177 @@ def pieces(text: str, token_offsets: Sequence[Tuple[int, int]]) -> Tuple[str, Li
     return lead, tokens, gaps
 
 
-def mention_rules(tokens: Sequence[str], gaps: Sequence[str], escape=lambda s: s) -> List[str]:
-    """Rules ``mention`` (any run of consecutive tokens) and ``run-i`` (a run starting at token i)."""
+def mention_rules(tokens: Sequence[str], gaps: Sequence[str], escape=lambda s: s, first=lambda s: s) -> List[str]:
+    """Rules ``mention`` (any run of consecutive tokens) and ``run-i`` (a run starting at token i). ``escape``
+    writes text the way the format quotes it; ``first`` additionally marks a mention's first token (lines format:
+    a leading bullet character is escaped)."""
     n = len(tokens)
     if n == 0:
         return ['mention ::= "\\x00"']  # unreachable: an empty input has no mentions
-    rules = []
+    rules, starts = [], []
     for i in range(n):
-        tok = literal(escape(tokens[i]))
+        cont = ""
         if i + 1 < n:
             gap = escape(gaps[i])
-            cont = f"{literal(gap)} run-{i + 1}" if gap else f"run-{i + 1}"
-            rules.append(f"run-{i} ::= {tok} ({cont})?")
+            cont = f" ({literal(gap)} run-{i + 1})?" if gap else f" (run-{i + 1})?"
+        rules.append(f"run-{i} ::= {literal(escape(tokens[i]))}{cont}")
+        lead = first(escape(tokens[i]))
+        if lead != escape(tokens[i]):
+            rules.append(f"start-{i} ::= {literal(lead)}{cont}")
+            starts.append(f"start-{i}")
         else:
-            rules.append(f"run-{i} ::= {tok}")
-    rules.append("mention ::= " + " | ".join(f"run-{i}" for i in range(n)))
+            starts.append(f"run-{i}")
+    rules.append("mention ::= " + " | ".join(starts))
     return rules
+
+
+# ---- recognizing: does a grammar accept a text? ------------------------------------------------------------------
+# A small Earley recognizer over the GBNF subset the formats write (literals with escapes, rule references, groups,
+# ``|``, ``?``, ``*``, ``+``). Used to check that a server applied a grammar and, in tests, that every format's
+# grammar accepts the answer its renderer writes. Iterative (no recursion limit on long inputs).
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
+
+
+def _tokenize_rhs(rhs: str) -> List[str]:
+    out, i = [], 0
+    while i < len(rhs):
+        ch = rhs[i]
+        if ch.isspace():
+            i += 1
+        elif ch == '"':
+            j, buf = i + 1, []
+            while rhs[j] != '"':
+                if rhs[j] == "\\":
+                    nxt = rhs[j + 1]
+                    if nxt == "x":
+                        buf.append(chr(int(rhs[j + 2 : j + 4], 16)))
+                        j += 4
+                        continue
+                    buf.append(_ESCAPES.get(nxt, nxt))
+                    j += 2
+                    continue
+                buf.append(rhs[j])
+                j += 1
+            out.append('"' + "".join(buf))  # a literal: leading quote, then its decoded text
+            i = j + 1
+        elif ch in "()|?*+":
+            out.append(ch)
+            i += 1
+        else:
+            j = i
+            while j < len(rhs) and (rhs[j].isalnum() or rhs[j] in "-_"):
+                j += 1
+            if j == i:
+                raise ValueError(f"GBNF: cannot read {rhs[i:i + 20]!r}")
+            out.append(rhs[i:j])
+            i = j
+    return out
+
+
+class Grammar:
+    """A GBNF grammar compiled to plain BNF (characters as terminals) for recognition."""
+
+    def __init__(self, text: str, root: str = "root"):
+        self.rules: dict = {}  # name -> list of alternatives (tuples of symbols: ("t", char) or ("n", name))
+        self._fresh = 0
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, _, rhs = line.partition("::=")
+            self.rules[name.strip()] = self._alternatives(_tokenize_rhs(rhs), [0])
+        self.root = root
+        self.nullable = self._nullable()
+
+    def _new_rule(self, alts) -> tuple:
+        self._fresh += 1
+        name = f"_g{self._fresh}"
+        self.rules[name] = alts
+        return ("n", name)
+
+    def _alternatives(self, toks: List[str], at: List[int]) -> list:
+        alts, seq = [], []
+        while at[0] < len(toks) and toks[at[0]] != ")":
+            tok = toks[at[0]]
+            at[0] += 1
+            if tok == "|":
+                alts.append(tuple(seq))
+                seq = []
+                continue
+            if tok == "(":
+                inner = self._alternatives(toks, at)
+                at[0] += 1  # the closing parenthesis
+                item = [self._new_rule(inner)]
+            elif tok.startswith('"'):
+                item = [("t", ch) for ch in tok[1:]]
+            else:
+                item = [("n", tok)]
+            if at[0] < len(toks) and toks[at[0]] in "?*+":
+                op = toks[at[0]]
+                at[0] += 1
+                body = tuple(item)
+                if op == "?":
+                    item = [self._new_rule([body, ()])]
+                else:
+                    star = self._new_rule([()])
+                    self.rules[star[1]].append(body + (star,))
+                    item = [star] if op == "*" else list(body) + [star]
+            seq.extend(item)
+        alts.append(tuple(seq))
+        return alts
+
+    def _nullable(self) -> set:
+        null: set = set()
+        changed = True
+        while changed:
+            changed = False
+            for name, alts in self.rules.items():
+                if name not in null and any(all(s[0] == "n" and s[1] in null for s in alt) for alt in alts):
+                    null.add(name)
+                    changed = True
+        return null
+
+    def accepts(self, text: str, prefix: bool = False) -> bool:
+        """True if the grammar derives ``text`` (``prefix``: if some text the grammar derives starts with it)."""
+        rules, nullable = self.rules, self.nullable
+        n = len(text)
+        chart = [dict() for _ in range(n + 1)]  # item -> None (an ordered set); item = (rule, alt, dot, origin)
+        waiting = [dict() for _ in range(n + 1)]  # nonterminal -> items at that position expecting it
+
+        def add(i, item):
+            if item not in chart[i]:
+                chart[i][item] = None
+                work.append(item)
+
+        for a in range(len(rules[self.root])):
+            chart[0][(self.root, a, 0, 0)] = None
+        for i in range(n + 1):
+            work = list(chart[i])
+            while work:
+                item = work.pop()
+                rule, a, dot, origin = item
+                alt = rules[rule][a]
+                if dot < len(alt):
+                    kind, sym = alt[dot]
+                    if kind == "t":
+                        if i < n and text[i] == sym:
+                            chart[i + 1][(rule, a, dot + 1, origin)] = None
+                        continue
+                    waiting[i].setdefault(sym, []).append(item)
+                    for b in range(len(rules[sym])):
+                        add(i, (sym, b, 0, i))
+                    if sym in nullable:  # Aycock & Horspool: an empty sym may be skipped at once
+                        add(i, (rule, a, dot + 1, origin))
+                else:
+                    for parent in waiting[origin].get(rule, ()):
+                        p_rule, p_a, p_dot, p_origin = parent
+                        add(i, (p_rule, p_a, p_dot + 1, p_origin))
+            if prefix and i == n and chart[n]:
+                return True
+            if i < n and not chart[i + 1]:
+                return False
+        return any(r == self.root and o == 0 and d == len(rules[r][a]) for r, a, d, o in chart[n])
+
+
+def accepts(grammar: str, text: str, prefix: bool = False) -> bool:
+    return Grammar(grammar).accepts(text, prefix)

@@ -4,6 +4,9 @@
 rendering (nested spans become nested markup) and a stack parser that returns each mention with its position in the
 answer's plain text, so ``spans.locate`` can place it on the right occurrence. Their grammars force an exact copy of
 the input with flat markup: the model can choose only where entities start and end and which label they get.
+
+Text that contains the format's own syntax is escaped in the copy (``\\[ \\] \\| \\\\`` in bracket answers, ``&lt; &gt;
+&amp;`` in XML answers), in demonstrations and grammars alike, so input text can never read as markup.
 """
 
 import re
@@ -27,6 +30,7 @@ def _nestable(spans: Sequence[Tuple[int, int, str]]) -> List[Tuple[int, int, str
 
 class _InlineFormat:
     inline = True
+    _specials: Tuple[Tuple[str, str], ...] = ()  # (character, how the answer writes it)
     stop: Tuple[str, ...] = ("\n",)
     # The space before the answer belongs to the answer: a prompt ending in a space stops tokenizers from
     # producing their usual space-prefixed word tokens (measured: Gemma then answers with an empty line).
@@ -39,6 +43,11 @@ class _InlineFormat:
     def close_tag(self, label: str) -> str:
         raise NotImplementedError
 
+    def escape(self, text: str) -> str:
+        for ch, esc in self._specials:
+            text = text.replace(ch, esc)
+        return text
+
     def render(self, text: str, spans: Sequence[Tuple[int, int, str]]) -> str:
         opens: dict = {}
         closes: dict = {}
@@ -50,10 +59,10 @@ class _InlineFormat:
             out.extend(self.close_tag(lab) for lab in closes.get(i, ()))
             out.extend(self.open_tag(lab) for lab in opens.get(i, ()))
             if i < len(text):
-                out.append(text[i])
+                out.append(self.escape(text[i]))
         return self.lead + "".join(out)
 
-    # Parsing: one regex finds markup; everything else is plain text.
+    # Parsing: one regex finds markup and escapes; everything else is plain text.
     _markup: "re.Pattern[str]"
 
     def parse(self, answer: str) -> ParsedAnswer:
@@ -71,6 +80,10 @@ class _InlineFormat:
             size += len(chunk)
             pos = m.end()
             kind, label = self._classify(m)
+            if kind == "text":  # an escaped character of the source
+                plain.append(label)
+                size += len(label)
+                continue
             if kind == "open":
                 stack.append((label, size))
                 continue
@@ -94,14 +107,20 @@ class _InlineFormat:
         return ParsedAnswer(mentions=mentions, plain_text="".join(plain), malformed=malformed)
 
     def _classify(self, m: "re.Match[str]") -> Tuple[str, str]:
+        """("open", label or ""), ("close", label) or ("text", an escaped source character)."""
         raise NotImplementedError
+
+    def _escaped_pieces(self, text: str, token_offsets: Sequence[Tuple[int, int]]):
+        lead, tokens, gaps = gbnf.pieces(text, token_offsets)
+        return self.escape(lead), [self.escape(t) for t in tokens], [self.escape(g) for g in gaps]
 
 
 class BracketFormat(_InlineFormat):
     """``[span|label]``; nested spans nest: ``[[Paris|location] Commune|event]``."""
 
     name = "bracket"
-    _markup = re.compile(r"\[|\|\s*([^\[\]|\n]{1,60}?)\s*\]")
+    _specials = (("\\", "\\\\"), ("[", "\\["), ("]", "\\]"), ("|", "\\|"))
+    _markup = re.compile(r"\\([\\\[\]|])|\[|\|\s*([^\[\]|\n]{1,60}?)\s*\]")
 
     def open_tag(self, label: str) -> str:
         return "["
@@ -110,10 +129,12 @@ class BracketFormat(_InlineFormat):
         return f"|{label}]"
 
     def _classify(self, m):
-        return ("open", "") if m.group(0) == "[" else ("close", m.group(1))
+        if m.group(1) is not None:
+            return ("text", m.group(1))
+        return ("open", "") if m.group(0) == "[" else ("close", m.group(2))
 
     def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:
-        lead, tokens, gaps = gbnf.pieces(text, token_offsets)
+        lead, tokens, gaps = self._escaped_pieces(text, token_offsets)
         n = len(tokens)
         rules = [f"root ::= {gbnf.literal(self.lead + lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
         rules.append("label ::= " + gbnf.alternatives(labels))
@@ -129,7 +150,9 @@ class XMLFormat(_InlineFormat):
     """``<label>span</label>``; nested spans nest. The grammar makes every closing tag match its opening tag."""
 
     name = "xml"
-    _markup = re.compile(r"<(/?)\s*([A-Za-z_][\w.\-]{0,59})\s*>")
+    _specials = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
+    _unescape = {"amp": "&", "lt": "<", "gt": ">"}
+    _markup = re.compile(r"&(amp|lt|gt);|<(/?)\s*([A-Za-z_][\w.\-]{0,59})\s*>")
 
     def open_tag(self, label: str) -> str:
         return f"<{label}>"
@@ -138,10 +161,12 @@ class XMLFormat(_InlineFormat):
         return f"</{label}>"
 
     def _classify(self, m):
-        return ("close" if m.group(1) else "open", m.group(2))
+        if m.group(1) is not None:
+            return ("text", self._unescape[m.group(1)])
+        return ("close" if m.group(2) else "open", m.group(3))
 
     def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:
-        lead, tokens, gaps = gbnf.pieces(text, token_offsets)
+        lead, tokens, gaps = self._escaped_pieces(text, token_offsets)
         n = len(tokens)
         rules = [f"root ::= {gbnf.literal(self.lead + lead)} out-0", f"out-{n} ::= {gbnf.literal(self.stop[0])}"]
         for i in range(n):

@@ -2,7 +2,9 @@
 
 ``lines`` (``United Russia | politicalparty`` per line; measured best for tiny unguided models) and ``json``
 (``[{"text": "United Russia", "label": "politicalparty"}]``). Their grammars allow only mentions that are runs of
-input tokens and labels from the label set, so the answer is short and always parseable.
+input tokens and labels from the label set, so the answer is short and always parseable. A ``lines`` mention
+that starts with a bullet-like character (``- * •``) or a backslash is written after a backslash, so that a
+model's list bullets can be told from the text; ``json`` quotes with JSON's own escapes.
 """
 
 import json
@@ -21,14 +23,21 @@ class LinesFormat:
     stop: Tuple[str, ...] = ("\n\n",)
     empty = "none"
 
+    _bullets = "-*•\\"
+
+    def escape_first(self, mention: str) -> str:
+        return "\\" + mention if mention[:1] and mention[0] in self._bullets else mention
+
     def render(self, text: str, spans: Sequence[Tuple[int, int, str]]) -> str:
-        lines = [f"{text[s:e]} | {label}" for s, e, label in sorted(set(spans))]
+        lines = [f"{self.escape_first(text[s:e])} | {label}" for s, e, label in sorted(set(spans))]
         return "\n".join(lines) if lines else self.empty
 
     def parse(self, answer: str) -> ParsedAnswer:
         parsed = ParsedAnswer()
         for line in answer.split("\n\n", 1)[0].splitlines():
-            line = line.strip().lstrip("-*• ").strip()
+            line = line.strip()
+            # "\\- x" is the mention "- x"; an unescaped leading "- " is a list bullet
+            line = line[1:] if line.startswith("\\") else line.lstrip("-*• ").strip()
             if not line or line.lower() == self.empty:
                 continue
             text, sep, label = line.rpartition("|")
@@ -45,7 +54,7 @@ class LinesFormat:
             'line ::= mention " | " label',
             "label ::= " + gbnf.alternatives(labels),
         ]
-        return "\n".join(rules + gbnf.mention_rules(tokens, gaps)) + "\n"
+        return "\n".join(rules + gbnf.mention_rules(tokens, gaps, first=self.escape_first)) + "\n"
 
 
 _PAIR = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"label"\s*:\s*"((?:[^"\\]|\\.)*)"')
