@@ -7,12 +7,12 @@ prefix evaluated once and kept between calls, grammars checked on the best candi
 decodes one sequence at a time, with exactly the logits of llama-cpp-python's own single-sequence evaluation.
 """
 
-import atexit
 import glob
 import importlib.util
 import os
 import threading
 import time
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -69,7 +69,7 @@ def _load(path: str, n_ctx: int, n_threads: int, seed: int):
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False)
-    atexit.register(llm.close)  # free it before interpreter teardown (llama.cpp's __del__ fails late in shutdown)
+    weakref.finalize(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
     return llm
 
 
@@ -149,7 +149,8 @@ class LlamaCppBackend(SpacyLLMCallable):
             llm = self.llm
             if self._scorer is None:
                 self._scorer = TrieScorer(llm, n_ctx=max(8192, 2 * self.n_ctx))
-                atexit.register(self._scorer.close)
+                # freed with this backend (or at exit): a context's KV cache and buffers are hundreds of MB
+                weakref.finalize(self, self._scorer.close)
             items = []
             for r in requests:
                 ctx = llm.tokenize(r.context.encode("utf8"), add_bos=True, special=True)
@@ -171,7 +172,7 @@ class LlamaCppBackend(SpacyLLMCallable):
         llm = self.llm
         if self._decoder is None:
             self._decoder = BatchedDecoder(llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
-            atexit.register(self._decoder.close)
+            weakref.finalize(self, self._decoder.close)
         tokens = [llm.tokenize(r.prompt.encode("utf8"), add_bos=True, special=True) for r in requests]
         for toks, req in zip(tokens, requests):
             self._check_fits(len(toks), req, self.n_ctx)
