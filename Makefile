@@ -4,14 +4,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 as a CPU wheel lies on local disk here; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# llama.cpp is compiled for a fixed, portable instruction set (x86-64-v3: AVX2, FMA, F16C), not -march=native: every
+# x86 CPU then runs the same kernels with the same rounding, and never an instruction that the CPU lists but the
+# OS or hypervisor has not enabled (a native build on a machine listing AMX died of SIGILL in its first matmul).
+# The wheel is built once into .cache/wheels (pip's own cache would hand back a native build made earlier).
+LLAMA_VERSION := 0.3.36
+WHEELS := .cache/wheels
+LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
 
 .PHONY: install demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(WHEELS)/.llama-$(LLAMA_VERSION):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_VERSION)
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
-	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test,bench]"
+	$(PY) -m pip install -q $(FIND_LINKS) --find-links $(WHEELS) --only-binary llama-cpp-python \
+		"llama-cpp-python==$(LLAMA_VERSION)" -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
