@@ -4,6 +4,7 @@ All predicted spans (nested too) go to ``doc.spans[spans_key]``; the longest non
 """
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,7 @@ from .labels.alignment import LabelAlignment
 from .lar import CONTENT_FREE, VERIFY_OPTIONS, Candidate, LARStages, best, choose, p_yes, typing_context, typing_options
 from .lar import SpanMemory, verification_context, verification_examples
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
+from .retrieval.pool import ARRAYS
 from .ty import BackendError, GenerationRequest, OutputFormat, ScoreRequest
 from .usage import Usage
 
@@ -30,6 +32,8 @@ if not Doc.has_extension("llm_ner_io"):
     Doc.set_extension("llm_ner_io", default=None)  # {component name: [{"prompt", "response"}]} with save_io
 
 EXTRACT_INSTRUCTIONS = "Find the named entities in each sentence."
+FILES = "files.json"  # the files to_disk wrote: from_disk refuses a copy that lacks one
+POOL_FILES = ["pool/demonstrations.jsonl"] + [f"pool/{name}.npy" for name in ARRAYS]
 
 DEFAULT_CONFIG = {
     "labels": [],
@@ -38,6 +42,7 @@ DEFAULT_CONFIG = {
     "format": {"@misc": "spacy_llmner.LinesFormat.v1"},
     "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"},
     "demonstrations": None,
+    "zero_shot": False,
     "retriever": None,
     "max_demo_tokens": None,
     "instructions": DEFAULT_INSTRUCTIONS,
@@ -65,6 +70,7 @@ def make_llm_lar_ner(
     format: OutputFormat,
     backend: Any,
     demonstrations: Optional[str],
+    zero_shot: bool,
     retriever: Optional[Any],
     max_demo_tokens: Optional[int],
     instructions: str,
@@ -80,6 +86,11 @@ def make_llm_lar_ner(
     scorer: Optional[Callable],
     lar: Optional[LARStages],
 ) -> "LLMNER":
+    """``demonstrations``: a file of few-shot examples (jsonl, .spacy, BIO) read on first use; or null, with the
+    demonstrations given by ``initialize()`` / ``set_demonstrations()``. Either way they are saved with the pipeline
+    and a saved pipeline whose demonstrations are missing does not load. ``zero_shot``: true declares that the
+    component runs without demonstrations (a saved pipeline needs none); false (default) expects demonstrations,
+    from the file or from a retriever's pool."""
     return LLMNER(
         nlp.vocab,
         name=name,
@@ -87,6 +98,7 @@ def make_llm_lar_ner(
         fmt=format,
         backend=backend,
         demonstrations=demonstrations,
+        zero_shot=zero_shot,
         retriever=retriever,
         max_demo_tokens=max_demo_tokens,
         instructions=instructions,
@@ -141,6 +153,7 @@ class LLMNER(Pipe):
         fmt: OutputFormat,
         backend: Any,
         demonstrations: Optional[str] = None,
+        zero_shot: bool = False,
         retriever: Optional[Any] = None,
         max_demo_tokens: Optional[int] = None,
         instructions: str = DEFAULT_INSTRUCTIONS,
@@ -169,9 +182,11 @@ class LLMNER(Pipe):
         if cache_path:
             from .backends.cache import CachedBackend
 
-            backend = CachedBackend(backend, cache_path)
+            backend = CachedBackend(backend, cache_path, owner=name)
         self.backend = backend
         self.demonstrations_source = demonstrations
+        self.zero_shot = zero_shot
+        self._warned_no_demos = False
         self._demonstrations: Optional[List[Demonstration]] = None
         # Per-query demonstrations from a pool (retrieval) replace the static ones once the pool is built.
         self.retriever = retriever
@@ -341,6 +356,11 @@ class LLMNER(Pipe):
                 f"{self.name}: a retriever is configured but has no pool; call initialize(pool=...) or "
                 "nlp.initialize() with training examples (or build_pool(...)) first"
             )
+        if self.retriever is None and not self.zero_shot and not self.demonstrations and not self._warned_no_demos:
+            self._warned_no_demos = True
+            warnings.warn(f"{self.name}: no demonstrations: a small model answers poorly without them. Give some "
+                          "(set_demonstrations, initialize(demonstrations=...), a retriever) or declare "
+                          "zero_shot = true.", stacklevel=2)
         progress = None
         if self.show_progress:
             from tqdm import tqdm
@@ -442,6 +462,7 @@ class LLMNER(Pipe):
             if self.lar.verify:
                 self._verify(jobs, shown, demos, candidates, run)
         per_doc: List[List[Span]] = [[] for _ in docs]
+        stage_scores: List[Dict[Tuple[int, int, str], Tuple[Optional[float], Optional[float]]]] = [{} for _ in docs]
         for (i, chunk), cands in zip(jobs, candidates):
             for c in cands.values():
                 if c.label is None:
@@ -450,8 +471,15 @@ class LLMNER(Pipe):
                                            alignment_mode=self.alignment_mode)
                 if span is not None and len(span):
                     per_doc[i].append(span)
+                    if self.lar is not None:
+                        stage_scores[i][(span.start, span.end, span.label_)] = (c.score, c.p_yes)
         for i, doc in enumerate(docs):
             self.set_annotations(doc, per_doc[i])
+            if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
+                group = doc.spans[self.spans_key]
+                got = [stage_scores[i].get((s.start, s.end, s.label_), (None, None)) for s in group]
+                group.attrs["typing_margin"] = [m for m, _ in got]
+                group.attrs["p_yes"] = [p for _, p in got]
             doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: run.usage[i].to_dict()}
             if run.error is not None:
                 doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {run.error}")
@@ -491,6 +519,7 @@ class LLMNER(Pipe):
             u.prompt_tokens += answer.prompt_tokens
             u.completion_tokens += answer.completion_tokens
             u.seconds += answer.seconds
+            u.grammar_ignored += answer.grammar_ignored
             if self.save_io:
                 run.io[i].append({"prompt": req.prompt, "response": answer.text})
         return [a.text for a in answers]
@@ -696,35 +725,60 @@ class LLMNER(Pipe):
     def to_disk(self, path, *, exclude=tuple()) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        srsly.write_jsonl(path / "demonstrations.jsonl", self._state()["demonstrations"])
+        written = ["labels.json", "demonstrations.jsonl"]
+        srsly.write_jsonl(path / "demonstrations.jsonl", [d.to_dict() for d in self.demonstrations])
         srsly.write_json(path / "labels.json", list(self.label_set.labels))
         if self.alignment is not None:
             srsly.write_json(path / "alignment.json", self.alignment.to_dict())
+            written.append("alignment.json")
         if self.span_memory is not None:
             import numpy as np
 
             np.save(path / "span_memory.npy", self.span_memory.vectors, allow_pickle=False)
             srsly.write_json(path / "span_memory.json", self.span_memory.labels)
-        if self.retriever is not None:
+            written += ["span_memory.npy", "span_memory.json"]
+        if self.retriever is not None and self.retriever.pool is not None:
             self.retriever.to_disk(path / "pool")
+            written += POOL_FILES
+        srsly.write_json(path / FILES, written)  # what from_disk must find
+
+    @staticmethod
+    def required_files(path: Path) -> List[str]:
+        """The files a saved copy of this component must hold: those ``to_disk`` listed in ``files.json``. Copies
+        saved before that file existed need their demonstrations (without them a pool-less component would run
+        silently without examples; a missing pool or span memory raises when first needed)."""
+        return srsly.read_json(path / FILES) if (path / FILES).exists() else ["demonstrations.jsonl"]
 
     def from_disk(self, path, *, exclude=tuple()) -> "LLMNER":
-        demos = Path(path) / "demonstrations.jsonl"
-        alignment, memory = Path(path) / "alignment.json", Path(path) / "span_memory.npy"
+        path = Path(path)
+        missing = [name for name in self.required_files(path) if not (path / name).exists()]
+        if missing:
+            raise ValueError(
+                f"{self.name}: the saved component at {path} is missing {', '.join(missing)}; the pipeline was not "
+                "loaded (it would run without what it was saved with). Save it again with nlp.to_disk, or restore "
+                "the file(s)."
+            )
+        demos = list(srsly.read_jsonl(path / "demonstrations.jsonl"))
+        if not demos and self.retriever is None and not self.zero_shot:
+            raise ValueError(
+                f"{self.name}: {path / 'demonstrations.jsonl'} holds no demonstrations and no retriever is "
+                "configured. A component meant to run without demonstrations says so: set zero_shot = true in "
+                f"[components.{self.name}]; otherwise give it demonstrations and save it again."
+            )
         span_memory = None
-        if memory.exists():
+        if (path / "span_memory.npy").exists():
             import numpy as np
 
-            vectors = np.load(memory, allow_pickle=False)
+            vectors = np.load(path / "span_memory.npy", allow_pickle=False)
             span_memory = {"vectors": vectors, "shape": list(vectors.shape),
-                           "labels": srsly.read_json(Path(path) / "span_memory.json")}
-        labels = Path(path) / "labels.json"
+                           "labels": srsly.read_json(path / "span_memory.json")}
+        labels, alignment = path / "labels.json", path / "alignment.json"
         self._load_state({"labels": srsly.read_json(labels) if labels.exists() else None,
-                          "demonstrations": list(srsly.read_jsonl(demos)) if demos.exists() else [],
+                          "demonstrations": demos,
                           "alignment": srsly.read_json(alignment) if alignment.exists() else None,
                           "span_memory": span_memory})
         if self.retriever is not None:
-            self.retriever.from_disk(Path(path) / "pool")
+            self.retriever.from_disk(path / "pool")
         return self
 
 

@@ -27,6 +27,7 @@ class Generation:
     completion_tokens: int = 0
     seconds: float = 0.0
     cached: bool = False
+    grammar_ignored: bool = False  # the answer breaks the request's grammar: the server did not apply it
 
 
 @dataclass(frozen=True)

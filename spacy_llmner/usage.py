@@ -16,6 +16,7 @@ class Usage:
     unknown_labels: int = 0  # mentions whose label is none of the label set
     malformed: int = 0  # answer fragments that could not be read as a mention
     errors: int = 0  # chunks left unannotated because the backend failed (on_error="skip")
+    grammar_ignored: int = 0  # answers that break the grammar sent with them (a server that ignores the field)
 
     def add(self, other: "Usage") -> "Usage":
         for f in fields(self):

@@ -26,10 +26,11 @@ class FakeBackend:
         return out
 
 
-def add_fake_ner(nlp, answer, **config):
-    cfg = {"labels": ["person", "location", "organisation"], "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"}}
+def add_fake_ner(nlp, answer, name="llm_lar_ner", **config):
+    cfg = {"labels": ["person", "location", "organisation"], "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
+           "zero_shot": True}  # canned answers: no demonstrations needed unless a test gives some
     cfg.update(config)
-    ner = nlp.add_pipe("llm_lar_ner", config=cfg)
+    ner = nlp.add_pipe("llm_lar_ner", name=name, config=cfg)
     ner.backend = FakeBackend(answer)
     ner.constrained = False
     return ner

@@ -83,7 +83,8 @@ def _answers(table):
 def build(nlp, answers_a, answers_b, *, ruler=True, **config):
     for name, answers in (("llm_a", answers_a), ("llm_b", answers_b)):
         proc = nlp.add_pipe("llm_lar_ner", name=name, config={
-            "labels": LABELS, "spans_key": name, "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"}})
+            "labels": LABELS, "spans_key": name, "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
+            "zero_shot": True})
         proc.backend = answers if hasattr(answers, "generate") else FakeBackend(_answers(answers))
         proc.constrained = False
         nlp.disable_pipe(name)

@@ -1,13 +1,21 @@
 """What every backend shares: the spacy-llm model calling convention, so our backends also serve spacy-llm's own
 ``llm`` component (a spacy-llm model maps an iterable of per-doc prompt lists to per-doc response lists)."""
 
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
-from ..ty import GenerationRequest
+from ..ty import Generation, GenerationRequest
 
 
 class SpacyLLMCallable:
     max_tokens_for_spacy_llm = 512
+    parallel = 1  # requests answered together; answers of a group arrive together
+
+    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+        """Calls ``on_answer(i, generation)`` as each answer arrives (the cache commits it at once). By default in
+        groups of ``parallel``; backends that answer one by one (HTTP) call it per request."""
+        for start in range(0, len(requests), self.parallel):
+            for i, gen in enumerate(self.generate(requests[start : start + self.parallel]), start):
+                on_answer(i, gen)
 
     # spacy-llm checks these annotations: both must be Iterable[Iterable[str]]
     def __call__(self, prompts: Iterable[Iterable[str]]) -> Iterable[Iterable[str]]:

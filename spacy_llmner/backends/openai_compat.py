@@ -2,19 +2,44 @@
 
 No network at construction. The API key is read from the environment variable whose *name* is configured, at
 request time, so it never reaches a config or ``to_disk``. Requests run concurrently up to a bound and are
-retried with exponential backoff on 429, 5xx, timeouts and refused connections.
+retried with exponential backoff (or the server's ``Retry-After``) on 429, 5xx, timeouts, refused or reset
+connections and truncated or unreadable bodies, each at most ``max_retries`` times.
+
+Servers take a grammar in different request fields: llama.cpp's server ``grammar``, vLLM ≥ 0.12
+``structured_outputs: {"grammar": …}`` (it ignores the older ``guided_grammar`` without an error). A server that
+ignores the field answers unconstrained: every answer is checked against its grammar, a violation is counted
+(``Generation.grammar_ignored``, the component's usage) and warned about once, naming the setting.
 """
 
+import json
 import os
 import random
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ..formats import gbnf
 from ..ty import BackendError, Generation, GenerationRequest
 from .base import SpacyLLMCallable
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Named server profiles for ``grammar_field``; any other value is a (dotted) request-body field.
+GRAMMAR_FIELDS = {"llama.cpp": "grammar", "vllm": "structured_outputs.grammar", "none": None}
+MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After is capped
+
+
+def grammar_path(grammar_field: Optional[str]) -> Optional[List[str]]:
+    """The request-body path a grammar goes to: a profile name or a dotted field (``structured_outputs.grammar``)."""
+    field = GRAMMAR_FIELDS.get(grammar_field, grammar_field) if grammar_field is not None else None
+    if field is None:
+        return None
+    parts = field.split(".")
+    if not all(parts):
+        raise ValueError(f"OpenAI-compatible backend: grammar_field {grammar_field!r} is not a field name, a dotted "
+                         f"path or one of {sorted(GRAMMAR_FIELDS)}")
+    return parts
 
 
 class OpenAICompatBackend(SpacyLLMCallable):
@@ -40,9 +65,13 @@ class OpenAICompatBackend(SpacyLLMCallable):
         self.model = model
         self.endpoint = endpoint
         self.api_key_env = api_key_env
-        # Servers name the GBNF field differently: llama.cpp / llama-cpp-python "grammar", vLLM "guided_grammar".
+        # Servers name the GBNF field differently: llama.cpp / llama-cpp-python "grammar", vLLM ≥ 0.12
+        # "structured_outputs.grammar" (profiles "llama.cpp", "vllm"; "none" or null: no grammar is sent).
         self.grammar_field = grammar_field
-        self.supports_grammar = grammar_field is not None
+        self._grammar_path = grammar_path(grammar_field)
+        self.supports_grammar = self._grammar_path is not None
+        self._warned = False
+        self._warn_lock = threading.Lock()
         self.temperature = temperature
         self.seed = seed
         self.max_concurrency = max(1, max_concurrency)
@@ -74,8 +103,11 @@ class OpenAICompatBackend(SpacyLLMCallable):
             body["seed"] = self.seed
         if req.stop:
             body["stop"] = list(req.stop)[:4]  # OpenAI accepts at most four
-        if req.grammar and self.grammar_field:
-            body[self.grammar_field] = req.grammar
+        if req.grammar and self._grammar_path:
+            node = body
+            for part in self._grammar_path[:-1]:
+                node = node.setdefault(part, {})
+            node[self._grammar_path[-1]] = req.grammar
         if self.endpoint == "chat":
             body["messages"] = [{"role": "user", "content": req.prompt}]
         else:
@@ -94,34 +126,90 @@ class OpenAICompatBackend(SpacyLLMCallable):
             retry_after = None
             try:
                 resp = self._session.post(url, json=self._payload(req), headers=self._headers(), timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
                 if resp.status_code == 200:
-                    data = resp.json()
-                    choice = data["choices"][0]
-                    text = choice["message"]["content"] if self.endpoint == "chat" else choice["text"]
-                    usage = data.get("usage") or {}
-                    return Generation(
-                        text=text or "",
-                        prompt_tokens=usage.get("prompt_tokens", 0),
-                        completion_tokens=usage.get("completion_tokens", 0),
-                        seconds=time.perf_counter() - t0,
-                    )
+                    return self._read(resp.json(), req, time.perf_counter() - t0, url)
                 last = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in RETRY_STATUS:
                     break
                 retry_after = resp.headers.get("Retry-After")
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as e:
+                last = f"{type(e).__name__}: {e}"
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # a 200 whose body is cut or not an answer
+                last = f"unreadable answer ({type(e).__name__}: {e})"
             if attempt < self.max_retries:
                 try:
-                    delay = float(retry_after) if retry_after else self.backoff * 2**attempt
+                    delay = min(float(retry_after), MAX_RETRY_AFTER) if retry_after else self.backoff * 2**attempt
                 except ValueError:
                     delay = self.backoff * 2**attempt
-                time.sleep(delay * (1 + 0.1 * random.random()))
+                time.sleep(max(0.0, delay) * (1 + 0.1 * random.random()))
         raise BackendError(f"OpenAI-compatible backend at {url} failed after {attempt + 1} attempt(s): {last}")
 
+    def _read(self, data: Dict[str, Any], req: GenerationRequest, seconds: float, url: str) -> Generation:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if self.endpoint == "chat" else choice["text"]
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"answer text is {type(text).__name__}")
+        text = text or ""
+        usage = data.get("usage") or {}
+        ignored = bool(req.grammar and self._grammar_path) and not self._follows(req, text)
+        if ignored:
+            with self._warn_lock:
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"OpenAI-compatible backend at {url}: an answer does not follow the grammar sent in the "
+                        f"request field {'.'.join(self._grammar_path)!r}, so the server ignores that field and "
+                        f"answers unconstrained. Set grammar_field to the server's: \"llama.cpp\" (grammar), "
+                        f"\"vllm\" (structured_outputs.grammar, vLLM >= 0.12), or \"none\". Counted as "
+                        f"grammar_ignored in the usage.",
+                        stacklevel=2,
+                    )
+        return Generation(
+            text=text,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            seconds=seconds,
+            grammar_ignored=ignored,
+        )
+
+    @staticmethod
+    def _follows(req: GenerationRequest, text: str) -> bool:
+        """Servers drop the stop sequence and may stop at max_tokens: a grammar-following answer is a prefix of a
+        sentence of the grammar."""
+        try:
+            return gbnf.accepts(req.grammar or "", text, prefix=True)
+        except (ValueError, KeyError, IndexError):  # not a grammar this recognizer reads: nothing to check
+            return True
+
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        out: List[Optional[Generation]] = [None] * len(requests)
+
+        def keep(i: int, gen: Generation) -> None:
+            out[i] = gen
+
+        self.generate_each(requests, keep)
+        return out  # type: ignore[return-value]
+
+    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+        """Up to ``max_concurrency`` requests in flight; ``on_answer`` as each one arrives. When a request fails
+        for good, the others already in flight finish (and are handed over) before the error is raised."""
         if len(requests) <= 1 or self.max_concurrency == 1:
-            return [self._post(r) for r in requests]
+            for i, r in enumerate(requests):
+                on_answer(i, self._post(r))
+            return
+        error: Optional[BaseException] = None
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
-            return list(pool.map(self._post, requests))
+            futures = {pool.submit(self._post, r): i for i, r in enumerate(requests)}
+            for fut in as_completed(futures):
+                try:
+                    gen = fut.result()
+                except BaseException as e:  # noqa: BLE001  (re-raised below, after the rest are kept)
+                    if error is None:
+                        error = e
+                        for other in futures:
+                            other.cancel()  # not yet started: not sent
+                    continue
+                on_answer(futures[fut], gen)
+        if error is not None:
+            raise error
