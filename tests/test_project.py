@@ -15,7 +15,7 @@ from spacy.tokens import DocBin
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
 SKIP = {".venv", ".git", "training", "corpus", "pipelines", "packages", "metrics", "demo_output", ".pytest_cache",
-        "__pycache__", ".hypothesis", "build", "dist", "project.lock"}
+        "__pycache__", ".hypothesis", "build", "dist", "project.lock", ".cache"}
 
 
 def _cli(*args, cwd=ROOT):

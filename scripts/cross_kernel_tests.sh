@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every real-model test (pytest -m model) under other llama.cpp kernels than the shipped build's default run:
+# other thread counts and batch shapes (SPACY_LLMNER_TEST_THREADS / _PARALLEL), and, for each llama-cpp-python
+# build folder given (an unpacked wheel compiled for another instruction set, e.g. AVX-512 + VNNI + BF16 as on AMD
+# EPYC), the same again with that build first on PYTHONPATH. A test that passes only on some of them sits on a tie.
+#   scripts/cross_kernel_tests.sh [BUILD_DIR ...]      (a BUILD_DIR holds llama_cpp/; see docs in tests/conftest.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+builds=("" "$@")
+status=0
+for build in "${builds[@]}"; do
+  for variant in "2 8" "1 8" "2 1" "2 3"; do
+    set -- $variant
+    label="build=${build:-shipped} threads=$1 parallel=$2"
+    out=$(PYTHONPATH="${build}" SPACY_LLMNER_TEST_THREADS=$1 SPACY_LLMNER_TEST_PARALLEL=$2 HF_HUB_OFFLINE=1 \
+          $PY -m pytest -q -m model -p no:cacheprovider tests --deselect tests/test_load_faults.py \
+          --deselect tests/test_project.py 2>&1 | tail -3)
+    echo "$label: $(echo "$out" | tail -1)"
+    echo "$out" | grep -q "failed" && { status=1; echo "$out"; }
+  done
+done
+exit $status
