@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -17,6 +18,7 @@ def _kernel_overrides():
 
     init = LlamaCppBackend.__init__
 
+    @functools.wraps(init)  # keeps the signature: the registry validates configs against it
     def patched(self, *args, **kwargs):
         if threads:
             kwargs.setdefault("n_threads", int(threads))
