@@ -1,12 +1,11 @@
 """Readers for the data this project is measured on: CrossNER / CoNLL BIO files, jsonl with character spans
 (GENIA, demonstrations), and spaCy DocBins. BIO tags go through spaCy's own IOB utilities."""
 
-import json
 from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
 import srsly
-from spacy.tokens import Doc, DocBin, Span
+from spacy.tokens import Doc, DocBin
 from spacy.training.iob_utils import biluo_tags_to_spans, iob_to_biluo
 from spacy.util import filter_spans, registry
 from spacy.vocab import Vocab

@@ -2,56 +2,21 @@
 Gemma model, and a small HTTP server that fails before it answers (retries, backoff, errors)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-import requests
 import spacy
 
+import servers
 from spacy_llmner.backends.openai_compat import OpenAICompatBackend
 from spacy_llmner.ty import BackendError, GenerationRequest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    from spacy_llmner.backends.llamacpp import resolve_model_path
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model_path("gemma3-270m"),
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--model_alias", "gemma"]
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "wb")  # a file, not a pipe: llama.cpp logs enough to fill a pipe and block the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("llama_cpp.server exited: " + log_path.read_text(errors="ignore")[-2000:])
-            try:
-                if requests.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("llama_cpp.server did not start in 120 s")
+    with servers.llama_server("gemma3-270m", "gemma", tmp_path_factory.mktemp("server"), "--n_ctx", "4096") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.model
@@ -131,7 +96,7 @@ def test_gives_up_after_retries_with_a_clear_error(flaky_server):
 
 
 def test_server_down_is_a_clear_error_and_earlier_docs_are_kept():
-    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    url = f"http://127.0.0.1:{servers.free_port()}/v1"  # nothing listens here
     nlp = spacy.blank("en")
     nlp.add_pipe("llm_lar_ner", config={
         "labels": ["location"],

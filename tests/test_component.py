@@ -5,7 +5,7 @@ import spacy
 from spacy.tokens import Doc
 from spacy.training import Example
 
-from spacy_llmner.ty import BackendError, Generation
+from spacy_llmner.ty import BackendError
 from fakes import FakeBackend, add_fake_ner
 
 

@@ -7,7 +7,6 @@ import spacy
 from spacy.training import Example
 
 from spacy_llmner.ensemble import fit, flat, micro_f1, tally
-from spacy_llmner.ty import Generation
 from fakes import FakeBackend, FakeScorer
 
 LABELS = ["person", "location", "organisation"]

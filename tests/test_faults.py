@@ -2,7 +2,6 @@
 the grammar field or cut their answers short. Each must end in the right answer or a clear error, losing nothing."""
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -10,10 +9,12 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import spacy
+
+import servers
 
 from spacy_llmner.backends.cache import AnswerCache, CachedBackend, request_key
 from spacy_llmner.backends.openai_compat import OpenAICompatBackend
@@ -62,10 +63,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = servers.serve(Handler)
 
     def close(self):
         self.httpd.shutdown()

@@ -13,16 +13,16 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import requests
 import spacy
+
+import servers
 
 pytestmark = pytest.mark.model
 
@@ -30,12 +30,6 @@ N_DOCS = int(os.environ.get("SPACY_LLMNER_LOAD_DOCS", "1000"))
 TIMEOUT = 15.0  # the client's (8 requests queue at a serial server: ~4 s); a stall lasts longer
 MAX_RETRIES = 3
 FAULTS = ("reset", "429", "500", "stall", "cut")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def schedule(prompt: str, attempt: int):
@@ -116,10 +110,7 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = servers.serve(Handler)
 
     def forward(self, raw: bytes) -> bytes:
         if not hasattr(self.session, "s"):
@@ -136,32 +127,9 @@ class FaultProxy:
 
 @pytest.fixture(scope="module")
 def smol_server(tmp_path_factory):
-    from spacy_llmner.backends.llamacpp import resolve_model_path
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model_path("smollm2-135m"),
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smol"]
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("llama_cpp.server exited: " + log_path.read_text(errors="ignore")[-2000:])
-            try:
-                if requests.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("llama_cpp.server did not start in 120 s")
+    with servers.llama_server("smollm2-135m", "smol", tmp_path_factory.mktemp("server"), "--n_ctx", "2048",
+                              "--n_threads", "2") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 DEMOS = [{"text": "Anna Berg flew to Oslo.", "spans": [{"start": 0, "end": 9, "label": "person"},

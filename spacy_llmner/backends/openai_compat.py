@@ -11,7 +11,6 @@ ignores the field answers unconstrained: every answer is checked against its gra
 (``Generation.grammar_ignored``, the component's usage) and warned about once, naming the setting.
 """
 
-import json
 import os
 import random
 import threading
