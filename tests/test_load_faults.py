@@ -177,7 +177,8 @@ def test_a_thousand_docs_through_faults_each_annotated_once_then_all_from_cache(
         assert set(proxy.attempts) == set(proxy.delivered) and len(proxy.attempts) == N_DOCS
         assert all(n == 1 for n in proxy.delivered.values())  # one intact answer per prompt: none lost, none twice
         assert max(attempts) <= MAX_RETRIES + 1  # no request retried past its budget
-        assert sum(proxy.faults.values()) > N_DOCS // 10 and set(proxy.faults) == set(FAULTS)
+        assert sum(proxy.faults.values()) > N_DOCS // 10
+        assert set(proxy.faults) == set(FAULTS) or N_DOCS < 500  # a small local run may draw no stall
         assert ner.usage.hallucinated == 0 and ner.usage.grammar_ignored == 0  # the grammar was applied
         assert len(ner.backend.cache) == N_DOCS
 
