@@ -25,6 +25,8 @@ $(WHEELS)/.llama-$(LLAMA_VERSION):
 
 $(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_VERSION)
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
+	# replaces a llama-cpp-python of the same version built another way (an older .venv's native build)
+	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PY) -m pip install -q $(FIND_LINKS) --find-links $(WHEELS) --only-binary llama-cpp-python \
 		"llama-cpp-python==$(LLAMA_VERSION)" -e ".[test,bench]"
 	touch $@
