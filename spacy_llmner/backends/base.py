@@ -1,9 +1,19 @@
 """What every backend shares: the spacy-llm model calling convention, so our backends also serve spacy-llm's own
 ``llm`` component (a spacy-llm model maps an iterable of per-doc prompt lists to per-doc response lists)."""
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, List, Sequence
 
 from ..ty import Generation, GenerationRequest
+
+
+def answer_in_groups(generate: Callable[[Sequence[GenerationRequest]], List[Generation]], group: int,
+                     requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+    """``on_answer(i, generation)`` for each request, ``group`` requests per ``generate`` call (as many as the
+    backend decodes at once: their answers arrive together)."""
+    group = max(1, group)
+    for start in range(0, len(requests), group):
+        for i, gen in enumerate(generate(requests[start : start + group]), start):
+            on_answer(i, gen)
 
 
 class SpacyLLMCallable:
@@ -13,9 +23,7 @@ class SpacyLLMCallable:
     def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
         """Calls ``on_answer(i, generation)`` as each answer arrives (the cache commits it at once). By default in
         groups of ``parallel``; backends that answer one by one (HTTP) call it per request."""
-        for start in range(0, len(requests), self.parallel):
-            for i, gen in enumerate(self.generate(requests[start : start + self.parallel]), start):
-                on_answer(i, gen)
+        answer_in_groups(self.generate, self.parallel, requests, on_answer)
 
     # spacy-llm checks these annotations: both must be Iterable[Iterable[str]]
     def __call__(self, prompts: Iterable[Iterable[str]]) -> Iterable[Iterable[str]]:

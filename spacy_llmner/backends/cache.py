@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
-from .base import SpacyLLMCallable
+from .base import SpacyLLMCallable, answer_in_groups
 
 _COLUMNS = "key, text, prompt_tokens, completion_tokens, seconds"
 
@@ -203,10 +203,7 @@ class CachedBackend(SpacyLLMCallable):
         if isinstance(self.backend, SpacyLLMCallable):
             self.backend.generate_each(pending, store)
         else:  # any other backend object: in groups as large as it decodes at once
-            group = max(1, getattr(self.backend, "parallel", 1))
-            for start in range(0, len(pending), group):
-                for j, gen in enumerate(self.backend.generate(pending[start : start + group]), start):
-                    store(j, gen)
+            answer_in_groups(self.backend.generate, self.parallel, pending, store)
         return out
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:

@@ -58,9 +58,10 @@ def mention_rules(tokens: Sequence[str], gaps: Sequence[str], escape=lambda s: s
         if i + 1 < n:
             gap = escape(gaps[i])
             cont = f" ({literal(gap)} run-{i + 1})?" if gap else f" (run-{i + 1})?"
-        rules.append(f"run-{i} ::= {literal(escape(tokens[i]))}{cont}")
-        lead = first(escape(tokens[i]))
-        if lead != escape(tokens[i]):
+        tok = escape(tokens[i])
+        rules.append(f"run-{i} ::= {literal(tok)}{cont}")
+        lead = first(tok)
+        if lead != tok:
             rules.append(f"start-{i} ::= {literal(lead)}{cont}")
             starts.append(f"start-{i}")
         else:
