@@ -1,8 +1,8 @@
-"""Writes the README's results tables from benchmark output, with the date, machine and models named.
+"""Writes the results tables (docs/results.md) from benchmark output, with the date, machine and models named.
 
     python benchmarks/report.py formats metrics/formats_politics_parallel1.json metrics/formats_politics_parallel8.json
     python benchmarks/report.py crossner metrics/crossner.json --markdown metrics/crossner.md \\
-        --plot metrics/crossner.png --readme README.md
+        --plot metrics/crossner.png --readme docs/results.md
 """
 
 import argparse
@@ -124,7 +124,7 @@ def main():
     ap.add_argument("results", nargs="+")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--readme", default="docs/results.md")
     args = ap.parse_args()
     results = [json.loads(Path(p).read_text()) for p in args.results]
     if args.kind == "formats":
