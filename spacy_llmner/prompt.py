@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
 from .labels import LabelSet
-from .ty import OutputFormat
+from .ty import GenerationRequest, OutputFormat
 
 DEFAULT_INSTRUCTIONS = "Find the named entities in each sentence and give the type of each one."
+EXTRACT_INSTRUCTIONS = "Find the named entities in each sentence."
 
 
 @dataclass
@@ -67,3 +68,27 @@ class PromptBuilder:
     def build(self, text: str, demonstrations: Sequence[Demonstration] = ()) -> str:
         demos = "".join(self.render_demonstration(d) for d in demonstrations)
         return f"{self.header()}{demos}Sentence: {display(text).rstrip()}\n{self.format.cue}"
+
+    def request(self, shown: str, token_offsets: Sequence[Tuple[int, int]], demonstrations: Sequence[Demonstration],
+                *, n_tokens: int, max_new_tokens: int, constrained: bool) -> GenerationRequest:
+        """The one-pass request for ``shown`` (a chunk's text of ``n_tokens`` tokens; ``token_offsets``: its
+        non-space tokens), with the format's grammar over those tokens when ``constrained``."""
+        grammar = self.format.grammar(shown, token_offsets, self.labels.names()) if constrained else None
+        # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
+        # stops greedy decoding that loops on a repeated mention from running to the hard cap.
+        budget = min(max_new_tokens, 24 + 2 * n_tokens)
+        return GenerationRequest(self.build(shown, demonstrations), budget, tuple(self.format.stop), grammar)
+
+    def for_extraction(self) -> "PromptBuilder":
+        """The same prompt with every type shown as ``entity``: EL4NER's span extraction."""
+        aliases = {a: "entity" for label in self.labels for a in (label, self.labels.prompt_names[label])
+                   if a != "entity"}
+        return PromptBuilder(LabelSet(["entity"], synonyms=aliases), self.format, EXTRACT_INSTRUCTIONS)
+
+    def for_typing(self) -> "PromptBuilder":
+        """The prompt LAR typing continues: this one in the lines format (``Span | label``)."""
+        if self.format.name == "lines":
+            return self
+        from .formats import LinesFormat
+
+        return PromptBuilder(self.labels, LinesFormat(), self.instructions)

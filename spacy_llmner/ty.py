@@ -5,7 +5,9 @@ Data flows one way: doc → prompt (``prompt.py``) → ``Backend`` → ``OutputF
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+from .usage import Usage
 
 
 class BackendError(RuntimeError):
@@ -48,24 +50,41 @@ class Scores:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Prompts in, completions out, batched. ``identity`` names everything that changes an answer (the cache key)."""
+    """Prompts in, completions out, batched: what every backend offers (``backends.base.BackendBase`` gives the
+    defaults, so a backend writes only what it does differently). Config validation checks a configured backend
+    against this protocol."""
 
-    supports_grammar: bool
+    supports_grammar: bool  # honours ``GenerationRequest.grammar`` (GBNF)
+    supports_scoring: bool  # ``score`` ranks fixed continuations in one forward pass; else choices are generated
+    parallel: int  # requests decoded together: the answers of such a group arrive together
+    remote: bool  # waits on a server, not this machine's cores: an ensemble runs it beside in-process members
 
     def identity(self) -> Dict[str, Any]:
-        ...
+        """Everything that changes an answer (model, sampling): the answer cache's key."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
-        ...
+        """One completion per request, in order."""
+
+    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]
+                      ) -> None:
+        """``on_answer(i, generation)`` as each answer arrives (the cache commits it at once)."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        """The log-probability of each option continuing its context (only where ``supports_scoring``)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the model's vocabulary (an estimate where the backend cannot tokenize)."""
 
 
 @runtime_checkable
-class Scorer(Protocol):
-    """Backends that can score fixed continuations (llama.cpp) make LAR's typing and verification one forward
-    pass per option instead of a generation; others answer the same choice with a grammar-restricted generation."""
+class LLMComponent(Protocol):
+    """Marks the pipeline components whose entities come from LLM calls (``llm_lar_ner``, ``llm_ner_ensemble``):
+    they are never a LAR source or an ensemble's upstream component, write their spans to ``spans_key`` and
+    count their calls in ``usage``."""
 
-    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
-        ...
+    spans_key: str
+    usage: Usage
+    remote: bool  # its calls wait on servers: an ensemble runs it concurrently with in-process members
 
 
 @dataclass(frozen=True)

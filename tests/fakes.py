@@ -2,13 +2,12 @@
 
 from typing import Callable, List, Sequence
 
+from spacy_llmner.backends.base import BackendBase
 from spacy_llmner.ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
-class FakeBackend:
+class FakeBackend(BackendBase):
     """Canned answers for parsing and plumbing tests: ``answer(prompt_query_text) -> completion``."""
-
-    supports_grammar = False
 
     def __init__(self, answer: Callable[[str], str]):
         self.answer = answer

@@ -1,9 +1,10 @@
-"""What every backend shares: the spacy-llm model calling convention, so our backends also serve spacy-llm's own
-``llm`` component (a spacy-llm model maps an iterable of per-doc prompt lists to per-doc response lists)."""
+"""What every backend shares: the defaults of the ``Backend`` protocol (``ty.py``), and the spacy-llm model calling
+convention, so our backends also serve spacy-llm's own ``llm`` component (a spacy-llm model maps an iterable of
+per-doc prompt lists to per-doc response lists)."""
 
-from typing import Callable, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Sequence
 
-from ..ty import Generation, GenerationRequest
+from ..ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
 def answer_in_groups(generate: Callable[[Sequence[GenerationRequest]], List[Generation]], group: int,
@@ -16,14 +17,36 @@ def answer_in_groups(generate: Callable[[Sequence[GenerationRequest]], List[Gene
             on_answer(i, gen)
 
 
-class SpacyLLMCallable:
+class BackendBase:
+    """The defaults of every ``Backend`` member: no grammar, no scoring, one request at a time, in-process, token
+    counts estimated from characters. Subclasses implement ``identity`` and ``generate`` and override the rest
+    where they can do better."""
+
+    supports_grammar = False
+    supports_scoring = False
+    parallel = 1
+    remote = False
     max_tokens_for_spacy_llm = 512
-    parallel = 1  # requests answered together; answers of a group arrive together
+
+    def identity(self) -> Dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement identity()")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
     def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
         """Calls ``on_answer(i, generation)`` as each answer arrives (the cache commits it at once). By default in
         groups of ``parallel``; backends that answer one by one (HTTP) call it per request."""
         answer_in_groups(self.generate, self.parallel, requests, on_answer)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot score continuations (supports_scoring is False): constrained choices "
+            "are asked with a grammar-restricted generation instead"
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 4 + 1  # about four characters per token in English BPE vocabularies
 
     # spacy-llm checks these annotations: both must be Iterable[Iterable[str]]
     def __call__(self, prompts: Iterable[Iterable[str]]) -> Iterable[Iterable[str]]:

@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
-from .base import SpacyLLMCallable, answer_in_groups
+from ..ty import Backend, BackendError, Generation, GenerationRequest, ScoreRequest, Scores
+from .base import BackendBase
 
 _COLUMNS = "key, text, prompt_tokens, completion_tokens, seconds"
 
@@ -166,26 +166,35 @@ class AnswerCache:
             return self._db().execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
 
-class CachedBackend(SpacyLLMCallable):
+class CachedBackend(BackendBase):
     """Answers from the cache where it can; asks the wrapped backend for the rest, storing each answer."""
 
-    def __init__(self, backend, path: Union[str, Path], owner: str = "llm_lar_ner"):
+    def __init__(self, backend: Backend, path: Union[str, Path], owner: str = "llm_lar_ner"):
         self.backend = backend
         self.cache = AnswerCache(path, owner)
-        self.supports_grammar = getattr(backend, "supports_grammar", False)
-        self.supports_scoring = getattr(backend, "supports_scoring", False)
+
+    # what the wrapped backend offers, unchanged
+    @property
+    def supports_grammar(self) -> bool:
+        return self.backend.supports_grammar
+
+    @property
+    def supports_scoring(self) -> bool:
+        return self.backend.supports_scoring
+
+    @property
+    def parallel(self) -> int:
+        return max(1, self.backend.parallel)
+
+    @property
+    def remote(self) -> bool:
+        return self.backend.remote
 
     def identity(self) -> Dict[str, Any]:
         return self.backend.identity()
 
-    @property
-    def parallel(self) -> int:
-        return max(1, getattr(self.backend, "parallel", 1))
-
-    def __getattr__(self, name):  # count_tokens and the like come from the wrapped backend
-        if name == "backend":
-            raise AttributeError(name)
-        return getattr(self.backend, name)
+    def count_tokens(self, text: str) -> int:
+        return self.backend.count_tokens(text)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         ident = self.identity()
@@ -200,10 +209,7 @@ class CachedBackend(SpacyLLMCallable):
             out[todo[j]] = gen
 
         pending = [requests[i] for i in todo]
-        if isinstance(self.backend, SpacyLLMCallable):
-            self.backend.generate_each(pending, store)
-        else:  # any other backend object: in groups as large as it decodes at once
-            answer_in_groups(self.backend.generate, self.parallel, pending, store)
+        self.backend.generate_each(pending, store)
         return out
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import catalogue
 
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
-from .base import SpacyLLMCallable
+from .base import BackendBase
 
 
 def _gemma3_270m() -> str:
@@ -80,7 +80,7 @@ def _grammar(text: str):
     return LlamaGrammar.from_string(text, verbose=False)
 
 
-class LlamaCppBackend(SpacyLLMCallable):
+class LlamaCppBackend(BackendBase):
     supports_grammar = True
     supports_scoring = True
 

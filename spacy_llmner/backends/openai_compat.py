@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..formats import gbnf
 from ..ty import BackendError, Generation, GenerationRequest
-from .base import SpacyLLMCallable
+from .base import BackendBase
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # Named server profiles for ``grammar_field``; any other value is a (dotted) request-body field.
@@ -41,7 +41,7 @@ def grammar_path(grammar_field: Optional[str]) -> Optional[List[str]]:
     return parts
 
 
-class OpenAICompatBackend(SpacyLLMCallable):
+class OpenAICompatBackend(BackendBase):
     remote = True  # waits on a server, not the CPU: an ensemble runs it beside its local members
 
     def __init__(

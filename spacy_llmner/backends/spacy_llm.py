@@ -5,10 +5,10 @@ import time
 from typing import Any, Callable, Dict, List, Sequence
 
 from ..ty import Generation, GenerationRequest
+from .base import BackendBase
 
 
-class SpacyLLMBackend:
-    supports_grammar = False
+class SpacyLLMBackend(BackendBase):
     remote = True  # spacy-llm's models are API clients: an ensemble may run them beside local members
 
     def __init__(self, model: Callable, name: str = ""):

@@ -4,7 +4,7 @@ from spacy.util import registry
 
 from .inline import BracketFormat, XMLFormat
 from .listing import JSONFormat, LinesFormat
-from .spans import Located, locate
+from .spans import Located, answer_spans, locate
 
 FORMATS = {f.name: f for f in (BracketFormat, XMLFormat, JSONFormat, LinesFormat)}
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import List, Optional, Sequence, Tuple
 
-from ..ty import Mention
+from ..labels import LabelSet
+from ..ty import Mention, OutputFormat
+from ..usage import Usage
 
 
 @dataclass
@@ -77,4 +79,23 @@ def locate(mentions: Sequence[Mention], source: str, plain_text: Optional[str] =
             if key not in seen:
                 seen.add(key)
                 out.spans.append(key)
+    return out
+
+
+def answer_spans(fmt: OutputFormat, answer: str, shown: str, labels: LabelSet, usage: Usage, extract: bool = False
+                 ) -> List[Tuple[int, int, Optional[str]]]:
+    """(start, end, label) in ``shown`` (the text the prompt showed) for each verified mention of ``answer``;
+    label None when ``extract`` (spans only). Malformed fragments, hallucinated mentions and unknown labels are
+    dropped and counted in ``usage``."""
+    parsed = fmt.parse(answer)
+    usage.malformed += parsed.malformed
+    located = locate(parsed.mentions, shown, parsed.plain_text)
+    usage.hallucinated += len(located.hallucinated)
+    out = []
+    for start, end, answer_label in located.spans:
+        label = None if extract else labels.resolve(answer_label)
+        if label is None and not extract:
+            usage.unknown_labels += 1
+            continue
+        out.append((start, end, label))
     return out

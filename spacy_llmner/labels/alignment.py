@@ -13,9 +13,11 @@ Two kinds of evidence, each a row-stochastic matrix (rows: source labels, column
 """
 
 from collections import Counter
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import srsly
 
 # What the common source schemes' labels mean, for embedding them (labels not listed embed by their own name).
 SOURCE_DEFINITIONS = {
@@ -120,6 +122,20 @@ class LabelAlignment:
     @classmethod
     def from_dict(cls, data: Dict) -> "LabelAlignment":
         return cls(data["source"], data["target"], np.array(data["scores"]), data.get("precision"))
+
+    def to_disk(self, path: Path) -> None:
+        srsly.write_json(path, self.to_dict())
+
+    @classmethod
+    def from_disk(cls, path: Path) -> "LabelAlignment":
+        return cls.from_dict(srsly.read_json(path))
+
+    def to_bytes(self) -> bytes:
+        return srsly.msgpack_dumps(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "LabelAlignment":
+        return cls.from_dict(srsly.msgpack_loads(data))
 
     def table(self, top_k: int = 3) -> str:
         lines = []

@@ -85,7 +85,10 @@ class Retriever:
 
     # -- pool ---------------------------------------------------------------------------------------------------
     def build(self, demonstrations: Sequence[Demonstration]) -> None:
-        self.pool = Pool.build(demonstrations, self.encoder)
+        self.use_pool(Pool.build(demonstrations, self.encoder))
+
+    def use_pool(self, pool: Optional[Pool]) -> None:
+        self.pool = pool
         self._bm25 = None
 
     def to_disk(self, path: Union[str, Path]) -> None:
@@ -94,8 +97,7 @@ class Retriever:
 
     def from_disk(self, path: Union[str, Path]) -> None:
         if (Path(path) / "sentence.npy").exists():
-            self.pool = Pool.from_disk(path)
-            self._bm25 = None
+            self.use_pool(Pool.from_disk(path))
 
     def _bm25_scores(self, texts: Sequence[str]) -> np.ndarray:
         import bm25s

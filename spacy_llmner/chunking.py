@@ -1,0 +1,57 @@
+"""Chunking: the pieces of a doc that are sent to the model one at a time. Whole sentences are packed up to
+``max_tokens``; a longer sentence is cut at the limit. Nothing is truncated: every token is in exactly one chunk,
+and a chunk knows the text the prompt shows for it (offsets into that text are offsets into the chunk)."""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+from spacy.tokens import Doc, Span
+
+from .prompt import display
+
+
+@dataclass(frozen=True)
+class Chunk:
+    doc_index: int  # which doc of the batch
+    span: Span
+    shown: str  # the chunk's text as the prompt shows it (same character offsets)
+
+    def char_range(self, start: int, end: int) -> Tuple[int, int]:
+        """Doc character offsets of a chunk-relative range."""
+        return self.span.start_char + start, self.span.start_char + end
+
+
+def chunk_ranges(doc: Doc, max_tokens: int) -> List[Tuple[int, int]]:
+    """Token ranges covering ``doc``: sentences packed up to ``max_tokens``, longer sentences cut."""
+    n = len(doc)
+    if n <= max_tokens:
+        return [(0, n)] if n else []
+    if doc.has_annotation("SENT_START"):
+        sents = [(s.start, s.end) for s in doc.sents]
+    else:
+        from spacy.pipeline import Sentencizer
+
+        starts = [i for i, tag in enumerate(Sentencizer().predict([doc])[0]) if tag or i == 0]
+        sents = list(zip(starts, starts[1:] + [n]))
+    pieces = []
+    for start, end in sents:
+        for s in range(start, end, max_tokens):
+            pieces.append((s, min(end, s + max_tokens)))
+    out: List[Tuple[int, int]] = []
+    for start, end in pieces:
+        if out and end - out[-1][0] <= max_tokens:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def split(docs: Sequence[Doc], max_tokens: int) -> List[Chunk]:
+    """Every doc's chunks in order, blank ones (whitespace only) left out: they hold no entity."""
+    out = []
+    for i, doc in enumerate(docs):
+        for start, end in chunk_ranges(doc, max_tokens):
+            span = doc[start:end]
+            if span.text.strip():
+                out.append(Chunk(i, span, display(span.text).rstrip()))
+    return out
