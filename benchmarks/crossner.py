@@ -35,7 +35,8 @@ from pathlib import Path
 import spacy
 
 from common import CROSSNER_LABELS, fixed_demonstrations, load_split
-from spacy_llmner.ensemble import fit, flat, micro_f1, tally
+from spacy_llmner.ensemble import fit, flat_spans, prf as span_prf, vote
+from spacy_llmner.upstream import run_upstream
 from spacy_llmner.usage import Usage
 
 ENSEMBLES = {
@@ -104,19 +105,18 @@ def build(domain, args):
     members = [s for s in systems if s not in BASELINES]
     ens = nlp.add_pipe("llm_ner_ensemble", config={"members": members, "voting": "weighted",
                                                    "validator": "gemma_span"})
-    ens.cfg_members = members + BASELINES  # run_systems narrows ens.members to one system at a time
     return nlp, ens, systems
 
 
 def run_systems(nlp, ens, systems, gold):
     """Each system alone on fresh docs (the enabled CoNLL source first): its spans, usage and wall seconds."""
-    ens.members = [name for name in ens.cfg_members]  # all of them, so only the CoNLL source prepares the docs
-    docs = ens._prepare([nlp.make_doc(d.text) for d in gold])  # the CoNLL source's entities (LAR systems read them)
+    # the CoNLL source's entities (LAR systems read them); no system prepares the docs
+    every_system = [name for name, _ in nlp.components if name not in ("conll", ens.name)]
+    docs = run_upstream(nlp, ens.name, [nlp.make_doc(d.text) for d in gold], skip=every_system)
     outputs, usage, seconds = {}, {}, {}
     for name in systems:
-        ens.members = [name]
         t0 = time.perf_counter()
-        out, use = ens.run_members(docs)
+        out, use = ens.run_members(docs, members=[name])
         seconds[name] = time.perf_counter() - t0
         outputs[name], usage[name] = out[name], use[name]
         print(f"  {name}: {seconds[name] / len(docs):.2f} s/sentence", flush=True)
@@ -132,13 +132,8 @@ def truth_of(docs, gold):
 
 
 def prf(pred, truth):
-    pred = [[tuple(x) for x in p] for p in pred]
-    truth = [[tuple(x) for x in g] for g in truth]
-    tp = sum(len(set(p) & set(g)) for p, g in zip(pred, truth))
-    npred, ngold = sum(len(set(p)) for p in pred), sum(len(set(g)) for g in truth)
-    p = tp / npred if npred else 0.0
-    r = tp / ngold if ngold else 0.0
-    return {"f1": 100 * micro_f1(pred, truth), "p": 100 * p, "r": 100 * r}
+    score = span_prf([[tuple(x) for x in p] for p in pred], [[tuple(x) for x in g] for g in truth])
+    return {"f1": 100 * score.fscore, "p": 100 * score.precision, "r": 100 * score.recall}
 
 
 def cost(names, usage, seconds, n, extra=None):
@@ -249,27 +244,22 @@ def vote_rows(domain, got, ens=None, docs=None):
             continue
         per_doc = [{m: got["test"][m][i] for m in names} for i in range(n)]
         dev_per_doc = [{m: got["dev"][m][i] for m in names} for i in range(len(got["dev_truth"]))]
-        majority = [[(v.start, v.end, v.label) for v in flat([v for v in tally(o, {}) if v.support > 0.5])]
-                    for o in per_doc]
+        majority = [vote(o, threshold=0.5).spans() for o in per_doc]
         base = {"domain": domain, "kind": "ensemble", "members": names, "n": n}
         rows.append({**base, "system": f"{ens_name}:majority", **prf(majority, truth),
                      **cost(names, usage, got["seconds"], n)})
         weights, label_weights, threshold, dev_f1 = fit(dev_per_doc, got["dev_truth"], names)
-        votes = [tally(o, weights, label_weights) for o in per_doc]
-        keep = [[v.support > threshold for v in vs] for vs in votes]
-        weighted = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
-                    for vs, ks in zip(votes, keep)]
+        ballots = [vote(o, weights, label_weights, threshold) for o in per_doc]
+        weighted = [b.spans() for b in ballots]
         fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
         rows.append({**base, "system": f"{ens_name}:weighted", **prf(weighted, truth),
                      **cost(names, usage, got["seconds"], n), "fitted": fitted})
         if ens is not None and ens_name in VALIDATED:
-            ens.members, ens.threshold, ens.validator = names, threshold, "gemma_span"
             t0 = time.perf_counter()
-            checked = ens._validate(docs, votes, keep)
+            checked = ens.check_doubtful(docs, ballots, threshold=threshold, validator="gemma_span")
             for u in checked:
                 u.seconds = (time.perf_counter() - t0) / n  # wall, including the retrieval of demonstrations
-            validated = [[(v.start, v.end, v.label) for v in flat([v for v, k in zip(vs, ks) if k])]
-                         for vs, ks in zip(votes, keep)]
+            validated = [b.spans() for b in ballots]
             rows.append({**base, "system": f"{ens_name}:weighted+validation", **prf(validated, truth),
                          **cost(names, usage, got["seconds"], n, checked), "fitted": fitted})
     return rows
@@ -288,8 +278,6 @@ def write(args, run_args, rows, when=None):
 
 
 def flat_of(spans):
-    from spacy_llmner.ensemble import flat_spans
-
     return flat_spans(spans)
 
 

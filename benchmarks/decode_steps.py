@@ -19,14 +19,14 @@ def main():
     decoder = BatchedDecoder(llm, n_seq=16, n_ctx=16384)
     lc = decoder.llama_cpp
     prefix = llm.tokenize(b"A shared prompt prefix of a realistic length for the measurement. " * 8)
-    decoder._set_prefix(prefix)
+    decoder.set_prefix(prefix)
     print("| sequences | ms/step | tokens/s |\n|---|---|---|")
     for width in (1, 2, 4, 8, 16):
         for s in range(1, width + 1):
             lc.llama_memory_seq_cp(decoder.memory, 0, s, 0, len(prefix))
         t0 = time.perf_counter()
         for step in range(args.steps):
-            decoder._decode([(prefix[step], len(prefix) + step, s, True) for s in range(1, width + 1)])
+            decoder.decode_step([(prefix[step], len(prefix) + step, s, True) for s in range(1, width + 1)])
         dt = (time.perf_counter() - t0) / args.steps
         print(f"| {width} | {dt * 1000:.1f} | {width / dt:.0f} |")
         for s in range(1, width + 1):

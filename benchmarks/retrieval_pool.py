@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common import blank
-from spacy_llmner.component import load_demonstrations
+from spacy_llmner.demonstrations import load_demonstrations
 from spacy_llmner.corpora import read_bio
 from spacy_llmner.retrieval import Pool, Retriever
 

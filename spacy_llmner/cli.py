@@ -175,7 +175,7 @@ def finetune(
 ):
     """LoRA instruction tuning of the small local LLM on the component's own prompts, exported to GGUF for the
     llama.cpp backend. Overrides as in spaCy: --training.max_minutes 5 --data.examples_per_source 20."""
-    from spacy.cli._util import parse_config_overrides
+    from weasel.util import parse_config_overrides
 
     from .finetune import finetune as run, load_settings
 

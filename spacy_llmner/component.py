@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
-import srsly
+from confection import ConfigValidationError
 from spacy import util
 from spacy.language import Language
 from spacy.pipeline import Pipe
@@ -89,6 +89,13 @@ def make_llm_lar_ner(
     scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
     lar (Optional[LARStages]): the LAR / EL4NER stages (``spacy_llmner.LAR.v1``); null: one pass.
     """
+    # registered objects are not checked against protocols by config validation: the same error, raised here
+    wrong = [(field, kind) for field, value, kind in (("backend", backend, Backend), ("format", format, OutputFormat))
+             if not isinstance(value, kind)]
+    if wrong:
+        raise ConfigValidationError(title=f"Config validation error: [components.{name}]", show_config=False, errors=[
+            {"loc": [field], "msg": f"not a {kind.__name__}: lacks a member of spacy_llmner.ty.{kind.__name__}"}
+            for field, kind in wrong])
     return LLMNER(nlp.vocab, name, labels=LabelSet(labels, label_definitions, label_synonyms), fmt=format,
                   backend=backend, demonstrations=demonstrations, zero_shot=zero_shot, retriever=retriever,
                   max_demo_tokens=max_demo_tokens, instructions=instructions, constrained=constrained,

@@ -26,16 +26,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import srsly
+from spacy import util
 from spacy.language import Language
-from spacy.pipeline import Pipe
-from spacy.scorer import Scorer
+from spacy.pipeline import Pipe, SpanCategorizer
+from spacy.scorer import PRFScore, Scorer
 from spacy.tokens import Doc, Span
 from spacy.training import Example
 from spacy.util import filter_spans, minibatch
 
+from .demonstrations import load_demonstrations
+from .ty import LLMComponent
+from .upstream import run_upstream
 from .usage import Usage
 
 TokenSpan = Tuple[int, int, str]  # token start, token end, label
@@ -61,7 +65,7 @@ def make_llm_ner_ensemble(
     nlp: Language,
     name: str,
     members: List[str],
-    voting: str,
+    voting: Literal["majority", "weighted"],
     threshold: float,
     weights: Dict[str, float],
     validator: Optional[str],
@@ -70,6 +74,20 @@ def make_llm_ner_ensemble(
     spans_key: Optional[str],
     scorer: Optional[Callable],
 ) -> "Ensemble":
+    """An ensemble of NER components of the same pipeline (EL4NER): a span-level vote with optional
+    self-validation of the doubtful spans.
+
+    members (List[str]): the member components' names; each is disabled in the pipeline (the ensemble runs it).
+    voting (str): "majority" (each member weighs 1) or "weighted" (weights, label accuracies and threshold fitted
+        on a dev set by ``initialize``).
+    threshold (float): a span is kept when the share of member weight proposing its boundaries exceeds this.
+    weights (Dict[str, float]): starting member weights (default 1 each).
+    validator (Optional[str]): an ``llm_lar_ner`` member that re-asks the doubtful spans (yes/no).
+    validate_band (float): a span is doubtful when its support lies within this distance of the threshold.
+    validate_threshold (float): the validator's P(yes) a doubtful span needs to be kept.
+    spans_key (Optional[str]): the ``doc.spans`` group of the kept spans (default: the component's name).
+    scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
+    """
     return Ensemble(nlp, name, members=members, voting=voting, threshold=threshold, weights=weights,
                     validator=validator, validate_band=validate_band, validate_threshold=validate_threshold,
                     spans_key=spans_key, scorer=scorer)
@@ -110,6 +128,28 @@ def tally(outputs: Dict[str, Sequence[TokenSpan]], weights: Dict[str, float],
     return votes
 
 
+@dataclass
+class Ballot:
+    """One doc's vote: every proposed span and whether it is kept."""
+
+    votes: List[Vote]
+    keep: List[bool]
+
+    def kept(self) -> List[Vote]:
+        return [v for v, k in zip(self.votes, self.keep) if k]
+
+    def spans(self) -> List[TokenSpan]:
+        """The non-overlapping kept spans (``flat``), the ensemble's ``doc.ents``."""
+        return [(v.start, v.end, v.label) for v in flat(self.kept())]
+
+
+def vote(outputs: Dict[str, Sequence[TokenSpan]], weights: Optional[Dict[str, float]] = None,
+         label_weights: Optional[Dict[str, Dict[str, float]]] = None, threshold: float = 0.5) -> Ballot:
+    """The ensemble's decision on one doc: ``tally`` (weights default to 1) and keep support > ``threshold``."""
+    votes = tally(outputs, weights or {}, label_weights)
+    return Ballot(votes, [v.support > threshold for v in votes])
+
+
 def _accuracy(label_weights: Optional[Dict[str, Dict[str, float]]], member: str, label: str) -> float:
     if label_weights is None:  # an unweighted vote
         return 1.0
@@ -132,14 +172,16 @@ def flat(votes: Sequence[Vote]) -> List[Vote]:
     return _non_overlapping(votes, lambda v: (v.start, v.end), lambda v: (-v.support, -(v.end - v.start), v.start))
 
 
-def micro_f1(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> float:
-    tp = fp = fn = 0
+def prf(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> PRFScore:
+    """Strict span-level precision, recall and F1 over docs (spaCy's ``PRFScore``)."""
+    score = PRFScore()
     for p, g in zip(predicted, gold):
-        p, g = set(p), set(g)
-        tp += len(p & g)
-        fp += len(p - g)
-        fn += len(g - p)
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        score.score_set(set(p), set(g))
+    return score
+
+
+def micro_f1(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> float:
+    return prf(predicted, gold).fscore
 
 
 def label_accuracy(outputs: Sequence[Dict[str, Sequence[TokenSpan]]], gold: Sequence[Sequence[TokenSpan]]
@@ -168,7 +210,7 @@ def fit(outputs: Sequence[Dict[str, Sequence[TokenSpan]]], gold: Sequence[Sequen
         tallies = [tally(out, weights, label_weights) for out in outputs]
         best = (-1.0, 0.5)
         for t in THRESHOLD_GRID:
-            pred = [[(v.start, v.end, v.label) for v in flat([v for v in vs if v.support > t])] for vs in tallies]
+            pred = [Ballot(vs, [v.support > t for v in vs]).spans() for vs in tallies]
             f = micro_f1(pred, gold)
             if f > best[0]:
                 best = (f, t)
@@ -208,8 +250,6 @@ class Ensemble(Pipe):
         spans_key: Optional[str] = None,
         scorer: Optional[Callable] = None,
     ):
-        if voting not in ("majority", "weighted"):
-            raise ValueError(f"{name}: voting must be 'majority' or 'weighted', not {voting!r}")
         if len(set(members)) != len(members) or not members:
             raise ValueError(f"{name}: members must name at least one component, each once (got {list(members)})")
         if validator is not None and validator not in members:
@@ -232,6 +272,7 @@ class Ensemble(Pipe):
         self.spans_key = spans_key or name
         self.scorer = scorer
         self.fitted: Optional[Dict[str, Any]] = None  # what initialize() measured when it fitted the weights
+        self.usage = Usage()  # this run's totals, members and validation together
 
     # ---- members ----
     def member(self, name: str):
@@ -244,47 +285,54 @@ class Ensemble(Pipe):
                              f"[nlp] disabled = [..., \"{name}\"])")
         return self.nlp.get_pipe(name)
 
-    def _is_remote(self, proc) -> bool:
-        backend = getattr(proc, "backend", None)
-        backend = getattr(backend, "backend", backend)  # behind a cache
-        return bool(getattr(backend, "remote", False))
+    @property
+    def remote(self) -> bool:
+        """All members wait on servers (an ensemble inside an ensemble then runs beside in-process members)."""
+        return all(isinstance(p, LLMComponent) and p.remote for p in map(self.member, self.members))
 
-    def run_members(self, docs: Sequence[Doc]) -> Tuple[Dict[str, List[List[TokenSpan]]], Dict[str, List[Usage]]]:
-        """Each member's spans on its own copies of ``docs``, and what it cost per doc. Members behind HTTP run
-        concurrently with everything else; in-process members run one after another (they share the cores)."""
-        from .component import LLMNER
-
-        procs = {m: self.member(m) for m in self.members}
+    def run_members(self, docs: Sequence[Doc], members: Optional[Sequence[str]] = None
+                    ) -> Tuple[Dict[str, List[List[TokenSpan]]], Dict[str, List[Usage]]]:
+        """Each member's spans on its own copies of ``docs`` (``members``: these only, default all), and what it
+        cost per doc. Members behind HTTP run concurrently with everything else; in-process members run one after
+        another (they share the cores)."""
+        members = list(self.members if members is None else members)
+        procs = {m: self.member(m) for m in members}
 
         def run(member: str):
             proc = procs[member]
             copies = [doc.copy() for doc in docs]
-            if not isinstance(proc, LLMNER):
+            if not isinstance(proc, LLMComponent):
                 # spaCy's ner keeps entities already on the doc (e.g. a LAR source's): a member's spans are its own
                 for copy in copies:
                     copy.ents = []
             t0 = time.perf_counter()
-            copies = list(proc.pipe(copies)) if hasattr(proc, "pipe") else [proc(d) for d in copies]
+            copies = list(proc.pipe(copies)) if isinstance(proc, Pipe) else [proc(d) for d in copies]
             share = (time.perf_counter() - t0) / max(1, len(docs))
+            key = proc.spans_key if isinstance(proc, LLMComponent) else proc.key if isinstance(
+                proc, SpanCategorizer) else None
             spans, usage = [], []
             for copy in copies:
-                key = getattr(proc, "spans_key", None)
                 produced = copy.spans[key] if key and key in copy.spans else copy.ents
                 spans.append([(s.start, s.end, s.label_) for s in produced])
                 own = (copy._.llm_ner_usage or {}).get(member)
                 usage.append(Usage(**own) if own else Usage(docs=1, seconds=share))
             return spans, usage
 
-        remote = [m for m in self.members if self._is_remote(procs[m])]
+        remote = [m for m in members if isinstance(procs[m], LLMComponent) and procs[m].remote]
         results = {}
         with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
             futures = {m: pool.submit(run, m) for m in remote}
-            for m in self.members:
+            for m in members:
                 if m not in futures:
                     results[m] = run(m)
             for m, f in futures.items():
                 results[m] = f.result()
-        return {m: results[m][0] for m in self.members}, {m: results[m][1] for m in self.members}
+        return {m: results[m][0] for m in members}, {m: results[m][1] for m in members}
+
+    def prepare(self, docs: Sequence[Doc]) -> List[Doc]:
+        """``docs`` through the components before the ensemble that members may read from (a LAR source's NER),
+        never the members themselves (``upstream.run_upstream``)."""
+        return run_upstream(self.nlp, self.name, docs, skip=self.members)
 
     # ---- running ----
     def __call__(self, doc: Doc) -> Doc:
@@ -296,50 +344,50 @@ class Ensemble(Pipe):
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
         outputs, usage = self.run_members(docs)
-        votes = []
+        ballots = []
         for i, doc in enumerate(docs):
             per_doc = {m: outputs[m][i] for m in self.members}
             for m in self.members:
                 doc.spans[f"{self.name}:{m}"] = [Span(doc, s, e, label=lab) for s, e, lab in per_doc[m]]
-            if self.voting == "weighted":
-                votes.append(tally(per_doc, self.weights, self.label_weights))
-            else:
-                votes.append(tally(per_doc, {m: 1.0 for m in self.members}))
-        keep = [[v.support > self.threshold for v in vs] for vs in votes]
-        checked = self._validate(docs, votes, keep) if self.validator else [Usage() for _ in docs]
-        for i, doc in enumerate(docs):
-            kept = [v for v, k in zip(votes[i], keep[i]) if k]
-            group = [Span(doc, v.start, v.end, label=v.label) for v in kept]
-            doc.spans[self.spans_key] = group
+            weighted = self.voting == "weighted"
+            ballots.append(vote(per_doc, self.weights if weighted else None, self.label_weights if weighted else None,
+                                self.threshold))
+        checked = self.check_doubtful(docs, ballots) if self.validator else [Usage() for _ in docs]
+        for i, (doc, ballot, validation) in enumerate(zip(docs, ballots, checked)):
+            kept = ballot.kept()
+            doc.spans[self.spans_key] = [Span(doc, v.start, v.end, label=v.label) for v in kept]
             doc.spans[self.spans_key].attrs["scores"] = [v.support for v in kept]
             doc.spans[self.spans_key].attrs["label_scores"] = [v.label_share for v in kept]
-            doc.ents = [Span(doc, v.start, v.end, label=v.label) for v in flat(kept)]
+            doc.ents = [Span(doc, s, e, label=lab) for s, e, lab in ballot.spans()]
             report = {m: usage[m][i].to_dict() for m in self.members}
             total = Usage()
             for m in self.members:
                 total.add(usage[m][i])
-            total.add(checked[i])
+            total.add(validation)
             total.docs = 1
-            report[f"{self.name}:validation"] = checked[i].to_dict()
+            self.usage.add(total)
+            report[f"{self.name}:validation"] = validation.to_dict()
             report[self.name] = total.to_dict()
             doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), **report}
         return docs
 
-    def _validate(self, docs, votes, keep) -> List[Usage]:
-        """Re-asks the validator about spans whose support is within the band around the threshold; its answer
-        decides whether they are kept. Updates ``keep`` in place."""
-        doubtful = [[j for j, v in enumerate(vs) if abs(v.support - self.threshold) <= self.validate_band]
-                    for vs in votes]
-        spans = [[Span(doc, votes[i][j].start, votes[i][j].end, label=votes[i][j].label) for j in doubtful[i]]
-                 for i, doc in enumerate(docs)]
+    def check_doubtful(self, docs: Sequence[Doc], ballots: Sequence[Ballot], *, threshold: Optional[float] = None,
+                       validator: Optional[str] = None) -> List[Usage]:
+        """Re-asks ``validator`` (default: the configured one) about the spans whose support lies within
+        ``validate_band`` of ``threshold`` (default: the configured one); its answer decides whether they are kept
+        (``ballot.keep`` is updated). Returns the validation's cost per doc."""
+        threshold = self.threshold if threshold is None else threshold
+        doubtful = [[j for j, v in enumerate(b.votes) if abs(v.support - threshold) <= self.validate_band]
+                    for b in ballots]
+        spans = [[Span(doc, b.votes[j].start, b.votes[j].end, label=b.votes[j].label) for j in idx]
+                 for doc, b, idx in zip(docs, ballots, doubtful)]
         if not any(spans):
             return [Usage(docs=1) for _ in docs]
-        validator = self.member(self.validator)
-        probabilities, usage = validator.validate(docs, spans)
-        for i, idx in enumerate(doubtful):
-            for j, p in zip(idx, probabilities[i]):
+        probabilities, usage = self.member(validator or self.validator).validate(docs, spans)
+        for b, idx, ps in zip(ballots, doubtful, probabilities):
+            for j, p in zip(idx, ps):
                 if p is not None:
-                    keep[i][j] = p >= self.validate_threshold
+                    b.keep[j] = p >= self.validate_threshold
         return usage
 
     # ---- initialize: members and weights ----
@@ -349,11 +397,9 @@ class Ensemble(Pipe):
         settings (e.g. a retrieval ``pool``); with ``voting = "weighted"`` fits the weights, label accuracies and
         threshold on ``dev`` (a path or docs with gold entities; else the training examples, which retrieval
         members may have seen)."""
-        from .component import LLMNER, load_demonstrations
-
         for m in self.members:
             proc = self.member(m)
-            if isinstance(proc, LLMNER):  # trained spaCy members are left alone: initialize() would reset them
+            if isinstance(proc, LLMComponent):  # trained spaCy members are left alone: initialize() would reset them
                 proc.initialize(get_examples, nlp=nlp or self.nlp, **(members or {}).get(m, {}))
         if self.voting != "weighted":
             return
@@ -371,27 +417,13 @@ class Ensemble(Pipe):
         for doc, demo in zip(docs, gold):
             spans = [doc.char_span(s, e, label=lab, alignment_mode="expand") for s, e, lab in demo.spans]
             truth.append([(sp.start, sp.end, sp.label_) for sp in spans if sp is not None])
-        outputs, _ = self.run_members(self._prepare(docs))
+        outputs, _ = self.run_members(self.prepare(docs))
         per_doc = [{m: outputs[m][i] for m in self.members} for i in range(len(docs))]
         self.weights, self.label_weights, self.threshold, f1 = fit(per_doc, truth, self.members)
         self.fitted = {"dev_docs": len(docs), "dev_f1": f1,
                        "member_dev_f1": {m: micro_f1([flat_spans(o[m]) for o in per_doc], truth)
                                          for m in self.members}}
         return self.fitted
-
-    def _prepare(self, docs: List[Doc]) -> List[Doc]:
-        """Runs the components before the ensemble that members may read from (e.g. a LAR source's NER):
-        disabled ones too, as ``spacy assemble`` disables sourced components while initializing; never members,
-        and never LLM components (ours or spacy-llm's), which are members or baselines, not sources."""
-        from .component import LLMNER
-
-        for name, proc in self.nlp.components:
-            if name == self.name:
-                break
-            llm = isinstance(proc, (LLMNER, Ensemble)) or type(proc).__module__.startswith("spacy_llm")
-            if name not in self.members and not llm:
-                docs = list(proc.pipe(docs)) if hasattr(proc, "pipe") else [proc(d) for d in docs]
-        return docs
 
     # ---- scoring ----
     def score(self, examples: Iterable[Example], **kwargs) -> Dict[str, Any]:
@@ -408,31 +440,29 @@ class Ensemble(Pipe):
             scores.update({f"{m}_{k}": v for k, v in own.items() if k != "ents_per_type"})
         return scores
 
-    # ---- serialization ----
-    def _state(self) -> Dict[str, Any]:
+    # ---- serialization: the fitted vote (votes.json) ----
+    def vote_settings(self) -> Dict[str, Any]:
         return {"weights": self.weights, "label_weights": self.label_weights, "threshold": self.threshold,
                 "fitted": self.fitted}
 
-    def _load_state(self, state: Dict[str, Any]) -> None:
+    def use_vote_settings(self, state: Dict[str, Any]) -> None:
         self.weights = {m: float(state["weights"].get(m, 1.0)) for m in self.members}
         self.label_weights = state.get("label_weights") or {}
         self.threshold = state["threshold"]
         self.fitted = state.get("fitted")
 
     def to_bytes(self, *, exclude=tuple()) -> bytes:
-        return srsly.msgpack_dumps(self._state())
+        return util.to_bytes({"votes": lambda: srsly.msgpack_dumps(self.vote_settings())}, exclude)
 
     def from_bytes(self, bytes_data: bytes, *, exclude=tuple()) -> "Ensemble":
-        self._load_state(srsly.msgpack_loads(bytes_data))
+        util.from_bytes(bytes_data, {"votes": lambda b: self.use_vote_settings(srsly.msgpack_loads(b))}, exclude)
         return self
 
     def to_disk(self, path: Union[str, Path], *, exclude=tuple()) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        srsly.write_json(path / "votes.json", self._state())
+        util.to_disk(path, {"votes.json": lambda p: srsly.write_json(p, self.vote_settings())}, exclude)
 
     def from_disk(self, path: Union[str, Path], *, exclude=tuple()) -> "Ensemble":
-        self._load_state(srsly.read_json(Path(path) / "votes.json"))
+        util.from_disk(path, {"votes.json": lambda p: self.use_vote_settings(srsly.read_json(p))}, exclude)
         return self
 
 

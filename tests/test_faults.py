@@ -98,8 +98,8 @@ def test_a_truncated_cache_keeps_every_readable_answer(tmp_path):
     cache = AnswerCache(path)
     for i in range(400):
         cache.put(f"k{i:04d}", Generation(f"answer {i} " + "x" * 200, 10, 3))
-    cache._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    cache._db().close()
+    cache.db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cache.db().close()
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(int(size * 0.6))
@@ -117,7 +117,7 @@ def test_a_cache_that_fails_mid_run_names_the_component_and_the_file(tmp_path):
     path = tmp_path / "cache.sqlite"
     cache = AnswerCache(path, owner="ner_y")
     cache.put("a", Generation("x"))
-    cache._db().execute("DROP TABLE answers")  # what a foreign writer could do to a shared file
+    cache.db().execute("DROP TABLE answers")  # what a foreign writer could do to a shared file
     with pytest.raises(Exception, match=r"ner_y: the answer cache .*cache.sqlite failed: .*move the file aside"):
         cache.get("a")
 

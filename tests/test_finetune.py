@@ -118,13 +118,13 @@ def test_bad_settings_are_named():
 def test_export_permutes_llama_q_k_rows_the_way_llama_cpp_expects():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from spacy_llmner.finetune.export import _permute, gguf_names
+    from spacy_llmner.finetune.export import gguf_names, permute_qk
 
     w = np.arange(8 * 64 * 3, dtype=np.float32).reshape(8 * 64, 3)
     for heads in (8, 2):
         back = LlamaTensorProcessor(config={"num_attention_heads": heads, "num_key_value_heads": heads})
-        assert np.array_equal(back._reverse_permute_weights(_permute(w, heads), heads, heads), w)
-        assert not np.array_equal(_permute(w, heads), w)
+        assert np.array_equal(back._reverse_permute_weights(permute_qk(w, heads), heads, heads), w)
+        assert not np.array_equal(permute_qk(w, heads), w)
     names = gguf_names("llama", 2, ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"])
     assert names == {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
                      "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight"}

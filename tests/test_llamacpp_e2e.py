@@ -98,9 +98,9 @@ def test_fast_grammar_decoding_equals_llama_cpp_grammar_sampling(fmt):
     backend = LlamaCppBackend(fast_grammar=True, parallel=1)
     fast = [g.text for g in backend.generate(unseen)]
     assert all(fast)
-    backend._decoder.top_k = 1
+    backend.decoder.top_k = 1
     assert [g.text for g in backend.generate(unseen)] == fast
-    backend._decoder.top_k = 16
+    backend.decoder.top_k = 16
     demonstrated = [ner.request(nlp.make_doc(DEMOS[2]["text"])[:])]
     full = LlamaCppBackend(fast_grammar=False).generate(demonstrated)[0].text
     assert backend.generate(demonstrated)[0].text == full and "Tony Blair" in full

@@ -51,7 +51,7 @@ class BatchedDecoder:
         self.n_ctx = n_ctx_seq  # per sequence
         self.batch = llama_cpp.llama_batch_init(max(self.n_batch, n_seq + 1), 0, n_seq + 1)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
-        self.vocab = llm._model.vocab
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self.n_vocab = llm.n_vocab()
         self.prefix: List[int] = []  # what sequence 0 holds
         self._few = (llama_cpp.llama_token_data * top_k)()
@@ -65,7 +65,7 @@ class BatchedDecoder:
         self.ctx.close()
 
     # -- batch plumbing ---------------------------------------------------------------------------------------
-    def _decode(self, items: List[Tuple[int, int, int, bool]]) -> List[int]:
+    def decode_step(self, items: List[Tuple[int, int, int, bool]]) -> List[int]:
         """Decode (token, pos, seq_id, wants_logits) items in n_batch slices; returns each item's logit row
         (-1 when it asked for none). Rows are valid for the last slice only: ``generate`` keeps a step that
         wants logits within one slice (only the shared prefix, which wants none, may need several)."""
@@ -125,13 +125,13 @@ class BatchedDecoder:
         return int(np.argmax(allowed))
 
     # -- generation -------------------------------------------------------------------------------------------
-    def _set_prefix(self, prefix: List[int]) -> None:
+    def set_prefix(self, prefix: List[int]) -> None:
         lc = self.llama_cpp
         keep = kept_prefix(self.prefix, prefix)
         lc.llama_memory_seq_rm(self.memory, 0, keep, -1)
         rest = prefix[keep:]
         if rest:
-            self._decode([(t, keep + i, 0, False) for i, t in enumerate(rest)])
+            self.decode_step([(t, keep + i, 0, False) for i, t in enumerate(rest)])
         self.prefix = list(prefix)
 
     def _start(self, s: _Seq, common: int) -> List[Tuple[int, int, int, bool]]:
@@ -188,7 +188,7 @@ class BatchedDecoder:
             return []
         # The shared prefix, less one token so every sequence has a suffix whose last token yields logits.
         common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
-        self._set_prefix(list(prompts[0][:common]))
+        self.set_prefix(list(prompts[0][:common]))
         seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
         pending = list(reversed(seqs))
         free_ids = list(range(self.n_seq, 0, -1))
@@ -207,7 +207,7 @@ class BatchedDecoder:
                     free_ids.pop()
                     step.extend(self._start(s, common))
                     active.append(s)
-                rows = self._decode(step)
+                rows = self.decode_step(step)
                 # Each active sequence's logits sit at the row of its last item in this step.
                 row_of = {}
                 for (tok, pos, seq_id, wants), row in zip(step, rows):

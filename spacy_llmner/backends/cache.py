@@ -90,7 +90,7 @@ class AnswerCache:
         self._lock = threading.Lock()
         self._conn = None
 
-    def _db(self) -> sqlite3.Connection:
+    def db(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -138,7 +138,7 @@ class AnswerCache:
 
     def get(self, key: str) -> Optional[Generation]:
         with self._lock:
-            db = self._db()
+            db = self.db()
             try:
                 row = db.execute(
                     "SELECT text, prompt_tokens, completion_tokens, seconds FROM answers WHERE key=?", (key,)
@@ -151,7 +151,7 @@ class AnswerCache:
 
     def put(self, key: str, gen: Generation) -> None:
         with self._lock:
-            db = self._db()
+            db = self.db()
             try:
                 db.execute(
                     "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
@@ -163,7 +163,7 @@ class AnswerCache:
 
     def __len__(self) -> int:
         with self._lock:
-            return self._db().execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            return self.db().execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
 
 class CachedBackend(BackendBase):

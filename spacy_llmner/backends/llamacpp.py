@@ -166,13 +166,19 @@ class LlamaCppBackend(BackendBase):
             share, extra = divmod(self._scorer.evaluated, len(requests))
         return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
 
-    def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+    @property
+    def decoder(self):
+        """The batched greedy decoder (``batched.BatchedDecoder``), created on first use."""
         from .batched import BatchedDecoder
 
-        llm = self.llm
         if self._decoder is None:
-            self._decoder = BatchedDecoder(llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
+            self._decoder = BatchedDecoder(self.llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
             weakref.finalize(self, self._decoder.close)
+        return self._decoder
+
+    def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
+        llm = self.llm
+        self.decoder  # noqa: B018  (created before the clock starts)
         tokens = [llm.tokenize(r.prompt.encode("utf8"), add_bos=True, special=True) for r in requests]
         for toks, req in zip(tokens, requests):
             self._check_fits(len(toks), req, self.n_ctx)

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence
 
 from ..formats import gbnf
 from ..ty import BackendError, Generation, GenerationRequest
@@ -48,7 +48,7 @@ class OpenAICompatBackend(BackendBase):
         self,
         base_url: str = "http://127.0.0.1:8000/v1",
         model: str = "default",
-        endpoint: str = "completions",
+        endpoint: Literal["completions", "chat"] = "completions",
         api_key_env: Optional[str] = "OPENAI_API_KEY",
         grammar_field: Optional[str] = None,
         temperature: float = 0.0,
@@ -58,8 +58,6 @@ class OpenAICompatBackend(BackendBase):
         timeout: float = 120.0,
         backoff: float = 0.5,
     ):
-        if endpoint not in ("completions", "chat"):
-            raise ValueError(f"OpenAI-compatible backend: endpoint must be 'completions' or 'chat', not {endpoint!r}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.endpoint = endpoint

@@ -83,7 +83,7 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
     import spacy
     from spacy.util import load_config, load_model_from_config
 
-    from ..component import load_demonstrations
+    from ..demonstrations import load_demonstrations
 
     data, prompt = settings["data"], settings["prompt"]
     if not data["sources"]:
@@ -102,7 +102,7 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
         labels = sorted({lab for d in pool for _, _, lab in d.spans})
         if not labels:
             raise ValueError(f"finetune: {path} holds no entities")
-        component._set_labels(labels)
+        component.set_labels(labels)
         if component.retriever is not None:
             component.build_pool(pool)
         chosen = rng.sample(pool, min(len(pool), data["examples_per_source"]))

@@ -54,11 +54,7 @@ def neighbours(component, demonstrations: Sequence[Demonstration]) -> List[List[
     if retriever is None or retriever.pool is None:
         return [list(component.demonstrations) for _ in demonstrations]
     k = retriever.k
-    retriever.k = k + 1
-    try:
-        found = retriever.retrieve([display(d.text).rstrip() for d in demonstrations])
-    finally:
-        retriever.k = k
+    found = retriever.retrieve([display(d.text).rstrip() for d in demonstrations], k=k + 1)
     out = []
     for demo, demos in zip(demonstrations, found):
         kept = [d for d in demos if d.text != demo.text]

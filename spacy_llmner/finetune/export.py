@@ -16,7 +16,7 @@ import numpy as np
 OUT_TYPES = ("q8_0", "f16", "f32", "q4_k_m")
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp convert_hf_to_gguf's LlamaModel.permute (the inverse of transformers' reverse_permute_weights)
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -64,7 +64,7 @@ def export_gguf(base_path: str, changed: Dict[str, np.ndarray], out_path: str, o
         w = np.asarray(weight, dtype=np.float32)
         gname = names[hf_name]
         if arch == "llama" and gname.endswith((".attn_q.weight", ".attn_k.weight")):
-            w = _permute(w, n_head if gname.endswith("attn_q.weight") else n_head_kv)
+            w = permute_qk(w, n_head if gname.endswith("attn_q.weight") else n_head_kv)
         if out_type == "q8_0" and w.shape[-1] % 32 == 0:
             new[gname] = (gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
         elif out_type == "f32":

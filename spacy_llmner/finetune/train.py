@@ -102,6 +102,7 @@ def tune(model, tokenizer: Tokenizer, examples: Sequence[TuningExample], setting
     """LoRA-tunes ``model`` in place on the examples; returns (peft model, log)."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -122,8 +123,7 @@ def tune(model, tokenizer: Tokenizer, examples: Sequence[TuningExample], setting
     stream = stream[:n_examples]
     total_steps = max(1, math.ceil(n_examples / settings.accumulate))
     warmup = max(1, int(settings.warmup * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))))
+    sched = get_cosine_schedule_with_warmup(opt, warmup, total_steps)
     log = TuningLog()
     t0 = time.perf_counter()
     pending, pending_loss = 0, 0.0

@@ -20,7 +20,7 @@ the query.
 
 import zlib
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from ..prompt import Demonstration
 from .encoder import MiniLMEncoder
 from .pool import Pool
 
-STRATEGIES = ("word", "span", "sentence", "bm25", "random")
+STRATEGIES = ("word", "span", "sentence", "bm25", "random")  # the Strategy literal below, for iteration
 
 
 def candidate_spans(text: str) -> List[str]:
@@ -57,10 +57,25 @@ def _segment_max(sims: np.ndarray, offsets: np.ndarray, empty: float = 0.0) -> n
     return out
 
 
+Strategy = Literal["word", "span", "sentence", "bm25", "random"]
+
+
 class Retriever:
+    """Registered as ``spacy_llmner.Retriever.v1`` (a component's ``retriever``); the pool is built by the
+    component's ``initialize()`` and saved with it.
+
+    strategy (str): "word" (IF-WRANER), "span" (EL4NER), "sentence", "bm25" or "random" (see the module docstring).
+    k (int): demonstrations per query.
+    candidates (int): on a larger pool, "word" and "span" re-rank the union of the sentence and BM25 top candidates.
+    mmr (float): weight of redundancy with already chosen demonstrations (0: relevance only).
+    label_coverage (bool): prefer demonstrations that show a label not yet shown.
+    span_weight (float): "span": weight of span similarity against sentence similarity.
+    seed (int): seeds "random" (per query, so reruns agree).
+    """
+
     def __init__(
         self,
-        strategy: str = "word",
+        strategy: Strategy = "word",
         k: int = 8,
         candidates: int = 200,
         mmr: float = 0.0,
@@ -68,8 +83,6 @@ class Retriever:
         span_weight: float = 0.5,
         seed: int = 0,
     ):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"Retriever: strategy must be one of {STRATEGIES}, not {strategy!r}")
         if k < 0:
             raise ValueError("Retriever: k must be >= 0")
         self.strategy = strategy
@@ -174,19 +187,21 @@ class Retriever:
         return self.span_weight * span_part + (1 - self.span_weight) * sent_sims[cand]
 
     # -- selection ----------------------------------------------------------------------------------------------
-    def select(self, cand: np.ndarray, rel: np.ndarray) -> List[int]:
-        if self.k == 0 or not len(cand):
+    def select(self, cand: np.ndarray, rel: np.ndarray, k: Optional[int] = None) -> List[int]:
+        """The ``k`` (default: the configured k) pool indices to show, best first."""
+        k = self.k if k is None else k
+        if k == 0 or not len(cand):
             return []
         order = np.argsort(-rel, kind="stable")
         if not self.mmr and not self.label_coverage:
-            return [int(cand[j]) for j in order[: self.k]]
-        top = order[: self.k * 5]
+            return [int(cand[j]) for j in order[:k]]
+        top = order[: k * 5]
         idx, r = cand[top], rel[top]
         r = (r - r.min()) / (r.max() - r.min() + 1e-9)
         sent = self.pool.sentence[idx]
         chosen: List[int] = []
         shown: set = set()
-        while len(chosen) < min(self.k, len(idx)):
+        while len(chosen) < min(k, len(idx)):
             value = (1 - self.mmr) * r
             if chosen and self.mmr:
                 value = value - self.mmr * (sent @ sent[chosen].T).max(axis=1)
@@ -198,12 +213,12 @@ class Retriever:
             shown.update(self.pool.labels_of(int(idx[j])))
         return [int(idx[j]) for j in chosen]
 
-    def retrieve(self, texts: Sequence[str]) -> List[List[Demonstration]]:
-        """Demonstrations for each text, in prompt order (most similar last)."""
+    def retrieve(self, texts: Sequence[str], k: Optional[int] = None) -> List[List[Demonstration]]:
+        """``k`` (default: the configured k) demonstrations for each text, in prompt order (most similar last)."""
         if self.pool is None or not len(self.pool) or not texts:
             return [[] for _ in texts]
         out = []
         for cand, rel in self.scores(texts):
-            picked = self.select(np.asarray(cand), np.asarray(rel, dtype=np.float32))
+            picked = self.select(np.asarray(cand), np.asarray(rel, dtype=np.float32), k)
             out.append([self.pool.demonstrations[i] for i in reversed(picked)])
         return out
