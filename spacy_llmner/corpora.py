@@ -87,7 +87,11 @@ def read_docbin(path: Union[str, Path], vocab: Optional[Vocab] = None) -> List[D
 
 @registry.readers("spacy_llmner.BIOReader.v1")
 def bio_reader(path: str, limit: Optional[int] = None):
-    """A corpus reader for ``spacy train`` / ``spacy evaluate`` configs over CrossNER / CoNLL BIO files."""
+    """A corpus reader for ``spacy train`` / ``spacy evaluate`` configs over CrossNER / CoNLL BIO files.
+
+    path (str): a BIO file (one token and tag per line, sentences separated by blank lines).
+    limit (Optional[int]): read at most this many sentences.
+    """
     from spacy.training import Example
 
     def read(nlp):
@@ -100,7 +104,12 @@ def bio_reader(path: str, limit: Optional[int] = None):
 @registry.readers("spacy_llmner.MixedCorpus.v1")
 def mixed_corpus(gold: str, silver: Optional[str] = None, silver_limit: int = 0):
     """Gold examples, then silver ones (docs an LLM pipeline annotated; ``spacy-llmner pre-annotate``): the
-    training corpus of a distilled student. Both are spaCy DocBins read with spaCy's own ``Corpus``."""
+    training corpus of a distilled student. Both are spaCy DocBins read with spaCy's own ``Corpus``.
+
+    gold (str): a DocBin of human-annotated docs.
+    silver (Optional[str]): a DocBin of LLM-annotated docs.
+    silver_limit (int): read at most this many silver docs (0: all).
+    """
     from spacy.training import Corpus
 
     gold_corpus = Corpus(gold)
@@ -116,7 +125,10 @@ def mixed_corpus(gold: str, silver: Optional[str] = None, silver_limit: int = 0)
 
 @registry.scorers("spacy_llmner.nested_scorer.v1")
 def nested_scorer(spans_key: str = "sc"):
-    """Exact span + label over every span in ``doc.spans[spans_key]``, nested ones included (GENIA)."""
+    """Exact span + label over every span in ``doc.spans[spans_key]``, nested ones included (GENIA).
+
+    spans_key (str): the span group scored.
+    """
     from spacy.scorer import Scorer
 
     def score(examples, **kwargs):

@@ -84,7 +84,7 @@ def build(nlp, answers_a, answers_b, *, ruler=True, **config):
         proc = nlp.add_pipe("llm_lar_ner", name=name, config={
             "labels": LABELS, "spans_key": name, "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
             "zero_shot": True})
-        proc.backend = answers if hasattr(answers, "generate") else FakeBackend(_answers(answers))
+        proc.backend = answers if isinstance(answers, FakeBackend) else FakeBackend(_answers(answers))
         proc.constrained = False
         nlp.disable_pipe(name)
     members = ["llm_a", "llm_b"]

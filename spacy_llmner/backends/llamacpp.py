@@ -81,6 +81,18 @@ def _grammar(text: str):
 
 
 class LlamaCppBackend(BackendBase):
+    """Registered as ``spacy_llmner.LlamaCpp.v1``.
+
+    model (str): a packaged model's short name ("gemma3-270m", "smollm2-135m") or a path to a GGUF file.
+    n_ctx (int): the context window per sequence (tokens).
+    temperature (float): 0 decodes greedily (batched); above 0 samples, one request at a time.
+    seed (int): the sampling seed.
+    n_threads (Optional[int]): CPU threads (default: all cores).
+    fast_grammar (bool): apply the grammar to the best candidates first (same greedy output, faster); false uses
+        llama-cpp-python's own grammar sampling.
+    parallel (int): sequences decoded together; 1 decodes one at a time.
+    """
+
     supports_grammar = True
     supports_scoring = True
 

@@ -42,6 +42,21 @@ def grammar_path(grammar_field: Optional[str]) -> Optional[List[str]]:
 
 
 class OpenAICompatBackend(BackendBase):
+    """Registered as ``spacy_llmner.OpenAICompat.v1``.
+
+    base_url (str): the server's API root (".../v1").
+    model (str): the model name the server expects.
+    endpoint (str): "completions" or "chat".
+    api_key_env (Optional[str]): the name of the environment variable holding the API key (read per request).
+    grammar_field (Optional[str]): where the GBNF grammar goes: "llama.cpp", "vllm", a dotted field, "none"/null.
+    temperature (float): sampling temperature (0: greedy).
+    seed (Optional[int]): sampling seed sent with each request.
+    max_concurrency (int): requests in flight at once.
+    max_retries (int): retries per request on 429 / 5xx / timeouts / broken connections.
+    timeout (float): seconds per request.
+    backoff (float): the first retry's delay in seconds (doubling, with jitter).
+    """
+
     remote = True  # waits on a server, not the CPU: an ensemble runs it beside its local members
 
     def __init__(

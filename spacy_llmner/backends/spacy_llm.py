@@ -9,6 +9,12 @@ from .base import BackendBase
 
 
 class SpacyLLMBackend(BackendBase):
+    """Registered as ``spacy_llmner.SpacyLLM.v1``.
+
+    model (Callable): a spacy-llm model, built from its own config block (``[...backend.model]``).
+    name (str): what the cache key calls it (default: the model's class name).
+    """
+
     remote = True  # spacy-llm's models are API clients: an ensemble may run them beside local members
 
     def __init__(self, model: Callable, name: str = ""):

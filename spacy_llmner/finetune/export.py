@@ -102,7 +102,9 @@ def export_gguf(base_path: str, changed: Dict[str, np.ndarray], out_path: str, o
 
 def merged_weights(peft_model) -> Dict[str, np.ndarray]:
     """Merges the LoRA adapters into their base layers; returns the changed weights by HF parameter name."""
-    tuned = {name for name, _ in peft_model.named_modules() if hasattr(_, "lora_A")}
+    from peft.tuners.lora import LoraLayer
+
+    tuned = {name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)}
     merged = peft_model.merge_and_unload()
     prefix = "base_model.model."
     out = {}

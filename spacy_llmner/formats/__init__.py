@@ -8,7 +8,7 @@ from .spans import Located, answer_spans, locate
 
 FORMATS = {f.name: f for f in (BracketFormat, XMLFormat, JSONFormat, LinesFormat)}
 
-# The classes are the registered functions (no arguments): {"@misc": "spacy_llmner.LinesFormat.v1"}
+# The classes are the registered functions; they take no arguments: {"@misc": "spacy_llmner.LinesFormat.v1"}
 make_bracket_format = registry.misc.register("spacy_llmner.BracketFormat.v1", func=BracketFormat)
 make_xml_format = registry.misc.register("spacy_llmner.XMLFormat.v1", func=XMLFormat)
 make_json_format = registry.misc.register("spacy_llmner.JSONFormat.v1", func=JSONFormat)

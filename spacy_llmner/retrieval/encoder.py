@@ -48,9 +48,8 @@ class MiniLMEncoder:
         model = self.model
         special = set(model.tokenizer.all_special_ids)
         sent, toks, ids = [], [], []
-        prepare = getattr(model, "preprocess", None) or model.tokenize  # preprocess: sentence-transformers >= 5
         for start in range(0, len(texts), self.batch_size):
-            features = prepare(list(texts[start : start + self.batch_size]))
+            features = model.preprocess(list(texts[start : start + self.batch_size]))
             with torch.inference_mode():
                 out = model(dict(features))
             for row in range(len(out["sentence_embedding"])):
