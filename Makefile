@@ -38,6 +38,8 @@ demo: install
 		--labels person,organisation,location,event --output demo_output
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 clean:

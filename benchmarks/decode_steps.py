@@ -1,6 +1,6 @@
 """Raw decode-step cost of the embedded model against batch width (tokens/s of parallel sequences).
 
-    python benchmarks/decode_steps.py --model gemma3-270m
+python benchmarks/decode_steps.py --model gemma3-270m
 """
 
 import argparse

@@ -47,7 +47,7 @@ def run_domain(args, domain, models):
     seconds = {k: [] for k in systems}
     preds = {k: [] for k in systems}
     for i, g in enumerate(gold):
-        for name in (list(systems) if i % 2 == 0 else list(reversed(systems))):
+        for name in list(systems) if i % 2 == 0 else list(reversed(systems)):
             nlp = systems[name]
             doc = Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g])
             t0 = time.perf_counter()
@@ -57,11 +57,15 @@ def run_domain(args, domain, models):
     for name in systems:
         usage = [d._.llm_ner_usage["llm_lar_ner"] for d in preds[name]]
         prf = get_ner_prf([Example(p, g) for p, g in zip(preds[name], gold)])
-        out[name] = {"f1": 100 * prf["ents_f"], "p": 100 * prf["ents_p"], "r": 100 * prf["ents_r"],
-                     "median_seconds": statistics.median(seconds[name]),
-                     "sentences_per_second": len(gold) / sum(seconds[name]),
-                     "prompt_tokens_per_sentence": sum(u["prompt_tokens"] for u in usage) / len(gold),
-                     "completion_tokens_per_sentence": sum(u["completion_tokens"] for u in usage) / len(gold)}
+        out[name] = {
+            "f1": 100 * prf["ents_f"],
+            "p": 100 * prf["ents_p"],
+            "r": 100 * prf["ents_r"],
+            "median_seconds": statistics.median(seconds[name]),
+            "sentences_per_second": len(gold) / sum(seconds[name]),
+            "prompt_tokens_per_sentence": sum(u["prompt_tokens"] for u in usage) / len(gold),
+            "completion_tokens_per_sentence": sum(u["completion_tokens"] for u in usage) / len(gold),
+        }
         print(f"  {domain} {name}: F1 {out[name]['f1']:.1f}, median {out[name]['median_seconds']:.2f} s", flush=True)
     return out
 
@@ -82,8 +86,7 @@ def main():
     for domain in args.domains.split(","):
         result["domains"][domain] = run_domain(args, domain, models)
     per = result["domains"].values()
-    result["average"] = {m: {key: sum(d[m][key] for d in per) / len(per) for key in next(iter(per))[m]}
-                         for m in models}
+    result["average"] = {m: {key: sum(d[m][key] for d in per) / len(per) for key in next(iter(per))[m]} for m in models}
     if "base" in models and "tuned" in models:
         b, t = result["average"]["base"], result["average"]["tuned"]
         result["tuned_over_base"] = {k: t[k] / b[k] for k in ("median_seconds", "completion_tokens_per_sentence")}

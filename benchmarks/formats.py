@@ -12,8 +12,9 @@ import json
 import platform
 from pathlib import Path
 
-from common import CROSSNER_LABELS, blank, fixed_demonstrations, load_split, run_and_score
 from spacy_llmner.formats import FORMATS
+
+from common import CROSSNER_LABELS, blank, fixed_demonstrations, load_split, run_and_score
 
 
 def main():
@@ -40,8 +41,11 @@ def main():
                 config={
                     "labels": CROSSNER_LABELS[args.domain].split(),
                     "format": {"@misc": f"spacy_llmner.{FORMATS[fmt].__name__}.v1"},
-                    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model,
-                                "parallel": args.parallel},
+                    "backend": {
+                        "@llm_models": "spacy_llmner.LlamaCpp.v1",
+                        "model": args.model,
+                        "parallel": args.parallel,
+                    },
                     "constrained": constrained,
                 },
             )
@@ -64,7 +68,10 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}".strip()}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+    }
     Path(args.out).write_text(json.dumps({"args": vars(args), **meta, "rows": rows}, indent=2))
     print("\n| format | decoding | F1 | P | R | sent/s | prompt tok/sent | completion tok/sent | hallucinated |")
     print("|---|---|---|---|---|---|---|---|---|")

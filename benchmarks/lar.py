@@ -49,11 +49,14 @@ def main():
     rows, alignments = [], {}
     for domain in args.domains.split(","):
         nlp = spacy.load(args.source)  # tok2vec + ner (CoNLL labels), then ours
-        ner = nlp.add_pipe("llm_lar_ner", config={
-            "labels": CROSSNER_LABELS[domain].split(),
-            "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model},
-            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"]},
-        })
+        ner = nlp.add_pipe(
+            "llm_lar_ner",
+            config={
+                "labels": CROSSNER_LABELS[domain].split(),
+                "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model},
+                "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"]},
+            },
+        )
         train = load_split(args.data, domain, "train", nlp)
         ner.set_demonstrations(fixed_demonstrations(train, args.k))
         alignment = ner.learn_alignment(nlp, [_demo(d) for d in train])
@@ -66,17 +69,29 @@ def main():
             ner.reset_usage()
             res = run_and_score(nlp, gold)
             u = ner.usage
-            row = {"domain": domain, "variant": variant, "n": len(gold),
-                   **{key: res[key] for key in ("f1", "p", "r", "sentences_per_second", "seconds")},
-                   "calls_per_sentence": u.calls / len(gold),
-                   "prompt_tokens_per_sentence": u.prompt_tokens / len(gold),
-                   "completion_tokens_per_sentence": u.completion_tokens / len(gold)}
+            row = {
+                "domain": domain,
+                "variant": variant,
+                "n": len(gold),
+                **{key: res[key] for key in ("f1", "p", "r", "sentences_per_second", "seconds")},
+                "calls_per_sentence": u.calls / len(gold),
+                "prompt_tokens_per_sentence": u.prompt_tokens / len(gold),
+                "completion_tokens_per_sentence": u.completion_tokens / len(gold),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({
-                "args": vars(args), "date": datetime.date.today().isoformat(), "rows": rows,
-                "alignments": alignments}, indent=2))
+            Path(args.out).write_text(
+                json.dumps(
+                    {
+                        "args": vars(args),
+                        "date": datetime.date.today().isoformat(),
+                        "rows": rows,
+                        "alignments": alignments,
+                    },
+                    indent=2,
+                )
+            )
     table(rows, args.variants.split(","))
 
 
@@ -94,18 +109,23 @@ def _stages(spec):
 
 def table(rows, variants):
     domains = list(dict.fromkeys(r["domain"] for r in rows))
-    print("\n| variant | " + " | ".join(domains) + " | average | sent/s | calls/sent | prompt tok/sent | gen tok/sent |")
+    print(
+        "\n| variant | " + " | ".join(domains) + " | average | sent/s | calls/sent | prompt tok/sent | gen tok/sent |"
+    )
     print("|---|" + "---|" * (len(domains) + 5))
     for v in variants:
         sel = [r for r in rows if r["variant"] == v]
         if not sel:
             continue
         f1 = {r["domain"]: r["f1"] for r in sel}
-        mean = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
-        print(f"| {v} | " + " | ".join(f"{f1.get(d, float('nan')):.1f}" for d in domains)
-              + f" | {sum(f1.values()) / len(f1):.1f} | {mean('sentences_per_second'):.2f} | "
-              f"{mean('calls_per_sentence'):.1f} | {mean('prompt_tokens_per_sentence'):.0f} | "
-              f"{mean('completion_tokens_per_sentence'):.0f} |")
+        mean = lambda key, sel=sel: sum(r[key] for r in sel) / len(sel)
+        print(
+            f"| {v} | "
+            + " | ".join(f"{f1.get(d, float('nan')):.1f}" for d in domains)
+            + f" | {sum(f1.values()) / len(f1):.1f} | {mean('sentences_per_second'):.2f} | "
+            f"{mean('calls_per_sentence'):.1f} | {mean('prompt_tokens_per_sentence'):.0f} | "
+            f"{mean('completion_tokens_per_sentence'):.0f} |"
+        )
 
 
 if __name__ == "__main__":

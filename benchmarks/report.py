@@ -12,8 +12,10 @@ import platform
 from datetime import date
 from pathlib import Path
 
-MARKERS = {"formats": ("<!-- results:start -->", "<!-- results:end -->"),
-           "crossner": ("<!-- crossner:start -->", "<!-- crossner:end -->")}
+MARKERS = {
+    "formats": ("<!-- results:start -->", "<!-- results:end -->"),
+    "crossner": ("<!-- crossner:start -->", "<!-- crossner:end -->"),
+}
 
 
 def formats_table(results) -> str:
@@ -49,12 +51,20 @@ def crossner_summary(result):
         sel = {r["domain"]: r for r in rows if r["system"] == s}
         if not sel:
             continue
-        mean = lambda key: sum(r[key] for r in sel.values()) / len(sel)  # noqa: E731
-        out.append({"system": s, "kind": next(iter(sel.values()))["kind"], "f1": {d: sel[d]["f1"] for d in sel},
-                    "average": mean("f1"), "n": next(iter(sel.values()))["n"],
-                    "seconds_per_sentence": mean("seconds_per_sentence"),
-                    "calls": mean("calls_per_sentence"), "prompt_tokens": mean("prompt_tokens_per_sentence"),
-                    "completion_tokens": mean("completion_tokens_per_sentence")})
+        mean = lambda key, sel=sel: sum(r[key] for r in sel.values()) / len(sel)
+        out.append(
+            {
+                "system": s,
+                "kind": next(iter(sel.values()))["kind"],
+                "f1": {d: sel[d]["f1"] for d in sel},
+                "average": mean("f1"),
+                "n": next(iter(sel.values()))["n"],
+                "seconds_per_sentence": mean("seconds_per_sentence"),
+                "calls": mean("calls_per_sentence"),
+                "prompt_tokens": mean("prompt_tokens_per_sentence"),
+                "completion_tokens": mean("completion_tokens_per_sentence"),
+            }
+        )
     return domains, out
 
 
@@ -74,9 +84,12 @@ def crossner_table(result) -> str:
     for s in summary:
         name = f"**{s['system']}**" if s["kind"] == "ensemble" else s["system"]
         sps = 1 / s["seconds_per_sentence"] if s["seconds_per_sentence"] else float("inf")
-        lines.append(f"| {name} | " + " | ".join(f"{s['f1'].get(d, float('nan')):.1f}" for d in domains)
-                     + f" | {s['average']:.1f} | {sps:.2f} | {s['calls']:.1f} | {s['prompt_tokens']:.0f} "
-                     f"| {s['completion_tokens']:.0f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{s['f1'].get(d, float('nan')):.1f}" for d in domains)
+            + f" | {s['average']:.1f} | {sps:.2f} | {s['calls']:.1f} | {s['prompt_tokens']:.0f} "
+            f"| {s['completion_tokens']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -107,20 +120,38 @@ def crossner_plot(result, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
     for vote, marker in ENSEMBLE_MARKERS.items():
         group = [s for s in summary if s["kind"] == "ensemble" and s["system"].split(":", 1)[1] == vote]
-        ax.scatter([s["seconds_per_sentence"] for s in group], [s["average"] for s in group], marker=marker,
-                   color="tab:orange", alpha=0.45, label=f"ensembles, {vote} vote")
+        ax.scatter(
+            [s["seconds_per_sentence"] for s in group],
+            [s["average"] for s in group],
+            marker=marker,
+            color="tab:orange",
+            alpha=0.45,
+            label=f"ensembles, {vote} vote",
+        )
     for kind, style in (("system", dict(marker="o", color="tab:blue")), ("baseline", dict(marker="x", color="k"))):
         group = [s for s in summary if s["kind"] == kind]
-        ax.scatter([s["seconds_per_sentence"] for s in group], [s["average"] for s in group], label=f"{kind}s",
-                   **style)
-    ax.step([s["seconds_per_sentence"] for s in front], [s["average"] for s in front], where="post",
-            color="tab:green", lw=1.5, label="Pareto frontier")
-    named = sorted((s for s in summary if s["kind"] != "ensemble" or s["system"] in on_front), key=lambda s: s["average"])
+        ax.scatter([s["seconds_per_sentence"] for s in group], [s["average"] for s in group], label=f"{kind}s", **style)
+    ax.step(
+        [s["seconds_per_sentence"] for s in front],
+        [s["average"] for s in front],
+        where="post",
+        color="tab:green",
+        lw=1.5,
+        label="Pareto frontier",
+    )
+    named = sorted(
+        (s for s in summary if s["kind"] != "ensemble" or s["system"] in on_front), key=lambda s: s["average"]
+    )
     for i, s in enumerate(named):
         bold = s["system"] in on_front
-        ax.annotate(s["system"], (s["seconds_per_sentence"], s["average"]), fontsize=7 if bold else 6,
-                    fontweight="bold" if bold else "normal", xytext=(4, 3 if bold or i % 2 else -10),
-                    textcoords="offset points")
+        ax.annotate(
+            s["system"],
+            (s["seconds_per_sentence"], s["average"]),
+            fontsize=7 if bold else 6,
+            fontweight="bold" if bold else "normal",
+            xytext=(4, 3 if bold or i % 2 else -10),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("seconds per sentence (log scale; 2 CPU cores)")
     ax.set_ylabel(f"average strict F1 (first {result['args']['n']} test sentences per domain)")
@@ -136,7 +167,7 @@ def write_block(readme: Path, kind: str, table: str) -> None:
     text = readme.read_text()
     block = f"{start}\n{table}\n{end}"
     if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     readme.write_text(text)

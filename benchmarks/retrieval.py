@@ -11,8 +11,9 @@ import datetime
 import json
 from pathlib import Path
 
-from common import CROSSNER_LABELS, blank, load_split, run_and_score
 from spacy_llmner.retrieval import Retriever
+
+from common import CROSSNER_LABELS, blank, load_split, run_and_score
 
 
 def main():
@@ -30,11 +31,14 @@ def main():
     encoder = None
     for domain in args.domains.split(","):
         nlp = blank()
-        ner = nlp.add_pipe("llm_lar_ner", config={
-            "labels": CROSSNER_LABELS[domain].split(),
-            "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model, "parallel": args.parallel},
-            "retriever": {"@misc": "spacy_llmner.Retriever.v1"},
-        })
+        ner = nlp.add_pipe(
+            "llm_lar_ner",
+            config={
+                "labels": CROSSNER_LABELS[domain].split(),
+                "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": args.model, "parallel": args.parallel},
+                "retriever": {"@misc": "spacy_llmner.Retriever.v1"},
+            },
+        )
         if encoder is not None:
             ner.retriever.encoder = encoder
         ner.build_pool(load_split(args.data, domain, "train", nlp))
@@ -48,15 +52,21 @@ def main():
                 ner.reset_usage()
                 res = run_and_score(nlp, gold)
                 u = ner.usage
-                row = {"domain": domain, "strategy": strategy, "k": k, "n": len(gold),
-                       **{key: res[key] for key in ("f1", "p", "r", "sentences_per_second", "seconds")},
-                       "prompt_tokens_per_sentence": u.prompt_tokens / len(gold),
-                       "completion_tokens_per_sentence": u.completion_tokens / len(gold)}
+                row = {
+                    "domain": domain,
+                    "strategy": strategy,
+                    "k": k,
+                    "n": len(gold),
+                    **{key: res[key] for key in ("f1", "p", "r", "sentences_per_second", "seconds")},
+                    "prompt_tokens_per_sentence": u.prompt_tokens / len(gold),
+                    "completion_tokens_per_sentence": u.completion_tokens / len(gold),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(
-                    {"args": vars(args), "date": datetime.date.today().isoformat(), "rows": rows}, indent=2))
+                Path(args.out).write_text(
+                    json.dumps({"args": vars(args), "date": datetime.date.today().isoformat(), "rows": rows}, indent=2)
+                )
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     print("\n| strategy | k | " + " | ".join(domains) + " | average | sent/s | prompt tok/sent |")
     print("|---|---|" + "---|" * (len(domains) + 3))
@@ -69,8 +79,11 @@ def main():
             avg = sum(f1.values()) / len(f1)
             sps = sum(r["sentences_per_second"] for r in sel) / len(sel)
             ptok = sum(r["prompt_tokens_per_sentence"] for r in sel) / len(sel)
-            print(f"| {strategy} | {k} | " + " | ".join(f"{f1.get(d, float('nan')):.1f}" for d in domains)
-                  + f" | {avg:.1f} | {sps:.2f} | {ptok:.0f} |")
+            print(
+                f"| {strategy} | {k} | "
+                + " | ".join(f"{f1.get(d, float('nan')):.1f}" for d in domains)
+                + f" | {avg:.1f} | {sps:.2f} | {ptok:.0f} |"
+            )
 
 
 if __name__ == "__main__":

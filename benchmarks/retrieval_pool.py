@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import blank
-from spacy_llmner.demonstrations import load_demonstrations
 from spacy_llmner.corpora import read_bio
+from spacy_llmner.demonstrations import load_demonstrations
 from spacy_llmner.retrieval import Pool, Retriever
+
+from common import blank
 
 
 def rss_mb() -> float:
@@ -36,15 +37,19 @@ def tile(pool: Pool, size: int) -> Pool:
         return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     piece_off, span_off = offsets(pool.piece_offsets), offsets(pool.span_offsets)
-    return Pool(
-        (pool.demonstrations * reps)[:size],
-        sentence=np.tile(pool.sentence, (reps, 1))[:size],
-        pieces=np.tile(pool.pieces, (reps, 1))[: piece_off[-1]],
-        piece_ids=np.tile(pool.piece_ids, reps)[: piece_off[-1]],
-        piece_offsets=piece_off,
-        spans=np.tile(pool.spans, (reps, 1))[: span_off[-1]],
-        span_offsets=span_off,
-    ) if size > n else pool
+    return (
+        Pool(
+            (pool.demonstrations * reps)[:size],
+            sentence=np.tile(pool.sentence, (reps, 1))[:size],
+            pieces=np.tile(pool.pieces, (reps, 1))[: piece_off[-1]],
+            piece_ids=np.tile(pool.piece_ids, reps)[: piece_off[-1]],
+            piece_offsets=piece_off,
+            spans=np.tile(pool.spans, (reps, 1))[: span_off[-1]],
+            span_offsets=span_off,
+        )
+        if size > n
+        else pool
+    )
 
 
 def main():
@@ -72,9 +77,15 @@ def main():
     t0 = time.perf_counter()
     loaded = Pool.from_disk(args.tmp)
     load_s = time.perf_counter() - t0
-    result = {"real_sentences_encoded": len(r.pool), "build_seconds": build_s,
-              "build_sentences_per_second": len(r.pool) / build_s, "pool_size": len(loaded),
-              "disk_mb": disk_mb, "load_seconds": load_s, "strategies": {}}
+    result = {
+        "real_sentences_encoded": len(r.pool),
+        "build_seconds": build_s,
+        "build_sentences_per_second": len(r.pool) / build_s,
+        "pool_size": len(loaded),
+        "disk_mb": disk_mb,
+        "load_seconds": load_s,
+        "strategies": {},
+    }
     for strategy in ("sentence", "bm25", "word", "span", "random"):
         q = Retriever(strategy, k=8)
         q.encoder, q.pool = r.encoder, loaded
@@ -89,13 +100,29 @@ def main():
         t0 = time.perf_counter()
         q.retrieve(queries)
         batch = time.perf_counter() - t0
-        result["strategies"][strategy] = {"median_ms_per_query": 1000 * statistics.median(one),
-                                          "batched_ms_per_query": 1000 * batch / len(queries)}
+        result["strategies"][strategy] = {
+            "median_ms_per_query": 1000 * statistics.median(one),
+            "batched_ms_per_query": 1000 * batch / len(queries),
+        }
         print(strategy, result["strategies"][strategy], flush=True)
     result["peak_rss_mb_build_process"] = rss_mb()
     # Memory of a pipeline that loads the saved pool and queries it, measured in a fresh process.
-    out = subprocess.run([sys.executable, __file__, "--query-only", "--data", args.data, "--tmp", args.tmp,
-                          "--queries", str(args.queries)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--query-only",
+            "--data",
+            args.data,
+            "--tmp",
+            args.tmp,
+            "--queries",
+            str(args.queries),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result["query_process"] = json.loads(out.stdout.strip().splitlines()[-1])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -21,8 +21,15 @@ def pipelines(labels, train):
     one_pass.add_pipe("llm_lar_ner", config={"labels": labels, "backend": backend, "save_io": True})
     one_pass.get_pipe("llm_lar_ner").set_demonstrations(fixed_demonstrations(train, 5))
     retrieval = spacy.blank("en")
-    retrieval.add_pipe("llm_lar_ner", config={"labels": labels, "backend": backend, "save_io": True, "retriever": {
-        "@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 3}})
+    retrieval.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": labels,
+            "backend": backend,
+            "save_io": True,
+            "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 3},
+        },
+    )
     retrieval.get_pipe("llm_lar_ner").initialize(pool=train)
     return {"one_pass": one_pass, "retrieval": retrieval}
 
@@ -40,8 +47,14 @@ def main():
     out = {}
     for name, nlp in pipelines(CROSSNER_LABELS[args.domain].split(), train).items():
         docs = nlp.pipe([nlp.make_doc(d.text) for d in test])
-        out[name] = [{"text": d.text, "io": d._.llm_ner_io["llm_lar_ner"],
-                      "spans": [(s.start_char, s.end_char, s.label_) for s in d.spans["llm_ner"]]} for d in docs]
+        out[name] = [
+            {
+                "text": d.text,
+                "io": d._.llm_ner_io["llm_lar_ner"],
+                "spans": [(s.start_char, s.end_char, s.label_) for s in d.spans["llm_ner"]],
+            }
+            for d in docs
+        ]
         print(name, sum(len(r["spans"]) for r in out[name]), "spans", flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 

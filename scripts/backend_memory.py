@@ -4,13 +4,20 @@ and a scoring call). Flat when a backend's contexts are freed with it; growing ~
     python scripts/backend_memory.py
 """
 
-import gc, resource, sys
+import gc
+
 from spacy_llmner.backends.llamacpp import LlamaCppBackend
 from spacy_llmner.ty import GenerationRequest, ScoreRequest
-def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e9
+
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e9
+
+
 for i in range(6):
     b = LlamaCppBackend()
     b.generate([GenerationRequest("The capital of France is", max_tokens=3)])
     b.score([ScoreRequest("The capital of France is", (" Paris", " Rome"))])
-    del b; gc.collect()
+    del b
+    gc.collect()
     print(f"backend {i + 1}: RSS {rss():.2f} GB", flush=True)

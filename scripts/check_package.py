@@ -43,8 +43,10 @@ def main():
     wheels = sorted(glob.glob(f"{args.packages}/**/{args.name}-*.whl", recursive=True))
     ours = sorted(glob.glob(f"{args.dist}/spacy_llmner-*.whl"))
     if not wheels or not ours:
-        sys.exit(f"no wheel found: pipeline {wheels or 'missing'} in {args.packages}, spacy-llmner {ours or 'missing'}"
-                 f" in {args.dist}")
+        sys.exit(
+            f"no wheel found: pipeline {wheels or 'missing'} in {args.packages}, spacy-llmner {ours or 'missing'}"
+            f" in {args.dist}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         venv = Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -53,15 +55,17 @@ def main():
         if args.deps != "fresh":
             pip = [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[-1], ours[-1]]
             subprocess.run(pip, check=True)
-            site = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
+            site = subprocess.run(
+                [py, "-c", "import site; print(site.getsitepackages()[0])"], check=True, capture_output=True, text=True
+            ).stdout.strip()
             # appended after the venv's own site-packages: the wheels just installed win over anything there
             Path(site, "zz_reused_deps.pth").write_text(str(Path(args.deps).resolve()) + "\n")
         else:
             links = ["--find-links", "/opt/wheels"] if os.path.isdir("/opt/wheels") else []
             subprocess.run([py, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-            subprocess.run([py, "-m", "pip", "install", "-q", *links, "--find-links", args.dist, wheels[-1]],
-                           check=True)
+            subprocess.run(
+                [py, "-m", "pip", "install", "-q", *links, "--find-links", args.dist, wheels[-1]], check=True
+            )
         installed = time.perf_counter() - t0
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         res = subprocess.run([py, "-c", PROBE, args.name], capture_output=True, text=True, cwd=tmp, env=env)
@@ -70,9 +74,14 @@ def main():
         probe = json.loads(res.stdout.strip().splitlines()[-1])
     if not probe["spacy_llmner_from"].startswith(str(venv)):
         sys.exit(f"spacy_llmner was imported from {probe['spacy_llmner_from']}, not from the installed wheel")
-    report = {"wheel": Path(wheels[-1]).name, "wheel_bytes": os.path.getsize(wheels[-1]),
-              "spacy_llmner_wheel_bytes": os.path.getsize(ours[-1]), "install_seconds": installed,
-              "dependencies": "installed from the index" if args.deps == "fresh" else "reused", **probe}
+    report = {
+        "wheel": Path(wheels[-1]).name,
+        "wheel_bytes": os.path.getsize(wheels[-1]),
+        "spacy_llmner_wheel_bytes": os.path.getsize(ours[-1]),
+        "install_seconds": installed,
+        "dependencies": "installed from the index" if args.deps == "fresh" else "reused",
+        **probe,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

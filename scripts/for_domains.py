@@ -14,7 +14,7 @@ def main(argv):
     if "--" not in argv:
         sys.exit("usage: for_domains.py DOMAINS [--creates PATH] -- COMMAND ...")
     split = argv.index("--")
-    head, command = argv[:split], argv[split + 1:]
+    head, command = argv[:split], argv[split + 1 :]
     domains = head[0].split(",")
     creates = head[head.index("--creates") + 1] if "--creates" in head else None
     for domain in domains:

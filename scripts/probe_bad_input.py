@@ -73,11 +73,13 @@ def run(case):
 def syntax_case(fmt, text, mark, label="organisation"):
     """A faithful model marks ``mark`` (a run of whole tokens, as the grammar allows); strict alignment, so a
     mention read wrongly shows as a wrong or missing span rather than being widened to its token."""
+
     def case():
         nlp, _ = pipeline(fmt=fmt, answer=faithful(fmt, text, mark, label), alignment_mode="strict")
         doc = nlp(text)
         u = doc._.llm_ner_usage["llm_lar_ner"]
         return ents(doc), {k: u[k] for k in ("hallucinated", "malformed", "unknown_labels") if u[k]}
+
     return case
 
 
@@ -113,6 +115,7 @@ def cache_case(content: bytes):
         out = ents(nlp("Paris is big."))
         shutil.rmtree(d)
         return out
+
     return case
 
 
@@ -139,15 +142,26 @@ def http_case(body: bytes, grammar_field=None):
         httpd, url = server(body)
         try:
             nlp = spacy.blank("en")
-            nlp.add_pipe("llm_lar_ner", config={"labels": ["location"], "backend": {
-                "@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_retries": 1, "backoff": 0.01,
-                "grammar_field": grammar_field}})
+            nlp.add_pipe(
+                "llm_lar_ner",
+                config={
+                    "labels": ["location"],
+                    "backend": {
+                        "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                        "base_url": url,
+                        "max_retries": 1,
+                        "backoff": 0.01,
+                        "grammar_field": grammar_field,
+                    },
+                },
+            )
             ner = nlp.get_pipe("llm_lar_ner")
             ner.set_demonstrations([{"text": "Oslo.", "spans": [{"start": 0, "end": 4, "label": "location"}]}])
             doc = nlp("Paris is big.")
             return ents(doc), ner.usage.to_dict().get("grammar_ignored", "n/a")
         finally:
             httpd.shutdown()
+
     return case
 
 
@@ -156,22 +170,34 @@ CASES = [
     ("whitespace only", lambda: ents(pipeline()[0]("  \n\t "))),
     ("emoji and CJK", lambda: ents(pipeline(answer=lambda q: "東京 | location")[0]("🙂 東京 に行く"))),
     ("a 1,000-token doc", lambda: len(pipeline()[0](" ".join(["word"] * 1000)))),
-    ("bracket: input holds [Acme|organisation]", syntax_case("bracket", "The [Acme|organisation] deal",
-                                                             "Acme|organisation")),
-    ("xml: input holds <person>Bob</person>", syntax_case("xml", "Say <person>Bob</person> now", "Bob</person",
-                                                          "person")),
+    (
+        "bracket: input holds [Acme|organisation]",
+        syntax_case("bracket", "The [Acme|organisation] deal", "Acme|organisation"),
+    ),
+    (
+        "xml: input holds <person>Bob</person>",
+        syntax_case("xml", "Say <person>Bob</person> now", "Bob</person", "person"),
+    ),
     ("json: input holds JSON", syntax_case("json", 'He wrote {"text": "x", "label": "loc"} here', "x")),
     ("lines: mention starts with '- '", syntax_case("lines", "- Paris is far", "- Paris")),
     ("lines: input holds ' | '", syntax_case("lines", "Acme | Corp sued", "Acme | Corp")),
     ("newlines and tabs in text", syntax_case("bracket", "Acme\nCorp\tsued", "Acme")),
-    ("labels with spaces / punctuation", lambda: ents(pipeline(labels=["political party", "B/W"],
-                                                               answer=lambda q: "Labour | political_party")[0]("Labour won."))),
+    (
+        "labels with spaces / punctuation",
+        lambda: ents(
+            pipeline(labels=["political party", "B/W"], answer=lambda q: "Labour | political_party")[0]("Labour won.")
+        ),
+    ),
     ("labels that collide in prompts", lambda: pipeline(labels=["B/W", "B W"])),
     ("no labels", lambda: pipeline(labels=[])[0]("x")),
     ("on_error = 'ignore'", lambda: pipeline(on_error="ignore")),
     ("demonstrations file that does not exist", lambda: pipeline()[1].set_demonstrations("/nonexistent.jsonl")),
-    ("demonstration span outside its text", lambda: pipeline()[1].set_demonstrations(
-        [{"text": "ab", "spans": [{"start": 0, "end": 9, "label": "person"}]}])),
+    (
+        "demonstration span outside its text",
+        lambda: pipeline()[1].set_demonstrations(
+            [{"text": "ab", "spans": [{"start": 0, "end": 9, "label": "person"}]}]
+        ),
+    ),
     ("saved pipeline missing demonstrations.jsonl", missing_demos),
     ("saved pipeline with no demonstrations, zero_shot unset", empty_demos_saved),
     ("retriever without a pool", lambda: pipeline(retriever={"@misc": "spacy_llmner.Retriever.v1"})[0]("x")),
@@ -179,8 +205,12 @@ CASES = [
     ("cache file truncated to its header", cache_case(b"SQLite format 3\x00" + b"\x10\x00" + b"\x00" * 80)),
     ("server answers 200 with a cut body", http_case(b'{"choices": [{"te')),
     ("server answers 200 with HTML", http_case(b"<html>busy</html>")),
-    ("server ignores the grammar field", http_case(json.dumps({"choices": [{"text": "Sure, Paris is a city."}]}).encode(),
-                                                   grammar_field="guided_grammar")),
+    (
+        "server ignores the grammar field",
+        http_case(
+            json.dumps({"choices": [{"text": "Sure, Paris is a city."}]}).encode(), grammar_field="guided_grammar"
+        ),
+    ),
 ]
 
 
@@ -191,8 +221,10 @@ def main():
     for name, case in CASES:
         status, out, warned = run(case)
         if md:
-            print(f"| {name} | {status.replace('|', '/')} | {str(out).replace('|', '/')[:80]} | "
-                  f"{'; '.join(warned).replace('|', '/')[:160]} |")
+            print(
+                f"| {name} | {status.replace('|', '/')} | {str(out).replace('|', '/')[:80]} | "
+                f"{'; '.join(warned).replace('|', '/')[:160]} |"
+            )
         else:
             print(f"- {name}: {status} -> {out!r}" + (f"  [warning: {'; '.join(warned)}]" if warned else ""))
 

@@ -3,7 +3,7 @@
 and a chunk knows the text the prompt shows for it (offsets into that text are offsets into the chunk)."""
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from spacy.tokens import Doc, Span
 
@@ -55,3 +55,22 @@ def split(docs: Sequence[Doc], max_tokens: int) -> List[Chunk]:
             if span.text.strip():
                 out.append(Chunk(i, span, display(span.text).rstrip()))
     return out
+
+
+def doc_spans(
+    doc: Doc, chunks: Sequence[Chunk], candidates: Sequence[Dict], doc_index: int, alignment_mode: str
+) -> List[Tuple[Span, object]]:
+    """The labelled candidates of doc ``doc_index``'s chunks (``candidates[j]``: chunk j's, by key) as doc spans
+    snapped to tokens by ``alignment_mode``, each with the candidate it came from; the last of equal spans wins."""
+    found = {}
+    for chunk, cands in zip(chunks, candidates):
+        if chunk.doc_index != doc_index:
+            continue
+        for c in cands.values():
+            if c.label is None:
+                continue
+            start, end = chunk.char_range(c.start, c.end)
+            span = doc.char_span(start, end, label=c.label, alignment_mode=alignment_mode)
+            if span is not None and len(span):
+                found[(span.start, span.end, span.label_)] = (span, c)
+    return list(found.values())

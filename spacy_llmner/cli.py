@@ -97,8 +97,9 @@ def alignment(
 
 @app.command()
 def convert(
-    input_path: Path = typer.Argument(..., help="CrossNER / CoNLL BIO file (.txt, .bio, eng.*) or jsonl with "
-                                                "character spans (GENIA)"),
+    input_path: Path = typer.Argument(
+        ..., help="CrossNER / CoNLL BIO file (.txt, .bio, eng.*) or jsonl with character spans (GENIA)"
+    ),
     output_path: Path = typer.Argument(..., help="The .spacy DocBin to write"),
     limit: int = typer.Option(0, help="Only the first N sentences (0: all)"),
     spans_key: str = typer.Option("sc", help="jsonl: doc.spans key for all (nested) entities"),
@@ -121,15 +122,20 @@ def convert(
     output_path.parent.mkdir(parents=True, exist_ok=True)
     DocBin(docs=docs, store_user_data=False).to_disk(output_path)
     nested = sum(len(d.spans.get(spans_key, [])) - len(d.ents) for d in docs)
-    typer.echo(f"{input_path} → {output_path}: {len(docs)} docs, {sum(len(d.ents) for d in docs)} entities"
-               + (f" (+{nested} nested in doc.spans[{spans_key!r}])" if nested else ""))
+    typer.echo(
+        f"{input_path} → {output_path}: {len(docs)} docs, {sum(len(d.ents) for d in docs)} entities"
+        + (f" (+{nested} nested in doc.spans[{spans_key!r}])" if nested else "")
+    )
 
 
 @app.command("pre-annotate")
 def pre_annotate(
     pipeline: str = typer.Argument(..., help="A pipeline folder or installed package (e.g. an assembled ensemble)"),
-    input_path: Path = typer.Argument(..., help=".spacy DocBin (its gold labels are ignored), .jsonl with 'text', "
-                                                "or a text file with one document per line"),
+    input_path: Path = typer.Argument(
+        ...,
+        help=".spacy DocBin (its gold labels are ignored), .jsonl with 'text', "
+        "or a text file with one document per line",
+    ),
     output_path: Path = typer.Argument(..., help="The .spacy DocBin of annotated docs to write"),
     limit: int = typer.Option(0, help="Only the first N documents (0: all)"),
 ):
@@ -162,22 +168,26 @@ def pre_annotate(
     out.to_disk(output_path)
     partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    typer.echo(f"{len(texts)} docs annotated by {pipeline} in {seconds:.1f}s "
-               f"({len(texts) / seconds if seconds else 0:.2f} docs/s) → {output_path}")
+    typer.echo(
+        f"{len(texts)} docs annotated by {pipeline} in {seconds:.1f}s "
+        f"({len(texts) / seconds if seconds else 0:.2f} docs/s) → {output_path}"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def finetune(
     ctx: typer.Context,
-    config_path: Optional[Path] = typer.Argument(None, help="Tuning config (configs/finetune_cpu.cfg); its "
-                                                            "sections override the defaults"),
+    config_path: Optional[Path] = typer.Argument(
+        None, help="Tuning config (configs/finetune_cpu.cfg); its sections override the defaults"
+    ),
     output: Path = typer.Argument(Path("training/finetuned"), help="Folder for model.gguf, adapter/, tuning.json"),
 ):
     """LoRA instruction tuning of the small local LLM on the component's own prompts, exported to GGUF for the
     llama.cpp backend. Overrides as in spaCy: --training.max_minutes 5 --data.examples_per_source 20."""
     from weasel.util import parse_config_overrides
 
-    from .finetune import finetune as run, load_settings
+    from .finetune import finetune as run
+    from .finetune import load_settings
 
     if config_path is not None and not config_path.exists():
         raise typer.BadParameter(f"config file not found: {config_path}")

@@ -18,16 +18,27 @@ from spacy.tokens import Doc, Span
 from spacy.training import Example
 from spacy.util import filter_spans, minibatch
 
-from . import backends  # noqa: F401  (registers the backends; creates llm_models)
-from .chunking import Chunk, chunk_ranges, split
+from . import (
+    backends,  # noqa: F401  (registers the backends; creates llm_models)
+    saving,
+)
+from .chunking import Chunk, chunk_ranges, doc_spans, split
 from .demonstrations import Demonstrations, Source, load_demonstrations
 from .formats import answer_spans
 from .labels import LabelSet
-from . import saving
 from .labels.alignment import LabelAlignment
 from .lar import Candidate, LARStages, SpanMemory
-from .lar.stages import Typing, align_by_embeddings, learn_alignment, pin, source_candidates, type_candidates
-from .lar.stages import place_spans, verification_scores, verify
+from .lar.stages import (
+    Typing,
+    align_by_embeddings,
+    learn_alignment,
+    pin,
+    place_spans,
+    source_candidates,
+    type_candidates,
+    verification_scores,
+    verify,
+)
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
 from .retrieval import Retriever
 from .session import Run
@@ -42,23 +53,55 @@ if not Doc.has_extension("llm_ner_io"):
 
 __all__ = ["LLMNER", "load_demonstrations", "make_llm_lar_ner"]
 DEFAULT_CONFIG = {
-    "labels": [], "label_definitions": {}, "label_synonyms": {}, "format": {"@misc": "spacy_llmner.LinesFormat.v1"},
-    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"}, "demonstrations": None,
-    "zero_shot": False, "retriever": None, "max_demo_tokens": None, "instructions": DEFAULT_INSTRUCTIONS,
-    "constrained": True, "spans_key": "llm_ner", "alignment_mode": "expand", "max_chunk_tokens": 200,
-    "max_new_tokens": 256, "cache_path": None, "save_io": False, "on_error": "raise", "show_progress": False,
-    "scorer": {"@scorers": "spacy.ner_scorer.v1"}, "lar": None,
+    "labels": [],
+    "label_definitions": {},
+    "label_synonyms": {},
+    "format": {"@misc": "spacy_llmner.LinesFormat.v1"},
+    "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "gemma3-270m"},
+    "demonstrations": None,
+    "zero_shot": False,
+    "retriever": None,
+    "max_demo_tokens": None,
+    "instructions": DEFAULT_INSTRUCTIONS,
+    "constrained": True,
+    "spans_key": "llm_ner",
+    "alignment_mode": "expand",
+    "max_chunk_tokens": 200,
+    "max_new_tokens": 256,
+    "cache_path": None,
+    "save_io": False,
+    "on_error": "raise",
+    "show_progress": False,
+    "scorer": {"@scorers": "spacy.ner_scorer.v1"},
+    "lar": None,
 }
 
 
 @Language.factory("llm_lar_ner", default_config=DEFAULT_CONFIG)
 def make_llm_lar_ner(
-    nlp: Language, name: str, labels: List[str], label_definitions: Dict[str, str], label_synonyms: Dict[str, str],
-    format: OutputFormat, backend: Backend, demonstrations: Optional[str], zero_shot: bool,
-    retriever: Optional[Retriever], max_demo_tokens: Optional[int], instructions: str, constrained: bool,
-    spans_key: str, alignment_mode: Literal["strict", "contract", "expand"], max_chunk_tokens: int,
-    max_new_tokens: int, cache_path: Optional[str], save_io: bool, on_error: Literal["raise", "skip"],
-    show_progress: bool, scorer: Optional[Callable], lar: Optional[LARStages],
+    nlp: Language,
+    name: str,
+    labels: List[str],
+    label_definitions: Dict[str, str],
+    label_synonyms: Dict[str, str],
+    format: OutputFormat,
+    backend: Backend,
+    demonstrations: Optional[str],
+    zero_shot: bool,
+    retriever: Optional[Retriever],
+    max_demo_tokens: Optional[int],
+    instructions: str,
+    constrained: bool,
+    spans_key: str,
+    alignment_mode: Literal["strict", "contract", "expand"],
+    max_chunk_tokens: int,
+    max_new_tokens: int,
+    cache_path: Optional[str],
+    save_io: bool,
+    on_error: Literal["raise", "skip"],
+    show_progress: bool,
+    scorer: Optional[Callable],
+    lar: Optional[LARStages],
 ) -> "LLMNER":
     """LLM named-entity recognition: one pass (prompt → constrained answer → spans) or the LAR stages.
 
@@ -90,28 +133,71 @@ def make_llm_lar_ner(
     lar (Optional[LARStages]): the LAR / EL4NER stages (``spacy_llmner.LAR.v1``); null: one pass.
     """
     # registered objects are not checked against protocols by config validation: the same error, raised here
-    wrong = [(field, kind) for field, value, kind in (("backend", backend, Backend), ("format", format, OutputFormat))
-             if not isinstance(value, kind)]
+    wrong = [
+        (field, kind)
+        for field, value, kind in (("backend", backend, Backend), ("format", format, OutputFormat))
+        if not isinstance(value, kind)
+    ]
     if wrong:
-        raise ConfigValidationError(title=f"Config validation error: [components.{name}]", show_config=False, errors=[
-            {"loc": [field], "msg": f"not a {kind.__name__}: lacks a member of spacy_llmner.ty.{kind.__name__}"}
-            for field, kind in wrong])
-    return LLMNER(nlp.vocab, name, labels=LabelSet(labels, label_definitions, label_synonyms), fmt=format,
-                  backend=backend, demonstrations=demonstrations, zero_shot=zero_shot, retriever=retriever,
-                  max_demo_tokens=max_demo_tokens, instructions=instructions, constrained=constrained,
-                  spans_key=spans_key, alignment_mode=alignment_mode, max_chunk_tokens=max_chunk_tokens,
-                  max_new_tokens=max_new_tokens, cache_path=cache_path, save_io=save_io, on_error=on_error,
-                  show_progress=show_progress, scorer=scorer, lar=lar)
+        raise ConfigValidationError(
+            title=f"Config validation error: [components.{name}]",
+            show_config=False,
+            errors=[
+                {"loc": [field], "msg": f"not a {kind.__name__}: lacks a member of spacy_llmner.ty.{kind.__name__}"}
+                for field, kind in wrong
+            ],
+        )
+    return LLMNER(
+        nlp.vocab,
+        name,
+        labels=LabelSet(labels, label_definitions, label_synonyms),
+        fmt=format,
+        backend=backend,
+        demonstrations=demonstrations,
+        zero_shot=zero_shot,
+        retriever=retriever,
+        max_demo_tokens=max_demo_tokens,
+        instructions=instructions,
+        constrained=constrained,
+        spans_key=spans_key,
+        alignment_mode=alignment_mode,
+        max_chunk_tokens=max_chunk_tokens,
+        max_new_tokens=max_new_tokens,
+        cache_path=cache_path,
+        save_io=save_io,
+        on_error=on_error,
+        show_progress=show_progress,
+        scorer=scorer,
+        lar=lar,
+    )
 
 
 class LLMNER(Pipe):
-    def __init__(self, vocab, name: str = "llm_lar_ner", *, labels: LabelSet, fmt: OutputFormat, backend: Backend,
-                 demonstrations: Optional[str] = None, zero_shot: bool = False, retriever: Optional[Retriever] = None,
-                 max_demo_tokens: Optional[int] = None, instructions: str = DEFAULT_INSTRUCTIONS,
-                 constrained: bool = True, spans_key: str = "llm_ner", alignment_mode: str = "expand",
-                 max_chunk_tokens: int = 200, max_new_tokens: int = 256, cache_path: Optional[str] = None,
-                 save_io: bool = False, on_error: str = "raise", show_progress: bool = False,
-                 scorer: Optional[Callable] = None, lar: Optional[LARStages] = None):
+    def __init__(
+        self,
+        vocab,
+        name: str = "llm_lar_ner",
+        *,
+        labels: LabelSet,
+        fmt: OutputFormat,
+        backend: Backend,
+        demonstrations: Optional[str] = None,
+        zero_shot: bool = False,
+        retriever: Optional[Retriever] = None,
+        max_demo_tokens: Optional[int] = None,
+        instructions: str = DEFAULT_INSTRUCTIONS,
+        constrained: bool = True,
+        spans_key: str = "llm_ner",
+        alignment_mode: str = "expand",
+        max_chunk_tokens: int = 200,
+        max_new_tokens: int = 256,
+        cache_path: Optional[str] = None,
+        save_io: bool = False,
+        on_error: str = "raise",
+        show_progress: bool = False,
+        scorer: Optional[Callable] = None,
+        lar: Optional[LARStages] = None,
+    ):
         if max_chunk_tokens < 1:
             raise ValueError(f"{name}: max_chunk_tokens must be positive")
         self.vocab, self.name = vocab, name
@@ -141,8 +227,10 @@ class LLMNER(Pipe):
     @backend.setter
     def backend(self, backend: Backend) -> None:
         if not isinstance(backend, Backend):
-            raise TypeError(f"{self.name}: {type(backend).__name__} is not a backend (it lacks a member of the Backend "
-                            "protocol); subclass spacy_llmner.backends.base.BackendBase")
+            raise TypeError(
+                f"{self.name}: {type(backend).__name__} is not a backend (it lacks a member of the Backend "
+                "protocol); subclass spacy_llmner.backends.base.BackendBase"
+            )
         self._backend = backend
 
     @property
@@ -186,8 +274,9 @@ class LLMNER(Pipe):
         """The demonstrations each query sees, in prompt order, within ``max_demo_tokens`` if set."""
         return self.demos.for_texts(texts, lambda d: self.backend.count_tokens(self.prompts.render_demonstration(d)))
 
-    def initialize(self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None,
-                   alignment_corpus=None) -> None:
+    def initialize(
+        self, get_examples=None, *, nlp=None, demonstrations=None, labels=None, pool=None, alignment_corpus=None
+    ) -> None:
         """Labels from ``labels`` or, when none are configured, from the gold entities of ``get_examples``;
         demonstrations from a path or a list; with a retriever, its pool from ``pool`` (path or list) or else
         the gold docs of ``get_examples`` (the training corpus under ``spacy train`` / ``spacy assemble``).
@@ -233,8 +322,15 @@ class LLMNER(Pipe):
         return self._own_encoder
 
     def _typing(self) -> Typing:
-        return Typing(self.name, self.lar, self.label_set, self.prompts.for_typing(), self.alignment,
-                      self.span_memory, self.encoder)
+        return Typing(
+            self.name,
+            self.lar,
+            self.label_set,
+            self.prompts.for_typing(),
+            self.alignment,
+            self.span_memory,
+            self.encoder,
+        )
 
     def uses(self, proposer: str) -> bool:
         return self.lar is not None and proposer in self.lar.proposers
@@ -247,13 +343,18 @@ class LLMNER(Pipe):
         if not self.label_set.labels:
             raise ValueError(f"{self.name}: no labels configured; set 'labels' in the config or initialize()")
         if self.retriever is not None and self.retriever.pool is None:
-            raise ValueError(f"{self.name}: a retriever is configured but has no pool; call initialize(pool=...) or "
-                             "nlp.initialize() with training examples (or build_pool(...)) first")
+            raise ValueError(
+                f"{self.name}: a retriever is configured but has no pool; call initialize(pool=...) or "
+                "nlp.initialize() with training examples (or build_pool(...)) first"
+            )
         if self.retriever is None and not self.zero_shot and not self.demonstrations and not self._warned_no_demos:
             self._warned_no_demos = True
-            warnings.warn(f"{self.name}: no demonstrations: a small model answers poorly without them. Give some "
-                          "(set_demonstrations, initialize(demonstrations=...), a retriever) or declare "
-                          "zero_shot = true.", stacklevel=2)
+            warnings.warn(
+                f"{self.name}: no demonstrations: a small model answers poorly without them. Give some "
+                "(set_demonstrations, initialize(demonstrations=...), a retriever) or declare "
+                "zero_shot = true.",
+                stacklevel=2,
+            )
         if self.show_progress:
             from tqdm import tqdm
 
@@ -268,19 +369,29 @@ class LLMNER(Pipe):
     def chunks(self, doc: Doc) -> List[Tuple[int, int]]:
         return chunk_ranges(doc, self.max_chunk_tokens)
 
-    def request(self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None,
-                extract: bool = False) -> GenerationRequest:
+    def request(
+        self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None, extract: bool = False
+    ) -> GenerationRequest:
         """The one-pass request for a chunk; ``extract``: the same with every type shown as ``entity`` (spans only)."""
         shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
         offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
         demos = self.demonstrations_for([shown])[0] if demonstrations is None else demonstrations
         prompts = self.prompts.for_extraction() if extract else self.prompts
-        return prompts.request(shown, offsets, demos, n_tokens=len(chunk), max_new_tokens=self.max_new_tokens,
-                               constrained=self.constrained)
+        return prompts.request(
+            shown, offsets, demos, n_tokens=len(chunk), max_new_tokens=self.max_new_tokens, constrained=self.constrained
+        )
 
     def _run(self, docs: Sequence[Doc]) -> Run:
-        return Run(self.name, self.backend, len(docs), on_error=self.on_error, component=self, docs=docs,
-                   error_handler=self.get_error_handler(), save_io=self.save_io)
+        return Run(
+            self.name,
+            self.backend,
+            len(docs),
+            on_error=self.on_error,
+            component=self,
+            docs=docs,
+            error_handler=self.get_error_handler(),
+            save_io=self.save_io,
+        )
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
         source = [self.lar.source_spans(doc) for doc in docs] if self.uses("source") else None  # before we write
@@ -300,13 +411,14 @@ class LLMNER(Pipe):
             if self.lar.verify:
                 verify(self.lar, self.label_set.prompt_names, chunks, demos, candidates, run)
         for i, doc in enumerate(docs):
-            self._annotate(doc, [(c, cands) for c, cands in zip(chunks, candidates) if c.doc_index == i])
-            doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: run.usage[i].to_dict()}
-            if run.error is not None:
-                doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {run.error}")
-            if self.save_io:
-                doc._.llm_ner_io = {**(doc._.llm_ner_io or {}), self.name: run.io[i]}
-            self.usage.add(run.usage[i])
+            found = doc_spans(doc, chunks, candidates, i, self.alignment_mode)
+            self.set_annotations(doc, [span for span, _ in found])
+            if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
+                measured = {(s.start, s.end, s.label_): c for s, c in found}
+                group = doc.spans[self.spans_key]
+                group.attrs["typing_margin"] = [measured[(s.start, s.end, s.label_)].score for s in group]
+                group.attrs["p_yes"] = [measured[(s.start, s.end, s.label_)].p_yes for s in group]
+            self.usage.add(run.report(doc, i))
         return docs
 
     def _propose(self, chunks: List[Chunk], demos, candidates, run: Run, extract: bool) -> None:
@@ -317,31 +429,14 @@ class LLMNER(Pipe):
                 for start, end, label in answer_spans(self.format, text, chunk.shown, self.label_set, usage, extract):
                     found.setdefault((start, end), Candidate(start, end, label=label))
 
-    def _annotate(self, doc: Doc, chunks: List[Tuple[Chunk, Dict[Tuple, Candidate]]]) -> None:
-        spans, measured = [], {}
-        for chunk, cands in chunks:
-            for c in cands.values():
-                if c.label is None:
-                    continue
-                start, end = chunk.char_range(c.start, c.end)
-                span = doc.char_span(start, end, label=c.label, alignment_mode=self.alignment_mode)
-                if span is not None and len(span):
-                    spans.append(span)
-                    measured[(span.start, span.end, span.label_)] = (c.score, c.p_yes)
-        self.set_annotations(doc, spans)
-        if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
-            group = doc.spans[self.spans_key]
-            got = [measured.get((s.start, s.end, s.label_), (None, None)) for s in group]
-            group.attrs["typing_margin"] = [m for m, _ in got]
-            group.attrs["p_yes"] = [p for _, p in got]
-
     def set_annotations(self, doc: Doc, spans: List[Span]) -> None:
         unique = sorted({(s.start, s.end, s.label_): s for s in spans}.values(), key=lambda s: (s.start, -s.end))
         doc.spans[self.spans_key] = unique
         doc.ents = filter_spans(unique)
 
-    def validate(self, docs: Sequence[Doc], spans: Sequence[Sequence[Span]]
-                 ) -> Tuple[List[List[Optional[float]]], List[Usage]]:
+    def validate(
+        self, docs: Sequence[Doc], spans: Sequence[Sequence[Span]]
+    ) -> Tuple[List[List[Optional[float]]], List[Usage]]:
         """Self-validation for callers such as the ensemble: the calibrated P(yes) of each given (labelled) span,
         asked with this component's verification prompt, backend and demonstrations, and what it cost per doc.
         None where the backend failed (``on_error="skip"``) or the span crosses a chunk boundary."""

@@ -132,7 +132,12 @@ def nested_scorer(spans_key: str = "sc"):
     from spacy.scorer import Scorer
 
     def score(examples, **kwargs):
-        return Scorer.score_spans(examples, f"spans_{spans_key}", getter=lambda doc, attr: doc.spans.get(spans_key, []),
-                                  has_annotation=lambda doc: spans_key in doc.spans, allow_overlap=True)
+        return Scorer.score_spans(
+            examples,
+            f"spans_{spans_key}",
+            getter=lambda doc, attr: doc.spans.get(spans_key, []),
+            has_annotation=lambda doc: spans_key in doc.spans,
+            allow_overlap=True,
+        )
 
     return score

@@ -44,8 +44,14 @@ class Demonstrations:
     """What a component shows before each query: per-query demonstrations from ``retriever`` once its pool is
     built, else the static list; with ``max_tokens`` the least similar are dropped whole, never truncated."""
 
-    def __init__(self, source: Optional[str], retriever: Optional[Retriever], max_tokens: Optional[int],
-                 vocab, spans_key: Optional[str]):
+    def __init__(
+        self,
+        source: Optional[str],
+        retriever: Optional[Retriever],
+        max_tokens: Optional[int],
+        vocab,
+        spans_key: Optional[str],
+    ):
         self.source = source
         self.retriever = retriever
         self.max_tokens = max_tokens

@@ -69,8 +69,16 @@ class PromptBuilder:
         demos = "".join(self.render_demonstration(d) for d in demonstrations)
         return f"{self.header()}{demos}Sentence: {display(text).rstrip()}\n{self.format.cue}"
 
-    def request(self, shown: str, token_offsets: Sequence[Tuple[int, int]], demonstrations: Sequence[Demonstration],
-                *, n_tokens: int, max_new_tokens: int, constrained: bool) -> GenerationRequest:
+    def request(
+        self,
+        shown: str,
+        token_offsets: Sequence[Tuple[int, int]],
+        demonstrations: Sequence[Demonstration],
+        *,
+        n_tokens: int,
+        max_new_tokens: int,
+        constrained: bool,
+    ) -> GenerationRequest:
         """The one-pass request for ``shown`` (a chunk's text of ``n_tokens`` tokens; ``token_offsets``: its
         non-space tokens), with the format's grammar over those tokens when ``constrained``."""
         grammar = self.format.grammar(shown, token_offsets, self.labels.names()) if constrained else None
@@ -81,8 +89,9 @@ class PromptBuilder:
 
     def for_extraction(self) -> "PromptBuilder":
         """The same prompt with every type shown as ``entity``: EL4NER's span extraction."""
-        aliases = {a: "entity" for label in self.labels for a in (label, self.labels.prompt_names[label])
-                   if a != "entity"}
+        aliases = {
+            a: "entity" for label in self.labels for a in (label, self.labels.prompt_names[label]) if a != "entity"
+        }
         return PromptBuilder(LabelSet(["entity"], synonyms=aliases), self.format, EXTRACT_INSTRUCTIONS)
 
     def for_typing(self) -> "PromptBuilder":

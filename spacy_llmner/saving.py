@@ -16,8 +16,10 @@ from .retrieval import Pool
 from .retrieval.pool import ARRAYS
 
 FILES = "files.json"
-STORED = {"span_memory": ["span_memory.npy", "span_memory.json"],  # the files a serializer key writes
-          "pool": ["pool/demonstrations.jsonl"] + [f"pool/{name}.npy" for name in ARRAYS]}
+STORED = {
+    "span_memory": ["span_memory.npy", "span_memory.json"],  # the files a serializer key writes
+    "pool": ["pool/demonstrations.jsonl"] + [f"pool/{name}.npy" for name in ARRAYS],
+}
 
 
 def _parts(ner) -> Dict[str, object]:
@@ -36,8 +38,11 @@ def _set(ner, attr: str, load: Callable) -> Callable:
 
 
 def byte_writers(ner) -> Dict[str, Callable[[], bytes]]:
-    return {"labels": lambda: srsly.msgpack_dumps(list(ner.labels)), "demonstrations": ner.demos.to_bytes,
-            **{key: part.to_bytes for key, part in _parts(ner).items()}}
+    return {
+        "labels": lambda: srsly.msgpack_dumps(list(ner.labels)),
+        "demonstrations": ner.demos.to_bytes,
+        **{key: part.to_bytes for key, part in _parts(ner).items()},
+    }
 
 
 def byte_readers(ner) -> Dict[str, Callable[[bytes], None]]:
@@ -45,16 +50,22 @@ def byte_readers(ner) -> Dict[str, Callable[[bytes], None]]:
         if ner.retriever is not None:
             ner.retriever.use_pool(Pool.from_bytes(data))
 
-    return {"labels": lambda data: _load_labels(ner, srsly.msgpack_loads(data)),
-            "demonstrations": ner.demos.from_bytes, "alignment": _set(ner, "alignment", LabelAlignment.from_bytes),
-            "span_memory": _set(ner, "span_memory", SpanMemory.from_bytes), "pool": pool}
+    return {
+        "labels": lambda data: _load_labels(ner, srsly.msgpack_loads(data)),
+        "demonstrations": ner.demos.from_bytes,
+        "alignment": _set(ner, "alignment", LabelAlignment.from_bytes),
+        "span_memory": _set(ner, "span_memory", SpanMemory.from_bytes),
+        "pool": pool,
+    }
 
 
 def disk_writers(ner, exclude) -> Dict[str, Callable[[Path], None]]:
     names = {"alignment": "alignment.json", "span_memory": "span_memory", "pool": "pool"}
-    writers = {"labels.json": lambda path: srsly.write_json(path, list(ner.labels)),
-               "demonstrations.jsonl": ner.demos.to_disk,
-               **{names[key]: part.to_disk for key, part in _parts(ner).items()}}
+    writers = {
+        "labels.json": lambda path: srsly.write_json(path, list(ner.labels)),
+        "demonstrations.jsonl": ner.demos.to_disk,
+        **{names[key]: part.to_disk for key, part in _parts(ner).items()},
+    }
     written = [name for key in writers if key.split(".")[0] not in exclude for name in STORED.get(key, [key])]
     writers[FILES] = lambda path: srsly.write_json(path, written)
     return writers
@@ -64,11 +75,13 @@ def disk_readers(ner) -> Dict[str, Callable[[Path], None]]:
     def optional(load):  # pieces a component saves only when it has them
         return lambda path: load(path) if path.exists() or path.with_suffix(".npy").exists() else None
 
-    return {"labels.json": optional(lambda path: _load_labels(ner, srsly.read_json(path))),
-            "demonstrations.jsonl": ner.demos.from_disk,
-            "alignment.json": optional(_set(ner, "alignment", LabelAlignment.from_disk)),
-            "span_memory": optional(_set(ner, "span_memory", SpanMemory.from_disk)),
-            "pool": lambda path: ner.retriever.from_disk(path) if ner.retriever is not None else None}
+    return {
+        "labels.json": optional(lambda path: _load_labels(ner, srsly.read_json(path))),
+        "demonstrations.jsonl": ner.demos.from_disk,
+        "alignment.json": optional(_set(ner, "alignment", LabelAlignment.from_disk)),
+        "span_memory": optional(_set(ner, "span_memory", SpanMemory.from_disk)),
+        "pool": lambda path: ner.retriever.from_disk(path) if ner.retriever is not None else None,
+    }
 
 
 def required_files(path: Path) -> List[str]:
@@ -79,8 +92,11 @@ def required_files(path: Path) -> List[str]:
 
 
 def check_files(name: str, path: Path, exclude) -> None:
-    missing = [file for file in required_files(path)
-               if not (path / file).exists() and file.split("/")[0].split(".")[0] not in exclude]
+    missing = [
+        file
+        for file in required_files(path)
+        if not (path / file).exists() and file.split("/")[0].split(".")[0] not in exclude
+    ]
     if missing:
         raise ValueError(
             f"{name}: the saved component at {path} is missing {', '.join(missing)}; the pipeline was not loaded "

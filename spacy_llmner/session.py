@@ -18,8 +18,18 @@ ErrorHandler = Callable[[str, object, list, Exception], None]
 
 
 class Run:
-    def __init__(self, name: str, backend: Backend, n_docs: int, *, on_error: str, error_handler: ErrorHandler,
-                 component=None, docs: Sequence = (), save_io: bool = False):
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        n_docs: int,
+        *,
+        on_error: str,
+        error_handler: ErrorHandler,
+        component=None,
+        docs: Sequence = (),
+        save_io: bool = False,
+    ):
         self.name = name
         self.backend = backend
         self.on_error = on_error
@@ -30,6 +40,16 @@ class Run:
         self.usage = [Usage(docs=1) for _ in range(n_docs)]
         self.io: List[List[Dict[str, str]]] = [[] for _ in range(n_docs)]
         self.error: Optional[BaseException] = None
+
+    def report(self, doc, i: int) -> Usage:
+        """Writes doc ``i``'s usage (``doc._.llm_ner_usage``), saved prompts and answers (``doc._.llm_ner_io``) and
+        the batch's error, if any (``doc.user_data["llm_ner_errors"]``); returns its usage."""
+        doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), self.name: self.usage[i].to_dict()}
+        if self.error is not None:
+            doc.user_data.setdefault("llm_ner_errors", []).append(f"{self.name}: {self.error}")
+        if self.save_io:
+            doc._.llm_ner_io = {**(doc._.llm_ner_io or {}), self.name: self.io[i]}
+        return self.usage[i]
 
     def _call(self, fn, requests):
         if self.error is not None or not requests:

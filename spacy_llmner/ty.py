@@ -65,8 +65,9 @@ class Backend(Protocol):
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         """One completion per request, in order."""
 
-    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]
-                      ) -> None:
+    def generate_each(
+        self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]
+    ) -> None:
         """``on_answer(i, generation)`` as each answer arrives (the cache commits it at once)."""
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
@@ -114,11 +115,8 @@ class OutputFormat(Protocol):
     stop: Tuple[str, ...]
     inline: bool  # True: the answer rewrites the sentence with markup; False: it lists mentions
 
-    def render(self, text: str, spans: Sequence[Tuple[int, int, str]]) -> str:
-        ...
+    def render(self, text: str, spans: Sequence[Tuple[int, int, str]]) -> str: ...
 
-    def parse(self, answer: str) -> ParsedAnswer:
-        ...
+    def parse(self, answer: str) -> ParsedAnswer: ...
 
-    def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:
-        ...
+    def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str: ...

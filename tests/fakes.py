@@ -26,8 +26,11 @@ class FakeBackend(BackendBase):
 
 
 def add_fake_ner(nlp, answer, name="llm_lar_ner", **config):
-    cfg = {"labels": ["person", "location", "organisation"], "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
-           "zero_shot": True}  # canned answers: no demonstrations needed unless a test gives some
+    cfg = {
+        "labels": ["person", "location", "organisation"],
+        "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
+        "zero_shot": True,
+    }  # canned answers: no demonstrations needed unless a test gives some
     cfg.update(config)
     ner = nlp.add_pipe("llm_lar_ner", name=name, config=cfg)
     ner.backend = FakeBackend(answer)

@@ -22,8 +22,20 @@ def llama_server(model: str, alias: str, log_dir, *extra: str):
     from spacy_llmner.backends.llamacpp import resolve_model_path
 
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_model_path(model), "--host", "127.0.0.1",
-           "--port", str(port), "--model_alias", alias, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        resolve_model_path(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model_alias",
+        alias,
+        *extra,
+    ]
     log_path = log_dir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -8,9 +8,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import spacy
 
-import servers
 from spacy_llmner.backends.openai_compat import OpenAICompatBackend
 from spacy_llmner.ty import BackendError, GenerationRequest
+
+import servers
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,13 @@ def test_component_against_llama_cpp_server(llama_server, grammar_field):
         "llm_lar_ner",
         config={
             "labels": LABELS,
-            "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": llama_server, "model": "gemma",
-                        "grammar_field": grammar_field, "api_key_env": "SPACY_LLMNER_TEST_KEY"},
+            "backend": {
+                "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                "base_url": llama_server,
+                "model": "gemma",
+                "grammar_field": grammar_field,
+                "api_key_env": "SPACY_LLMNER_TEST_KEY",
+            },
         },
     )
     ner.set_demonstrations(DEMOS)
@@ -54,8 +60,9 @@ class FlakyHandler(BaseHTTPRequestHandler):
             self.send_response(503)
             self.end_headers()
             return
-        out = json.dumps({"choices": [{"text": "Paris | location"}],
-                          "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+        out = json.dumps(
+            {"choices": [{"text": "Paris | location"}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -98,10 +105,13 @@ def test_gives_up_after_retries_with_a_clear_error(flaky_server):
 def test_server_down_is_a_clear_error_and_earlier_docs_are_kept():
     url = f"http://127.0.0.1:{servers.free_port()}/v1"  # nothing listens here
     nlp = spacy.blank("en")
-    nlp.add_pipe("llm_lar_ner", config={
-        "labels": ["location"],
-        "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_retries": 1},
-    })
+    nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["location"],
+            "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_retries": 1},
+        },
+    )
     nlp.get_pipe("llm_lar_ner").backend.backoff = 0.01
     with pytest.raises(BackendError, match=r"llm_lar_ner: .*ConnectionError"):
         nlp("Paris is big.")

@@ -15,8 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_annotate_writes_entities_and_html(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("Nelson Mandela spoke at the United Nations in New York.\n\nThe weather was mild.\n")
-    res = CliRunner().invoke(app, ["annotate", str(texts), "--demonstrations", str(ROOT / "assets/demonstrations.jsonl"),
-                                   "--labels", "person,organisation,location,event", "--output", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "annotate",
+            str(texts),
+            "--demonstrations",
+            str(ROOT / "assets/demonstrations.jsonl"),
+            "--labels",
+            "person,organisation,location,event",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "out/entities.jsonl").read_text().splitlines()]
     assert len(rows) == 2  # blank lines are skipped, not annotated

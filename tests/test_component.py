@@ -6,6 +6,7 @@ from spacy.tokens import Doc
 from spacy.training import Example
 
 from spacy_llmner.ty import BackendError
+
 from fakes import FakeBackend, add_fake_ner
 
 
@@ -132,7 +133,9 @@ def test_demonstrations_are_in_the_prompt_before_the_query(nlp, tmp_path):
 def test_serialization_roundtrip_without_the_demo_file_or_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_SECRET_KEY", "sk-very-secret")
     demo = tmp_path / "demos.jsonl"
-    demo.write_text(json.dumps({"text": "Ada lived in London.", "spans": [{"start": 13, "end": 19, "label": "location"}]}))
+    demo.write_text(
+        json.dumps({"text": "Ada lived in London.", "spans": [{"start": 13, "end": 19, "label": "location"}]})
+    )
     nlp = spacy.blank("en")
     nlp.add_pipe(
         "llm_lar_ner",
@@ -140,8 +143,11 @@ def test_serialization_roundtrip_without_the_demo_file_or_secrets(tmp_path, monk
             "labels": ["person", "location"],
             "label_definitions": {"location": "a place"},
             "format": {"@misc": "spacy_llmner.XMLFormat.v1"},
-            "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "api_key_env": "MY_SECRET_KEY",
-                        "base_url": "http://127.0.0.1:9/v1"},
+            "backend": {
+                "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                "api_key_env": "MY_SECRET_KEY",
+                "base_url": "http://127.0.0.1:9/v1",
+            },
             "demonstrations": str(demo),
         },
     )
@@ -253,8 +259,14 @@ def test_progress_bar_counts_docs(nlp, capsys):
 def test_labels_learned_in_initialize_are_saved_with_the_pipeline(tmp_path):
     nlp = spacy.blank("en")
     ner = nlp.add_pipe("llm_lar_ner")  # no labels configured
-    ner.initialize(demonstrations=[{"text": "Bob went to Rome.", "spans": [
-        {"start": 0, "end": 3, "label": "person"}, {"start": 12, "end": 16, "label": "city"}]}])
+    ner.initialize(
+        demonstrations=[
+            {
+                "text": "Bob went to Rome.",
+                "spans": [{"start": 0, "end": 3, "label": "person"}, {"start": 12, "end": 16, "label": "city"}],
+            }
+        ]
+    )
     assert ner.labels == ("city", "person")
     nlp.to_disk(tmp_path / "p")
     assert spacy.load(tmp_path / "p").get_pipe("llm_lar_ner").labels == ("city", "person")

@@ -14,9 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_assembles_and_loads_without_network(config, tmp_path):
     out = tmp_path / "pipe"
     res = subprocess.run(
-        [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / config), str(out),
-         "--paths.demonstrations", str(ROOT / "assets" / "demonstrations.jsonl")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "spacy",
+            "assemble",
+            str(ROOT / "configs" / config),
+            str(out),
+            "--paths.demonstrations",
+            str(ROOT / "assets" / "demonstrations.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     nlp = spacy.load(out)
@@ -34,8 +43,10 @@ def _tiny_source_ner(path):
     nlp = spacy.blank("en")
     nlp.add_pipe("tok2vec")
     nlp.add_pipe("ner", config={"model": {"tok2vec": {"@architectures": "spacy.Tok2VecListener.v1", "width": 96}}})
-    data = [("Angela Merkel visited Germany .", [(0, 13, "PER"), (22, 29, "LOC")]),
-            ("Olaf Scholz flew to France .", [(0, 11, "PER"), (20, 26, "LOC")])]
+    data = [
+        ("Angela Merkel visited Germany .", [(0, 13, "PER"), (22, 29, "LOC")]),
+        ("Olaf Scholz flew to France .", [(0, 11, "PER"), (20, 26, "LOC")]),
+    ]
     examples = [Example.from_dict(nlp.make_doc(t), {"entities": e}) for t, e in data]
     optimizer = nlp.initialize(lambda: examples)
     random.seed(0)
@@ -49,17 +60,37 @@ def test_lar_config_assembles_with_a_sourced_ner_and_learns_its_alignment(tmp_pa
 
     _tiny_source_ner(tmp_path / "source")
     corpus = tmp_path / "train.jsonl"
-    srsly.write_jsonl(corpus, [
-        {"text": "Angela Merkel visited Germany .", "spans": [{"start": 0, "end": 13, "label": "politician"},
-                                                            {"start": 22, "end": 29, "label": "country"}]},
-        {"text": "Olaf Scholz flew to France .", "spans": [{"start": 0, "end": 11, "label": "politician"},
-                                                         {"start": 20, "end": 26, "label": "country"}]}])
+    srsly.write_jsonl(
+        corpus,
+        [
+            {
+                "text": "Angela Merkel visited Germany .",
+                "spans": [{"start": 0, "end": 13, "label": "politician"}, {"start": 22, "end": 29, "label": "country"}],
+            },
+            {
+                "text": "Olaf Scholz flew to France .",
+                "spans": [{"start": 0, "end": 11, "label": "politician"}, {"start": 20, "end": 26, "label": "country"}],
+            },
+        ],
+    )
     out = tmp_path / "pipe"
     res = subprocess.run(
-        [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / "lar.cfg"), str(out),
-         "--paths.source", str(tmp_path / "source"), "--paths.train", str(corpus),
-         "--paths.demonstrations", str(ROOT / "assets" / "demonstrations.jsonl")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "spacy",
+            "assemble",
+            str(ROOT / "configs" / "lar.cfg"),
+            str(out),
+            "--paths.source",
+            str(tmp_path / "source"),
+            "--paths.train",
+            str(corpus),
+            "--paths.demonstrations",
+            str(ROOT / "assets" / "demonstrations.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     alignment = spacy.load(out).get_pipe("llm_lar_ner").alignment

@@ -7,6 +7,7 @@ import spacy
 from spacy.training import Example
 
 from spacy_llmner.ensemble import fit, flat, micro_f1, tally
+
 from fakes import FakeBackend, FakeScorer
 
 LABELS = ["person", "location", "organisation"]
@@ -14,8 +15,11 @@ LABELS = ["person", "location", "organisation"]
 
 # ---- voting on hand-made member outputs ------------------------------------------------------------------------
 def test_majority_keeps_what_most_members_found():
-    outputs = {"a": [(0, 2, "person"), (5, 6, "location")], "b": [(0, 2, "person")], "c": [(5, 6, "location"),
-                                                                                           (8, 9, "person")]}
+    outputs = {
+        "a": [(0, 2, "person"), (5, 6, "location")],
+        "b": [(0, 2, "person")],
+        "c": [(5, 6, "location"), (8, 9, "person")],
+    }
     votes = {(v.start, v.end): v for v in tally(outputs, {})}
     assert votes[(0, 2)].support == pytest.approx(2 / 3) and votes[(0, 2)].members == ("a", "b")
     assert votes[(8, 9)].support == pytest.approx(1 / 3)
@@ -46,8 +50,11 @@ def test_weights_decide_support_and_a_zero_weight_member_is_ignored():
 
 
 def test_nested_spans_are_all_kept_and_flat_prefers_support_then_length():
-    outputs = {"a": [(0, 4, "organisation"), (2, 3, "location")], "b": [(0, 4, "organisation"), (2, 3, "location")],
-               "c": [(2, 3, "location")]}
+    outputs = {
+        "a": [(0, 4, "organisation"), (2, 3, "location")],
+        "b": [(0, 4, "organisation"), (2, 3, "location")],
+        "c": [(2, 3, "location")],
+    }
     votes = tally(outputs, {})
     assert len([v for v in votes if v.support > 0.5]) == 2  # nested: both kept
     assert [(v.start, v.end) for v in flat(votes)] == [(2, 3)]  # 3 votes beat 2
@@ -57,14 +64,16 @@ def test_nested_spans_are_all_kept_and_flat_prefers_support_then_length():
 
 def test_fit_learns_to_trust_the_precise_member_and_beats_each_member():
     gold, outputs = [], []
-    for i in range(30):
+    for _i in range(30):
         truth = [(0, 1, "person"), (3, 5, "organisation")]
         gold.append(truth)
-        outputs.append({
-            "precise": [(0, 1, "person")],  # misses the organisation, never wrong
-            "noisy": [(0, 1, "location"), (3, 5, "organisation")],  # finds both, mistypes the person
-            "junk": [(6, 7, "person"), (9, 10, "location")],
-        })
+        outputs.append(
+            {
+                "precise": [(0, 1, "person")],  # misses the organisation, never wrong
+                "noisy": [(0, 1, "location"), (3, 5, "organisation")],  # finds both, mistypes the person
+                "junk": [(6, 7, "person"), (9, 10, "location")],
+            }
+        )
     weights, label_weights, threshold, f1 = fit(outputs, gold, ["precise", "noisy", "junk"])
     members = {m: micro_f1([o[m] for o in outputs], gold) for m in ("precise", "noisy", "junk")}
     assert f1 == pytest.approx(1.0) and f1 > max(members.values())
@@ -76,14 +85,22 @@ def test_fit_learns_to_trust_the_precise_member_and_beats_each_member():
 def _answers(table):
     def answer(query):
         return "\n".join(f"{span} | {label}" for span, label in table if span in query)
+
     return answer
 
 
 def build(nlp, answers_a, answers_b, *, ruler=True, **config):
     for name, answers in (("llm_a", answers_a), ("llm_b", answers_b)):
-        proc = nlp.add_pipe("llm_lar_ner", name=name, config={
-            "labels": LABELS, "spans_key": name, "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
-            "zero_shot": True})
+        proc = nlp.add_pipe(
+            "llm_lar_ner",
+            name=name,
+            config={
+                "labels": LABELS,
+                "spans_key": name,
+                "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1"},
+                "zero_shot": True,
+            },
+        )
         proc.backend = answers if isinstance(answers, FakeBackend) else FakeBackend(_answers(answers))
         proc.constrained = False
         nlp.disable_pipe(name)
@@ -100,11 +117,17 @@ TEXT = "Ada Lovelace met Babbage in Paris at the Royal Society."
 
 
 def test_component_votes_keeps_member_spans_and_reports_usage(nlp):
-    build(nlp, [("Ada Lovelace", "person"), ("Royal Society", "organisation"), ("Babbage", "person")],
-          [("Ada Lovelace", "person"), ("Paris", "location"), ("Royal Society", "organisation")])
+    build(
+        nlp,
+        [("Ada Lovelace", "person"), ("Royal Society", "organisation"), ("Babbage", "person")],
+        [("Ada Lovelace", "person"), ("Paris", "location"), ("Royal Society", "organisation")],
+    )
     doc = nlp(TEXT)
     assert [(e.text, e.label_) for e in doc.ents] == [
-        ("Ada Lovelace", "person"), ("Paris", "location"), ("Royal Society", "organisation")]
+        ("Ada Lovelace", "person"),
+        ("Paris", "location"),
+        ("Royal Society", "organisation"),
+    ]
     assert [s.text for s in doc.spans["vote:llm_a"]] == ["Ada Lovelace", "Babbage", "Royal Society"]
     assert [s.text for s in doc.spans["vote:rules"]] == ["Ada Lovelace", "Paris"]
     group = doc.spans["vote"]
@@ -129,12 +152,19 @@ def test_enabled_or_missing_members_are_named_in_the_error(nlp):
 
 def test_weighted_voting_fits_on_dev_and_round_trips(nlp, tmp_path):
     # llm_a is precise, llm_b adds a wrong span to every sentence; the rules only know two names.
-    ens = build(nlp, [("Ada Lovelace", "person"), ("Royal Society", "organisation")],
-                [("Ada Lovelace", "person"), ("Royal Society", "organisation"), ("the", "location")],
-                voting="weighted")
-    dev = [{"text": f"Ada Lovelace wrote to the Royal Society in {y}.",
-            "spans": [{"start": 0, "end": 12, "label": "person"}, {"start": 26, "end": 39, "label": "organisation"}]}
-           for y in range(1840, 1850)]
+    ens = build(
+        nlp,
+        [("Ada Lovelace", "person"), ("Royal Society", "organisation")],
+        [("Ada Lovelace", "person"), ("Royal Society", "organisation"), ("the", "location")],
+        voting="weighted",
+    )
+    dev = [
+        {
+            "text": f"Ada Lovelace wrote to the Royal Society in {y}.",
+            "spans": [{"start": 0, "end": 12, "label": "person"}, {"start": 26, "end": 39, "label": "organisation"}],
+        }
+        for y in range(1840, 1850)
+    ]
     ens.initialize(nlp=nlp, dev=dev)
     fitted = ens.fitted
     assert fitted["dev_f1"] == pytest.approx(1.0) and fitted["dev_f1"] > fitted["member_dev_f1"]["llm_b"]
@@ -157,8 +187,11 @@ def test_weighted_voting_fits_on_dev_and_round_trips(nlp, tmp_path):
 def test_nlp_evaluate_scores_each_member_and_the_ensemble(nlp):
     build(nlp, [("Ada Lovelace", "person")], [("Paris", "location"), ("Royal Society", "organisation")])
     gold = nlp.make_doc(TEXT)
-    gold.ents = [gold.char_span(0, 12, "person"), gold.char_span(28, 33, "location"),
-                 gold.char_span(41, 54, "organisation")]
+    gold.ents = [
+        gold.char_span(0, 12, "person"),
+        gold.char_span(28, 33, "location"),
+        gold.char_span(41, 54, "organisation"),
+    ]
     scores = nlp.evaluate([Example(nlp.make_doc(TEXT), gold)])
     assert scores["llm_a_ents_r"] == pytest.approx(1 / 3) and scores["llm_b_ents_r"] == pytest.approx(2 / 3)
     assert scores["rules_ents_p"] == 1.0
@@ -173,14 +206,25 @@ def test_validation_asks_only_about_doubtful_spans(nlp):
         asked.append(question)
         return [-0.1, -3.0] if "Babbage" in question else [-3.0, -0.1]  # yes only for Babbage
 
-    scorer = FakeScorer(_answers([("Ada Lovelace", "person"), ("Babbage", "person"), ("Paris", "location")]),
-                        logprobs)
-    build(nlp, scorer, [("Ada Lovelace", "person"), ("Paris", "location")], validator="llm_a",
-          validate_band=0.2, threshold=0.5)
+    scorer = FakeScorer(_answers([("Ada Lovelace", "person"), ("Babbage", "person"), ("Paris", "location")]), logprobs)
+    build(
+        nlp,
+        scorer,
+        [("Ada Lovelace", "person"), ("Paris", "location")],
+        validator="llm_a",
+        validate_band=0.2,
+        threshold=0.5,
+    )
     for name in ("llm_a", "llm_b"):
         nlp.get_pipe(name).lar = None
-    nlp.get_pipe("llm_a").set_demonstrations([{"text": "Bob went to Rome.", "spans": [
-        {"start": 0, "end": 3, "label": "person"}, {"start": 12, "end": 16, "label": "location"}]}])
+    nlp.get_pipe("llm_a").set_demonstrations(
+        [
+            {
+                "text": "Bob went to Rome.",
+                "spans": [{"start": 0, "end": 3, "label": "person"}, {"start": 12, "end": 16, "label": "location"}],
+            }
+        ]
+    )
     doc = nlp(TEXT)
     # supports: Ada 3/3 and Paris 3/3 are safe; Babbage 1/3 is within 0.2 of 0.5: asked, and kept on "yes"
     assert [e.text for e in doc.ents] == ["Ada Lovelace", "Babbage", "Paris"]
@@ -205,19 +249,33 @@ class _RemoteMeeting(FakeBackend):
 
 def test_remote_members_run_concurrently(nlp):
     barrier = threading.Barrier(2)
-    build(nlp, _RemoteMeeting(barrier, _answers([("Paris", "location")])),
-          _RemoteMeeting(barrier, _answers([("Paris", "location")])), ruler=False)
+    build(
+        nlp,
+        _RemoteMeeting(barrier, _answers([("Paris", "location")])),
+        _RemoteMeeting(barrier, _answers([("Paris", "location")])),
+        ruler=False,
+    )
     assert [e.text for e in nlp(TEXT).ents] == ["Paris"]
 
 
 # ---- the real models -----------------------------------------------------------------------------------------
 DEMOS = [
-    {"text": "Angela Merkel visited Paris with the Social Democratic Party.",
-     "spans": [{"start": 0, "end": 13, "label": "person"}, {"start": 22, "end": 27, "label": "location"},
-               {"start": 37, "end": 60, "label": "organisation"}]},
-    {"text": "Tony Blair led the Labour Party in London.",
-     "spans": [{"start": 0, "end": 10, "label": "person"}, {"start": 19, "end": 31, "label": "organisation"},
-               {"start": 35, "end": 41, "label": "location"}]},
+    {
+        "text": "Angela Merkel visited Paris with the Social Democratic Party.",
+        "spans": [
+            {"start": 0, "end": 13, "label": "person"},
+            {"start": 22, "end": 27, "label": "location"},
+            {"start": 37, "end": 60, "label": "organisation"},
+        ],
+    },
+    {
+        "text": "Tony Blair led the Labour Party in London.",
+        "spans": [
+            {"start": 0, "end": 10, "label": "person"},
+            {"start": 19, "end": 31, "label": "organisation"},
+            {"start": 35, "end": 41, "label": "location"},
+        ],
+    },
 ]
 
 
@@ -225,9 +283,15 @@ DEMOS = [
 def test_gemma_and_smollm2_ensemble_end_to_end(tmp_path):
     nlp = spacy.blank("en")
     for name, model in (("gemma", "gemma3-270m"), ("smol", "smollm2-135m")):
-        proc = nlp.add_pipe("llm_lar_ner", name=name, config={
-            "labels": LABELS, "spans_key": name, "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1",
-                                                             "model": model}})
+        proc = nlp.add_pipe(
+            "llm_lar_ner",
+            name=name,
+            config={
+                "labels": LABELS,
+                "spans_key": name,
+                "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model},
+            },
+        )
         proc.set_demonstrations(DEMOS)
         nlp.disable_pipe(name)
     nlp.add_pipe("llm_ner_ensemble", config={"members": ["gemma", "smol"], "threshold": 0.0})
@@ -235,15 +299,20 @@ def test_gemma_and_smollm2_ensemble_end_to_end(tmp_path):
     docs = list(nlp.pipe(texts))
     # the demonstrated sentence: both members recover it, so the union-vote output is exactly its entities
     assert [(e.text, e.label_) for e in docs[0].ents] == [
-        ("Angela Merkel", "person"), ("Paris", "location"), ("Social Democratic Party", "organisation")]
+        ("Angela Merkel", "person"),
+        ("Paris", "location"),
+        ("Social Democratic Party", "organisation"),
+    ]
     for doc in docs:
         assert set(doc.spans) >= {"llm_ner_ensemble", "llm_ner_ensemble:gemma", "llm_ner_ensemble:smol"}
         union = {(s.start, s.end) for m in ("gemma", "smol") for s in doc.spans[f"llm_ner_ensemble:{m}"]}
         assert {(e.start, e.end) for e in doc.ents} <= union
         usage = doc._.llm_ner_usage
         assert usage["gemma"]["calls"] == 1 and usage["smol"]["calls"] == 1
-        assert usage["llm_ner_ensemble"]["prompt_tokens"] == usage["gemma"]["prompt_tokens"] + usage["smol"][
-            "prompt_tokens"]
+        assert (
+            usage["llm_ner_ensemble"]["prompt_tokens"]
+            == usage["gemma"]["prompt_tokens"] + usage["smol"]["prompt_tokens"]
+        )
     nlp.to_disk(tmp_path / "ens")
     back = spacy.load(tmp_path / "ens")
     assert [(e.text, e.label_) for e in back(texts[0]).ents] == [(e.text, e.label_) for e in docs[0].ents]

@@ -14,12 +14,11 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 import spacy
 
-import servers
-
 from spacy_llmner.backends.cache import AnswerCache, CachedBackend, request_key
 from spacy_llmner.backends.openai_compat import OpenAICompatBackend
 from spacy_llmner.ty import Generation, GenerationRequest
 
+import servers
 from fakes import FakeBackend, add_fake_ner
 
 
@@ -85,8 +84,11 @@ def test_a_garbage_cache_file_is_moved_aside_with_a_warning(tmp_path):
     nlp = spacy.blank("en")
     ner = add_fake_ner(nlp, lambda q: "Paris | location", name="my_ner")
     ner.backend = CachedBackend(ner.backend, path, owner=ner.name)
-    with pytest.warns(UserWarning, match=r"my_ner: the answer cache .*cache.sqlite could not be read .*moved to "
-                                         r".*cache.sqlite.corrupt-1"):
+    with pytest.warns(
+        UserWarning,
+        match=r"my_ner: the answer cache .*cache.sqlite could not be read .*moved to "
+        r".*cache.sqlite.corrupt-1",
+    ):
         doc = nlp("Paris is big.")
     assert [(e.text, e.label_) for e in doc.ents] == [("Paris", "location")]
     assert (tmp_path / "cache.sqlite.corrupt-1").read_bytes().startswith(b"this is not")  # kept, not deleted
@@ -137,8 +139,14 @@ RUN = textwrap.dedent("""
 def pipeline_keys(url, cache, texts):
     """The cache key of each text's request, as the component in RUN computes it."""
     nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["location"], "zero_shot": True, "backend": {
-        "@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_concurrency": 4}})
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["location"],
+            "zero_shot": True,
+            "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "max_concurrency": 4},
+        },
+    )
     return [request_key(ner.backend.identity(), ner.request(nlp.make_doc(t)[:])) for t in texts]
 
 
@@ -222,9 +230,16 @@ def test_no_demonstrations_must_be_declared_in_the_config(tmp_path):
 GRAMMAR = 'root ::= "Paris | location" "\\n\\n"\n'
 
 
-@pytest.mark.parametrize("field,where", [("llama.cpp", ["grammar"]), ("vllm", ["structured_outputs", "grammar"]),
-                                         ("grammar", ["grammar"]), ("guided_grammar", ["guided_grammar"]),
-                                         ("structured_outputs.grammar", ["structured_outputs", "grammar"])])
+@pytest.mark.parametrize(
+    "field,where",
+    [
+        ("llama.cpp", ["grammar"]),
+        ("vllm", ["structured_outputs", "grammar"]),
+        ("grammar", ["grammar"]),
+        ("guided_grammar", ["guided_grammar"]),
+        ("structured_outputs.grammar", ["structured_outputs", "grammar"]),
+    ],
+)
 def test_grammar_goes_to_the_configured_field(field, where):
     server = Server(lambda prompt, attempt: completion("Paris | location"))
     try:
@@ -250,8 +265,18 @@ def test_a_server_that_ignores_the_grammar_is_counted_and_warned_about_once():
     server = Server(lambda prompt, attempt: completion("Sure! The entities are Paris (a city)."))
     try:
         nlp = spacy.blank("en")
-        ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["location"], "zero_shot": True, "backend": {
-            "@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": server.url, "grammar_field": "guided_grammar"}})
+        ner = nlp.add_pipe(
+            "llm_lar_ner",
+            config={
+                "labels": ["location"],
+                "zero_shot": True,
+                "backend": {
+                    "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                    "base_url": server.url,
+                    "grammar_field": "guided_grammar",
+                },
+            },
+        )
         assert ner.constrained
         with pytest.warns(UserWarning) as record:
             docs = list(nlp.pipe(["Paris is big.", "Rome is old.", "Oslo is cold."]))
@@ -268,8 +293,18 @@ def test_an_answer_that_follows_the_grammar_is_not_flagged():
     server = Server(lambda prompt, attempt: completion("Paris | loc" if "Rome" in prompt else "Paris | location"))
     try:
         nlp = spacy.blank("en")
-        ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["location"], "zero_shot": True, "backend": {
-            "@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": server.url, "grammar_field": "llama.cpp"}})
+        ner = nlp.add_pipe(
+            "llm_lar_ner",
+            config={
+                "labels": ["location"],
+                "zero_shot": True,
+                "backend": {
+                    "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                    "base_url": server.url,
+                    "grammar_field": "llama.cpp",
+                },
+            },
+        )
         docs = list(nlp.pipe(["Paris is big.", "Paris and Rome."]))
         assert ner.usage.grammar_ignored == 0
         assert [(e.text, e.label_) for e in docs[0].ents] == [("Paris", "location")]
@@ -280,8 +315,11 @@ def test_an_answer_that_follows_the_grammar_is_not_flagged():
 @pytest.mark.parametrize("fault", ["cut_body", "not_json", "no_choices"])
 def test_a_cut_or_unreadable_answer_is_retried(fault):
     good = json.dumps(completion("Paris | location")).encode()
-    bad = {"cut_body": (good[:20], len(good)), "not_json": (b"<html>oops</html>", None),
-           "no_choices": (b'{"error": "overloaded"}', None)}[fault]
+    bad = {
+        "cut_body": (good[:20], len(good)),
+        "not_json": (b"<html>oops</html>", None),
+        "no_choices": (b'{"error": "overloaded"}', None),
+    }[fault]
     server = Server(lambda prompt, attempt: bad if attempt == 0 else completion("Paris | location"))
     try:
         backend = OpenAICompatBackend(base_url=server.url, backoff=0.01, max_retries=2, timeout=5)

@@ -26,11 +26,19 @@ def demo(text, *ents):
 
 POOL = [
     demo("The Labour Party won the election in Manchester.", ("Labour Party", "party"), ("Manchester", "location")),
-    demo("Angela Merkel met the Social Democratic Party in Berlin.", ("Angela Merkel", "person"),
-         ("Social Democratic Party", "party"), ("Berlin", "location")),
+    demo(
+        "Angela Merkel met the Social Democratic Party in Berlin.",
+        ("Angela Merkel", "person"),
+        ("Social Democratic Party", "party"),
+        ("Berlin", "location"),
+    ),
     demo("Voters went to the polls across the country on Thursday."),
-    demo("Zbigniew Brzezinski advised Jimmy Carter in Washington.", ("Zbigniew Brzezinski", "person"),
-         ("Jimmy Carter", "person"), ("Washington", "location")),
+    demo(
+        "Zbigniew Brzezinski advised Jimmy Carter in Washington.",
+        ("Zbigniew Brzezinski", "person"),
+        ("Jimmy Carter", "person"),
+        ("Washington", "location"),
+    ),
     demo("Tokyo hosted the summit of the Green Party.", ("Tokyo", "location"), ("Green Party", "party")),
 ]
 
@@ -38,8 +46,12 @@ POOL = [
 @pytest.fixture(scope="module")
 def component():
     nlp = spacy.blank("en")
-    ner = add_fake_ner(nlp, lambda q: "none", labels=["location", "party", "person"],
-                       retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 2})
+    ner = add_fake_ner(
+        nlp,
+        lambda q: "none",
+        labels=["location", "party", "person"],
+        retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": 2},
+    )
     ner.build_pool(POOL)
     return nlp, ner
 
@@ -58,36 +70,50 @@ def test_examples_are_exactly_the_prompts_the_component_sends(component):
         assert ex.prompt == ner.request(nlp(gold.text)[:], demos).prompt
         assert ex.answer.endswith(ner.format.stop[0])
         parsed = ner.format.parse(ex.answer)
-        assert sorted((m.text, m.label) for m in parsed.mentions) == \
-            sorted((gold.text[s:e], lab) for s, e, lab in gold.spans)
+        assert sorted((m.text, m.label) for m in parsed.mentions) == sorted(
+            (gold.text[s:e], lab) for s, e, lab in gold.spans
+        )
     # the answer, given back by a backend, is read by the component as the gold entities
     ner.backend.answer = lambda q: next(ex.answer for ex in examples if queries(ex.prompt)[-1] == q)
     doc = nlp(POOL[1].text)
-    assert [(e.text, e.label_) for e in doc.ents] == [("Angela Merkel", "person"),
-                                                      ("Social Democratic Party", "party"), ("Berlin", "location")]
+    assert [(e.text, e.label_) for e in doc.ents] == [
+        ("Angela Merkel", "person"),
+        ("Social Democratic Party", "party"),
+        ("Berlin", "location"),
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["BracketFormat", "XMLFormat", "JSONFormat"])
 def test_answers_round_trip_in_every_output_format(fmt):
     nlp = spacy.blank("en")
-    ner = add_fake_ner(nlp, lambda q: "", labels=["location", "party", "person"],
-                       format={"@misc": f"spacy_llmner.{fmt}.v1"}, demonstrations=None)
+    ner = add_fake_ner(
+        nlp,
+        lambda q: "",
+        labels=["location", "party", "person"],
+        format={"@misc": f"spacy_llmner.{fmt}.v1"},
+        demonstrations=None,
+    )
     ner.set_demonstrations(POOL[:2])
     ex = ExampleBuilder(ner).example(POOL[3], ner.demonstrations)
     assert ex.prompt == ner.request(nlp(POOL[3].text)[:], ner.demonstrations).prompt
     ner.backend.answer = lambda q: ex.answer
     assert [(e.text, e.label_) for e in nlp(POOL[3].text).ents] == [
-        ("Zbigniew Brzezinski", "person"), ("Jimmy Carter", "person"), ("Washington", "location")]
+        ("Zbigniew Brzezinski", "person"),
+        ("Jimmy Carter", "person"),
+        ("Washington", "location"),
+    ]
 
 
 def test_regularisation_drops_demonstrations_renames_and_shuffles_labels(component):
     _, ner = component
-    dropped = ExampleBuilder(ner, Regularisation(demo_dropout=1.0, random_demo=0, shuffle_labels=0,
-                                                 rename_labels=1.0)).build(POOL, POOL)
+    dropped = ExampleBuilder(
+        ner, Regularisation(demo_dropout=1.0, random_demo=0, shuffle_labels=0, rename_labels=1.0)
+    ).build(POOL, POOL)
     assert all(len(queries(ex.prompt)) == 1 for ex in dropped)
     assert all("type_" not in ex.prompt for ex in dropped)  # renaming needs a demonstration to show the names
-    renamed = ExampleBuilder(ner, Regularisation(demo_dropout=0, random_demo=0, shuffle_labels=1.0,
-                                                 rename_labels=1.0), seed=3).build(POOL, POOL)
+    renamed = ExampleBuilder(
+        ner, Regularisation(demo_dropout=0, random_demo=0, shuffle_labels=1.0, rename_labels=1.0), seed=3
+    ).build(POOL, POOL)
     all_used = set()
     for ex in renamed:
         header = re.findall(r"^- (\w+)$", ex.prompt, flags=re.M)
@@ -97,11 +123,15 @@ def test_regularisation_drops_demonstrations_renames_and_shuffles_labels(compone
         assert used <= set(header) and answer_labels <= set(header) and (answer_labels or ex.answer == "none\n\n")
         all_used |= used
     assert all_used
-    orders = {tuple(re.findall(r"^- (\w+)$", ex.prompt, flags=re.M))
-              for ex in ExampleBuilder(ner, Regularisation(0, 0, 1.0, 0), seed=1).build(POOL * 4, POOL)}
+    orders = {
+        tuple(re.findall(r"^- (\w+)$", ex.prompt, flags=re.M))
+        for ex in ExampleBuilder(ner, Regularisation(0, 0, 1.0, 0), seed=1).build(POOL * 4, POOL)
+    }
     assert len(orders) > 1 and all(sorted(o) == ["location", "party", "person"] for o in orders)
     again = ExampleBuilder(ner, Regularisation(), seed=5).build(POOL, POOL)
-    assert [e.prompt for e in again] == [e.prompt for e in ExampleBuilder(ner, Regularisation(), seed=5).build(POOL, POOL)]
+    assert [e.prompt for e in again] == [
+        e.prompt for e in ExampleBuilder(ner, Regularisation(), seed=5).build(POOL, POOL)
+    ]
 
 
 def test_bad_settings_are_named():
@@ -109,8 +139,9 @@ def test_bad_settings_are_named():
         Regularisation(demo_dropout=1.5)
     with pytest.raises(ValueError, match="sources is empty"):
         build_examples(load_settings(None, {"prompt.config": str(ROOT / "configs" / "retrieval.cfg")}))
-    settings = load_settings(ROOT / "configs" / "finetune_cpu.cfg", {"paths.data": "/elsewhere",
-                                                                      "training.max_minutes": 5})
+    settings = load_settings(
+        ROOT / "configs" / "finetune_cpu.cfg", {"paths.data": "/elsewhere", "training.max_minutes": 5}
+    )
     assert settings["data"]["sources"][0] == "/elsewhere/crossner/conll2003/train.txt"
     assert settings["training"]["max_minutes"] == 5 and settings["regularisation"]["rename_labels"] == 0.1
 
@@ -126,8 +157,10 @@ def test_export_permutes_llama_q_k_rows_the_way_llama_cpp_expects():
         assert np.array_equal(back._reverse_permute_weights(permute_qk(w, heads), heads, heads), w)
         assert not np.array_equal(permute_qk(w, heads), w)
     names = gguf_names("llama", 2, ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"])
-    assert names == {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
-                     "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight"}
+    assert names == {
+        "model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
+        "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
+    }
 
 
 @pytest.mark.model
@@ -138,11 +171,28 @@ def test_tiny_tuning_run_moves_the_exported_model_towards_gold(tmp_path):
     from spacy_llmner.cli import app
     from spacy_llmner.ty import ScoreRequest
 
-    overrides = ["--paths.data", str(FIXTURE), "--model.base", "smollm2-135m",
-                 "--prompt.config", str(ROOT / "configs" / "retrieval.cfg"),
-                 "--data.sources", json.dumps([str(FIXTURE / "crossner" / "politics" / "train.txt")]),
-                 "--data.examples_per_source", "4", "--training.epochs", "4", "--training.accumulate", "1",
-                 "--training.lr", "0.001", "--training.r", "8", "--training.threads", "2"]
+    overrides = [
+        "--paths.data",
+        str(FIXTURE),
+        "--model.base",
+        "smollm2-135m",
+        "--prompt.config",
+        str(ROOT / "configs" / "retrieval.cfg"),
+        "--data.sources",
+        json.dumps([str(FIXTURE / "crossner" / "politics" / "train.txt")]),
+        "--data.examples_per_source",
+        "4",
+        "--training.epochs",
+        "4",
+        "--training.accumulate",
+        "1",
+        "--training.lr",
+        "0.001",
+        "--training.r",
+        "8",
+        "--training.threads",
+        "2",
+    ]
     out = tmp_path / "tuned"
     res = CliRunner().invoke(app, ["finetune", str(ROOT / "configs" / "finetune_cpu.cfg"), str(out), *overrides])
     assert res.exit_code == 0, res.output
@@ -153,8 +203,10 @@ def test_tiny_tuning_run_moves_the_exported_model_towards_gold(tmp_path):
 
     # the exported GGUF, in the llama.cpp backend: the gold answers of the training sentences became likelier
     cfg_args = dict(zip(overrides[::2], overrides[1::2]))
-    settings = load_settings(ROOT / "configs" / "finetune_cpu.cfg",
-                             {k[2:]: json.loads(v) if k == "--data.sources" else v for k, v in cfg_args.items()})
+    settings = load_settings(
+        ROOT / "configs" / "finetune_cpu.cfg",
+        {k[2:]: json.loads(v) if k == "--data.sources" else v for k, v in cfg_args.items()},
+    )
     settings["data"]["examples_per_source"] = 4
     examples = build_examples(settings, log=lambda *a: None)
     requests = [ScoreRequest(ex.prompt, (ex.answer,)) for ex in examples]

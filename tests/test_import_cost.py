@@ -9,7 +9,16 @@ import subprocess
 import sys
 import textwrap
 
-HEAVY = ["torch", "transformers", "sentence_transformers", "llama_cpp", "spacy_llm", "spacy_transformers", "peft", "gguf"]
+HEAVY = [
+    "torch",
+    "transformers",
+    "sentence_transformers",
+    "llama_cpp",
+    "spacy_llm",
+    "spacy_transformers",
+    "peft",
+    "gguf",
+]
 
 SCRIPT = textwrap.dedent(
     """

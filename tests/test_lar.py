@@ -8,6 +8,7 @@ import spacy
 
 from spacy_llmner.labels.alignment import LabelAlignment
 from spacy_llmner.lar import CONTENT_FREE, p_yes
+
 from fakes import FakeBackend, FakeScorer
 
 TARGET = ["politician", "person", "country", "politicalparty", "organisation"]
@@ -49,8 +50,7 @@ def test_alignment_override_and_round_trip():
 def test_embedding_alignment_ranks_the_matching_label_first():
     from spacy_llmner.retrieval.encoder import MiniLMEncoder
 
-    al = LabelAlignment.from_embeddings(["PER", "LOC", "ORG"], ["person", "country", "organisation"],
-                                        MiniLMEncoder())
+    al = LabelAlignment.from_embeddings(["PER", "LOC", "ORG"], ["person", "country", "organisation"], MiniLMEncoder())
     assert [al.candidates(s, 1)[0][0] for s in ("PER", "LOC", "ORG")] == ["person", "country", "organisation"]
 
 
@@ -63,14 +63,20 @@ def test_calibrated_p_yes():
 def ruler_pipeline(patterns, **lar):
     nlp = spacy.blank("en")
     nlp.add_pipe("entity_ruler").add_patterns([{"label": lab, "pattern": pat} for lab, pat in patterns])
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": TARGET, "zero_shot": True,
-        "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], **lar}})
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": TARGET,
+            "zero_shot": True,
+            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], **lar},
+        },
+    )
     return nlp, ner
 
 
 def prefer(word_for_span):
     """Fake log-probabilities: the option naming the span's preferred label wins; content-free spans are flat."""
+
     def logprobs(context, options):
         if context.endswith("?"):  # verification: yes unless the span is "the"
             span = context.rsplit('Is "', 1)[1].split('"')[0]
@@ -78,6 +84,7 @@ def prefer(word_for_span):
         span = context.rsplit("\n", 1)[1][: -len(" |")]
         want = word_for_span.get(span)
         return [-0.1 if o.strip() == want else -3.0 for o in options]
+
     return logprobs
 
 
@@ -87,10 +94,16 @@ def test_source_spans_are_retyped_among_aligned_candidates():
     # candidate of PER, so the best aligned candidate must win.
     ner.initialize(nlp=nlp)
     ner.alignment = LabelAlignment.from_cooccurrence(
-        [("PER", "politician")] * 3 + [("PER", "person")] * 2 + [("LOC", "country")] * 5
-        + [("ORG", "politicalparty")] * 5, ["PER", "LOC", "ORG"], TARGET)
-    ner.backend = FakeScorer(lambda q: "none", prefer({"Angela Merkel": "country", "Germany": "country",
-                                                       "SPD": "politicalparty"}))
+        [("PER", "politician")] * 3
+        + [("PER", "person")] * 2
+        + [("LOC", "country")] * 5
+        + [("ORG", "politicalparty")] * 5,
+        ["PER", "LOC", "ORG"],
+        TARGET,
+    )
+    ner.backend = FakeScorer(
+        lambda q: "none", prefer({"Angela Merkel": "country", "Germany": "country", "SPD": "politicalparty"})
+    )
     doc = nlp("Angela Merkel of the SPD visited Germany.")
     got = {(e.text, e.label_) for e in doc.ents}
     assert ("Germany", "country") in got and ("SPD", "politicalparty") in got
@@ -104,8 +117,7 @@ def test_source_spans_are_retyped_among_aligned_candidates():
 def test_keep_margin_falls_back_to_the_aligned_label():
     nlp, ner = ruler_pipeline([("PER", "Angela Merkel")], keep_margin=5.0, calibrate=False)
     ner.initialize(nlp=nlp)
-    ner.alignment = LabelAlignment.from_cooccurrence([("PER", "person")] * 5 + [("PER", "politician")],
-                                                     ["PER"], TARGET)
+    ner.alignment = LabelAlignment.from_cooccurrence([("PER", "person")] * 5 + [("PER", "politician")], ["PER"], TARGET)
     ner.backend = FakeScorer(lambda q: "none", prefer({"Angela Merkel": "politician"}))  # margin 2.9 < 5
     assert [e.label_ for e in nlp("Angela Merkel spoke.").ents] == ["person"]
 
@@ -120,9 +132,13 @@ def test_verification_drops_spans_the_model_rejects():
 
 def test_generate_and_extract_proposals_are_unioned_and_typed():
     nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": TARGET, "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["generate", "extract"],
-                                  "calibrate": False}})
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": TARGET,
+            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["generate", "extract"], "calibrate": False},
+        },
+    )
 
     def answer(query):
         return "Angela Merkel | person"
@@ -157,9 +173,16 @@ def test_backends_without_scoring_choose_by_restricted_generation():
 
 def test_initialize_learns_the_alignment_and_it_is_saved(tmp_path):
     nlp, ner = ruler_pipeline([("PER", "Angela Merkel"), ("PER", "Olaf Scholz"), ("LOC", "Germany")])
-    gold = [{"text": "Angela Merkel and Olaf Scholz visited Germany.",
-             "spans": [{"start": 0, "end": 13, "label": "politician"}, {"start": 18, "end": 29, "label": "politician"},
-                       {"start": 38, "end": 45, "label": "country"}]}] * 3
+    gold = [
+        {
+            "text": "Angela Merkel and Olaf Scholz visited Germany.",
+            "spans": [
+                {"start": 0, "end": 13, "label": "politician"},
+                {"start": 18, "end": 29, "label": "politician"},
+                {"start": 38, "end": 45, "label": "country"},
+            ],
+        }
+    ] * 3
     ner.initialize(nlp=nlp, alignment_corpus=gold)
     assert ner.alignment.candidates("PER", 1)[0][0] == "politician"
     assert ner.alignment.candidates("LOC", 1)[0][0] == "country"
@@ -178,11 +201,18 @@ def test_lar_config_errors_name_the_problem():
 
 # ---- the real embedded model ----------------------------------------------------------------------------------
 POLITICS_DEMOS = [
-    {"text": "Tony Blair led the Labour Party in Britain.",
-     "spans": [{"start": 0, "end": 10, "label": "politician"}, {"start": 19, "end": 31, "label": "politicalparty"},
-               {"start": 35, "end": 42, "label": "country"}]},
-    {"text": "Nelson Mandela spoke in New York.",
-     "spans": [{"start": 0, "end": 14, "label": "person"}, {"start": 24, "end": 32, "label": "location"}]},
+    {
+        "text": "Tony Blair led the Labour Party in Britain.",
+        "spans": [
+            {"start": 0, "end": 10, "label": "politician"},
+            {"start": 19, "end": 31, "label": "politicalparty"},
+            {"start": 35, "end": 42, "label": "country"},
+        ],
+    },
+    {
+        "text": "Nelson Mandela spoke in New York.",
+        "spans": [{"start": 0, "end": 14, "label": "person"}, {"start": 24, "end": 32, "label": "location"}],
+    },
 ]
 
 
@@ -192,8 +222,10 @@ def test_trie_scoring_agrees_with_scoring_one_option_at_a_time():
     from spacy_llmner.ty import ScoreRequest
 
     backend = LlamaCppBackend()
-    reqs = [ScoreRequest("The capital of France is", (" Paris", " London", " Berlin")),
-            ScoreRequest("The capital of France is the city of", (" Paris", " Lyon"))]
+    reqs = [
+        ScoreRequest("The capital of France is", (" Paris", " London", " Berlin")),
+        ScoreRequest("The capital of France is the city of", (" Paris", " Lyon")),
+    ]
     together = [s.logprobs for s in backend.score(reqs)]
     alone = [[backend.score([ScoreRequest(r.context, (o,))])[0].logprobs[0] for o in r.options] for r in reqs]
     assert together[0][0] == max(together[0]) and together[1][0] > together[1][1]
@@ -203,12 +235,21 @@ def test_trie_scoring_agrees_with_scoring_one_option_at_a_time():
 
 def real_lar_pipeline(**lar):
     nlp = spacy.blank("en")
-    nlp.add_pipe("entity_ruler").add_patterns([
-        {"label": "PER", "pattern": "Angela Merkel"}, {"label": "ORG", "pattern": "Social Democratic Party"},
-        {"label": "LOC", "pattern": "Germany"}, {"label": "PER", "pattern": "yesterday"}])
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": ["politician", "country", "politicalparty", "person", "location", "organisation"],
-        "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], **lar}})
+    nlp.add_pipe("entity_ruler").add_patterns(
+        [
+            {"label": "PER", "pattern": "Angela Merkel"},
+            {"label": "ORG", "pattern": "Social Democratic Party"},
+            {"label": "LOC", "pattern": "Germany"},
+            {"label": "PER", "pattern": "yesterday"},
+        ]
+    )
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["politician", "country", "politicalparty", "person", "location", "organisation"],
+            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], **lar},
+        },
+    )
     ner.initialize(nlp=nlp, demonstrations=POLITICS_DEMOS)
     return nlp, ner
 
@@ -223,9 +264,13 @@ SENTENCE = "Angela Merkel of the Social Democratic Party visited Germany yesterd
 def test_real_model_reassigns_an_unambiguous_span():
     nlp = spacy.blank("en")
     nlp.add_pipe("entity_ruler").add_patterns([{"label": "LOC", "pattern": "Britain"}])
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": ["politician", "country", "politicalparty", "person", "location", "organisation"],
-        "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"]}})
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["politician", "country", "politicalparty", "person", "location", "organisation"],
+            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"]},
+        },
+    )
     ner.initialize(nlp=nlp, demonstrations=POLITICS_DEMOS)
     doc = nlp("Tony Blair led the Labour Party in Britain.")  # a demonstrated sentence: a confident case
     group = doc.spans["llm_ner"]
@@ -261,8 +306,10 @@ def test_cli_prints_a_saved_alignment(tmp_path):
     from spacy_llmner.cli import app
 
     nlp, ner = ruler_pipeline([("PER", "Angela Merkel")])
-    ner.initialize(nlp=nlp, alignment_corpus=[{"text": "Angela Merkel spoke.",
-                                               "spans": [{"start": 0, "end": 13, "label": "politician"}]}])
+    ner.initialize(
+        nlp=nlp,
+        alignment_corpus=[{"text": "Angela Merkel spoke.", "spans": [{"start": 0, "end": 13, "label": "politician"}]}],
+    )
     nlp.to_disk(tmp_path / "p")
     res = CliRunner().invoke(app, ["alignment", str(tmp_path / "p"), "--top-k", "2"])
     assert res.exit_code == 0, res.output
@@ -270,11 +317,14 @@ def test_cli_prints_a_saved_alignment(tmp_path):
 
 
 def test_knn_typer_labels_spans_like_their_nearest_gold_spans_and_is_saved(tmp_path):
-    nlp, ner = ruler_pipeline([("PER", "Angela Merkel"), ("PER", "Olaf Scholz"), ("ORG", "SPD")], typer="knn",
-                              top_k=9)
-    gold = [{"text": "Angela Merkel met Mandela.", "spans": [{"start": 0, "end": 13, "label": "politician"},
-                                                          {"start": 18, "end": 25, "label": "person"}]},
-            {"text": "The SPD won.", "spans": [{"start": 4, "end": 7, "label": "politicalparty"}]}]
+    nlp, ner = ruler_pipeline([("PER", "Angela Merkel"), ("PER", "Olaf Scholz"), ("ORG", "SPD")], typer="knn", top_k=9)
+    gold = [
+        {
+            "text": "Angela Merkel met Mandela.",
+            "spans": [{"start": 0, "end": 13, "label": "politician"}, {"start": 18, "end": 25, "label": "person"}],
+        },
+        {"text": "The SPD won.", "spans": [{"start": 4, "end": 7, "label": "politicalparty"}]},
+    ]
     ner.initialize(nlp=nlp, alignment_corpus=gold)
     ner.backend = FakeBackend(lambda q: pytest.fail("kNN typing must not call the LLM"))
     doc = nlp("Angela Merkel and the SPD agreed.")

@@ -8,13 +8,23 @@ from spacy_llmner.formats import FORMATS
 pytestmark = pytest.mark.model
 
 DEMOS = [
-    {"text": "Angela Merkel visited Paris with the Social Democratic Party.",
-     "spans": [{"start": 0, "end": 13, "label": "politician"}, {"start": 22, "end": 27, "label": "location"},
-               {"start": 37, "end": 60, "label": "party"}]},
+    {
+        "text": "Angela Merkel visited Paris with the Social Democratic Party.",
+        "spans": [
+            {"start": 0, "end": 13, "label": "politician"},
+            {"start": 22, "end": 27, "label": "location"},
+            {"start": 37, "end": 60, "label": "party"},
+        ],
+    },
     {"text": "The weather was cold and wet.", "spans": []},
-    {"text": "Tony Blair led the Labour Party in London.",
-     "spans": [{"start": 0, "end": 10, "label": "politician"}, {"start": 19, "end": 31, "label": "party"},
-               {"start": 35, "end": 41, "label": "location"}]},
+    {
+        "text": "Tony Blair led the Labour Party in London.",
+        "spans": [
+            {"start": 0, "end": 10, "label": "politician"},
+            {"start": 19, "end": 31, "label": "party"},
+            {"start": 35, "end": 41, "label": "location"},
+        ],
+    },
 ]
 LABELS = ["politician", "party", "location"]
 
@@ -93,8 +103,10 @@ def test_fast_grammar_decoding_equals_llama_cpp_grammar_sampling(fmt):
     from spacy_llmner.backends.llamacpp import LlamaCppBackend
 
     nlp, ner = make(fmt, constrained=True)
-    unseen = [ner.request(nlp.make_doc(t)[:]) for t in
-              ("Gordon Brown spoke to the Conservative Party in Manchester.", "Jacinda Ardern met Macron in Paris.")]
+    unseen = [
+        ner.request(nlp.make_doc(t)[:])
+        for t in ("Gordon Brown spoke to the Conservative Party in Manchester.", "Jacinda Ardern met Macron in Paris.")
+    ]
     backend = LlamaCppBackend(fast_grammar=True, parallel=1)
     fast = [g.text for g in backend.generate(unseen)]
     assert all(fast)
@@ -111,8 +123,14 @@ def test_batched_decoding_answers_every_request(constrained):
     """More requests than parallel slots, refilled as sequences finish; grammar held per sequence."""
     nlp, ner = make("lines", constrained=constrained)
     ner.backend.parallel = 3
-    texts = [DEMOS[2]["text"], "Gordon Brown spoke in Manchester.", "Nothing happened.", DEMOS[0]["text"],
-             "Jacinda Ardern met Emmanuel Macron in Wellington and Paris.", DEMOS[2]["text"]]
+    texts = [
+        DEMOS[2]["text"],
+        "Gordon Brown spoke in Manchester.",
+        "Nothing happened.",
+        DEMOS[0]["text"],
+        "Jacinda Ardern met Emmanuel Macron in Wellington and Paris.",
+        DEMOS[2]["text"],
+    ]
     docs = list(nlp.pipe(texts, batch_size=16))
     assert ner.usage.calls == len(texts) and ner.usage.completion_tokens > 0
     for i in (0, 5):  # the demonstrated sentence, early and late in the batch
@@ -127,9 +145,11 @@ def test_batched_prompts_with_nothing_in_common():
     from spacy_llmner.ty import GenerationRequest
 
     backend = LlamaCppBackend(parallel=2)
-    reqs = [GenerationRequest("The capital of France is", max_tokens=4),
-            GenerationRequest("One, two, three, four,", max_tokens=4, stop=("\n",)),
-            GenerationRequest("Q: Is the sky blue?\nA:", max_tokens=3)]
+    reqs = [
+        GenerationRequest("The capital of France is", max_tokens=4),
+        GenerationRequest("One, two, three, four,", max_tokens=4, stop=("\n",)),
+        GenerationRequest("Q: Is the sky blue?\nA:", max_tokens=3),
+    ]
     gens = backend.generate(reqs)
     assert len(gens) == 3 and all(0 < g.completion_tokens <= r.max_tokens for g, r in zip(gens, reqs))
     assert "five" in gens[1].text.lower()  # the one continuation a 270M base model cannot miss

@@ -37,8 +37,19 @@ def schedule(prompt: str, attempt: int):
     stalls are rarer (each costs a worker TIMEOUT seconds)."""
     h = int(hashlib.sha256(f"{prompt}\x00{attempt}".encode()).hexdigest()[:8], 16) % 1000
     if attempt == 0:
-        return "stall" if h < 5 else "reset" if h < 48 else "429" if h < 88 else "500" if h < 128 else \
-            "cut" if h < 168 else None
+        return (
+            "stall"
+            if h < 5
+            else "reset"
+            if h < 48
+            else "429"
+            if h < 88
+            else "500"
+            if h < 128
+            else "cut"
+            if h < 168
+            else None
+        )
     if attempt == 1:
         return None if h >= 250 else FAULTS[h % 5] if h % 5 != 3 else "500"
     return None
@@ -115,8 +126,9 @@ class FaultProxy:
     def forward(self, raw: bytes) -> bytes:
         if not hasattr(self.session, "s"):
             self.session.s = requests.Session()
-        r = self.session.s.post(f"{self.upstream}/completions", data=raw,
-                                headers={"Content-Type": "application/json"}, timeout=120)
+        r = self.session.s.post(
+            f"{self.upstream}/completions", data=raw, headers={"Content-Type": "application/json"}, timeout=120
+        )
         r.raise_for_status()
         return r.content
 
@@ -127,29 +139,50 @@ class FaultProxy:
 
 @pytest.fixture(scope="module")
 def smol_server(tmp_path_factory):
-    with servers.llama_server("smollm2-135m", "smol", tmp_path_factory.mktemp("server"), "--n_ctx", "2048",
-                              "--n_threads", "2") as url:
+    with servers.llama_server(
+        "smollm2-135m", "smol", tmp_path_factory.mktemp("server"), "--n_ctx", "2048", "--n_threads", "2"
+    ) as url:
         yield url
 
 
-DEMOS = [{"text": "Anna Berg flew to Oslo.", "spans": [{"start": 0, "end": 9, "label": "person"},
-                                                        {"start": 18, "end": 22, "label": "location"}]}]
+DEMOS = [
+    {
+        "text": "Anna Berg flew to Oslo.",
+        "spans": [{"start": 0, "end": 9, "label": "person"}, {"start": 18, "end": 22, "label": "location"}],
+    }
+]
 NAMES = ["Maria Lopez", "John Smith", "Wei Chen", "Amara Okafor", "Lars Nilsson", "Priya Patel", "Tom Baker"]
 CITIES = ["Paris", "Lagos", "Lima", "Kyoto", "Bergen", "Perth", "Quito", "Cairo", "Turin", "Osaka", "Dakar"]
 
 
 def texts():
-    return [f"{NAMES[i % len(NAMES)]} met {NAMES[(i // 7) % len(NAMES)]} in {CITIES[i % len(CITIES)]} "
-            f"on day {i}." for i in range(N_DOCS)]
+    return [
+        f"{NAMES[i % len(NAMES)]} met {NAMES[(i // 7) % len(NAMES)]} in {CITIES[i % len(CITIES)]} on day {i}."
+        for i in range(N_DOCS)
+    ]
 
 
 def pipeline(url, cache):
     nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": ["person", "location"], "cache_path": str(cache), "on_error": "skip", "max_new_tokens": 48,
-        "backend": {"@llm_models": "spacy_llmner.OpenAICompat.v1", "base_url": url, "model": "smol",
-                    "grammar_field": "llama.cpp", "max_concurrency": 8, "max_retries": MAX_RETRIES,
-                    "timeout": TIMEOUT, "backoff": 0.05}})
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["person", "location"],
+            "cache_path": str(cache),
+            "on_error": "skip",
+            "max_new_tokens": 48,
+            "backend": {
+                "@llm_models": "spacy_llmner.OpenAICompat.v1",
+                "base_url": url,
+                "model": "smol",
+                "grammar_field": "llama.cpp",
+                "max_concurrency": 8,
+                "max_retries": MAX_RETRIES,
+                "timeout": TIMEOUT,
+                "backoff": 0.05,
+            },
+        },
+    )
     ner.set_demonstrations(DEMOS)
     return nlp, ner
 
@@ -166,10 +199,17 @@ def test_a_thousand_docs_through_faults_each_annotated_once_then_all_from_cache(
         usage = [d._.llm_ner_usage["llm_lar_ner"] for d in first]
         failed = [d.text for d in first if d.user_data.get("llm_ner_errors")]
         attempts = list(proxy.attempts.values())
-        report = {"docs": len(first), "seconds": round(seconds, 1), "docs_per_s": round(len(first) / seconds, 2),
-                  "requests": sum(attempts), "retries": sum(attempts) - len(proxy.attempts),
-                  "faults": dict(proxy.faults), "failed_docs": len(failed),
-                  "max_attempts_per_prompt": max(attempts), "grammar_ignored": ner.usage.grammar_ignored}
+        report = {
+            "docs": len(first),
+            "seconds": round(seconds, 1),
+            "docs_per_s": round(len(first) / seconds, 2),
+            "requests": sum(attempts),
+            "retries": sum(attempts) - len(proxy.attempts),
+            "faults": dict(proxy.faults),
+            "failed_docs": len(failed),
+            "max_attempts_per_prompt": max(attempts),
+            "grammar_ignored": ner.usage.grammar_ignored,
+        }
         print("\nload test:", json.dumps(report))
         assert len(first) == N_DOCS and [d.text for d in first] == docs_in
         assert failed == [] and all(u["errors"] == 0 for u in usage)
@@ -187,14 +227,16 @@ def test_a_thousand_docs_through_faults_each_annotated_once_then_all_from_cache(
         second = list(nlp2.pipe(docs_in, batch_size=100))
         assert sum(proxy.attempts.values()) == before  # zero requests on the second run
         assert ner2.usage.calls == 0 and ner2.usage.cached_calls == N_DOCS
-        assert [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in second] == \
-            [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in first]
+        assert [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in second] == [
+            [(e.start_char, e.end_char, e.label_) for e in d.ents] for d in first
+        ]
     finally:
         proxy.close()
 
 
 def test_a_doc_whose_requests_always_fail_is_listed_with_its_error(smol_server, tmp_path):
     """on_error="skip": the batch that cannot be answered is marked, with the error; other batches are kept."""
+
     class Dead(FaultProxy):
         def forward(self, raw):
             if b"Nobody" in raw:

@@ -9,11 +9,17 @@ from spacy_llmner.formats import FORMATS, BracketFormat, locate
 
 from fakes import add_fake_ner
 
-SOURCE_WORDS = ["Paris", "United", "Russia", "[", "]", "|", "<", ">", "loc", "the", "東京", "🙂", "\"", "\\", ","]
-markupish = st.lists(st.sampled_from(list("[]|<>/{}\":,\n ") + ["loc", "person", "Paris", "Russia"])).map("".join)
-answers = st.one_of(st.text(), markupish, st.lists(st.sampled_from(SOURCE_WORDS + ["[", "|loc]", "<loc>", "</loc>",
-                                                                                  " | loc\n", '{"text": "', '", "label": "loc"}']))
-                    .map("".join))
+SOURCE_WORDS = ["Paris", "United", "Russia", "[", "]", "|", "<", ">", "loc", "the", "東京", "🙂", '"', "\\", ","]
+markupish = st.lists(st.sampled_from(list('[]|<>/{}":,\n ') + ["loc", "person", "Paris", "Russia"])).map("".join)
+answers = st.one_of(
+    st.text(),
+    markupish,
+    st.lists(
+        st.sampled_from(
+            SOURCE_WORDS + ["[", "|loc]", "<loc>", "</loc>", " | loc\n", '{"text": "', '", "label": "loc"}']
+        )
+    ).map("".join),
+)
 sources = st.lists(st.sampled_from(SOURCE_WORDS), min_size=0, max_size=12).map(" ".join)
 
 
@@ -23,7 +29,7 @@ def test_parse_and_locate_never_crash_and_verify_text(name, answer, source):
     parsed = FORMATS[name]().parse(answer)
     located = locate(parsed.mentions, source, parsed.plain_text)
     texts = {m.text for m in parsed.mentions}
-    for start, end, label in located.spans:
+    for start, end, _label in located.spans:
         assert 0 <= start < end <= len(source)
         assert source[start:end] in texts
     assert len(located.hallucinated) <= len(parsed.mentions)
@@ -49,8 +55,38 @@ def test_component_spans_always_match_the_doc(name, answer, source):
 from spacy_llmner.formats import gbnf  # noqa: E402
 from spacy_llmner.prompt import display  # noqa: E402
 
-SYNTAX = ["|", "[", "]", "<", ">", "{", "}", '"', "\\", "\n", "&", "&amp;", "-", "*", "•", "none", "|loc]", "</loc>",
-          "<loc>", "\\[", '","label":"', "Acme", "Bob", "Paris", "東京", "🙂", " ", "  ", "\t", ":"]
+SYNTAX = [
+    "|",
+    "[",
+    "]",
+    "<",
+    ">",
+    "{",
+    "}",
+    '"',
+    "\\",
+    "\n",
+    "&",
+    "&amp;",
+    "-",
+    "*",
+    "•",
+    "none",
+    "|loc]",
+    "</loc>",
+    "<loc>",
+    "\\[",
+    '","label":"',
+    "Acme",
+    "Bob",
+    "Paris",
+    "東京",
+    "🙂",
+    " ",
+    "  ",
+    "\t",
+    ":",
+]
 LABEL_NAMES = ["loc", "person", "organisation"]
 _tokenizer = spacy.blank("en").tokenizer
 
@@ -123,14 +159,20 @@ def test_grammar_recognizer_rejects_what_the_grammar_forbids():
         bad = fmt.render(shown, [(5, 22, "company")]) + fmt.stop[0]  # a label outside the set
         assert not grammar.accepts(bad) and not grammar.accepts(bad, prefix=True)
     # unescaped input syntax is not a copy of the input
-    assert not gbnf.accepts(BracketFormat().grammar(shown, token_offsets(doc), LABEL_NAMES),
-                            " The [Acme|organisation] deal\n")
+    assert not gbnf.accepts(
+        BracketFormat().grammar(shown, token_offsets(doc), LABEL_NAMES), " The [Acme|organisation] deal\n"
+    )
 
 
-@pytest.mark.parametrize("text,mark", [("The [Acme|organisation] deal", "Acme|organisation"),
-                                       ("Say <person>Bob</person> now", "Bob"),
-                                       ('He wrote {"text": "x", "label": "loc"} here', "x"),
-                                       ("- Paris is far", "- Paris")])
+@pytest.mark.parametrize(
+    "text,mark",
+    [
+        ("The [Acme|organisation] deal", "Acme|organisation"),
+        ("Say <person>Bob</person> now", "Bob"),
+        ('He wrote {"text": "x", "label": "loc"} here', "x"),
+        ("- Paris is far", "- Paris"),
+    ],
+)
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_input_syntax_never_leaks_into_spans(name, text, mark):
     """The answer a faithful model writes for such inputs yields the marked token run, exactly."""

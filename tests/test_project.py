@@ -14,8 +14,23 @@ from spacy.tokens import DocBin
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
-SKIP = {".venv", ".git", "training", "corpus", "pipelines", "packages", "metrics", "demo_output", ".pytest_cache",
-        "__pycache__", ".hypothesis", "build", "dist", "project.lock", ".cache"}
+SKIP = {
+    ".venv",
+    ".git",
+    "training",
+    "corpus",
+    "pipelines",
+    "packages",
+    "metrics",
+    "demo_output",
+    ".pytest_cache",
+    "__pycache__",
+    ".hypothesis",
+    "build",
+    "dist",
+    "project.lock",
+    ".cache",
+}
 
 
 def _cli(*args, cwd=ROOT):
@@ -29,16 +44,32 @@ def test_convert_bio_and_nested_jsonl(tmp_path):
     docs = list(DocBin().from_disk(tmp_path / "t.spacy").get_docs(spacy.blank("en").vocab))
     assert len(docs) == 12
     assert [(e.text, e.label_) for e in docs[0].ents] == [
-        ("Angela Merkel", "politician"), ("Christian Democratic Union", "politicalparty"), ("Germany", "country")]
+        ("Angela Merkel", "politician"),
+        ("Christian Democratic Union", "politicalparty"),
+        ("Germany", "country"),
+    ]
     nested = tmp_path / "nested.jsonl"
-    nested.write_text(json.dumps({"text": "IL-2 gene expression requires NF-kappa B.", "entities": [
-        {"start": 0, "end": 9, "label": "DNA"}, {"start": 0, "end": 4, "label": "protein"},
-        {"start": 30, "end": 40, "label": "protein"}]}) + "\n")
+    nested.write_text(
+        json.dumps(
+            {
+                "text": "IL-2 gene expression requires NF-kappa B.",
+                "entities": [
+                    {"start": 0, "end": 9, "label": "DNA"},
+                    {"start": 0, "end": 4, "label": "protein"},
+                    {"start": 30, "end": 40, "label": "protein"},
+                ],
+            }
+        )
+        + "\n"
+    )
     out = _cli("-m", "spacy_llmner.cli", "convert", str(nested), str(tmp_path / "n.spacy"))
     assert "+1 nested" in out
     (doc,) = DocBin().from_disk(tmp_path / "n.spacy").get_docs(spacy.blank("en").vocab)
     assert sorted((s.text, s.label_) for s in doc.spans["sc"]) == [
-        ("IL-2", "protein"), ("IL-2 gene", "DNA"), ("NF-kappa B", "protein")]
+        ("IL-2", "protein"),
+        ("IL-2 gene", "DNA"),
+        ("NF-kappa B", "protein"),
+    ]
     assert [e.text for e in doc.ents] == ["IL-2 gene", "NF-kappa B"]
 
 
@@ -59,16 +90,38 @@ def test_report_writes_the_readme_block_table_and_plot(tmp_path):
     rows = []
     for domain, f in (("politics", 50.0), ("ai", 30.0)):
         for system, kind, add in (("spacy_ner", "system", 0), ("ens:weighted", "ensemble", 5)):
-            rows.append({"domain": domain, "system": system, "kind": kind, "n": 40, "f1": f + add,
-                         "seconds_per_sentence": 0.5 if kind == "ensemble" else 0.01, "calls_per_sentence": 1,
-                         "prompt_tokens_per_sentence": 100, "completion_tokens_per_sentence": 10})
-    result = {"args": {"n": 40, "dev_n": 40, "baseline_n": 10}, "date": "2026-11-26T03:00", "machine": "x86_64",
-              "models": {"gemma": "Gemma"}, "rows": rows}
+            rows.append(
+                {
+                    "domain": domain,
+                    "system": system,
+                    "kind": kind,
+                    "n": 40,
+                    "f1": f + add,
+                    "seconds_per_sentence": 0.5 if kind == "ensemble" else 0.01,
+                    "calls_per_sentence": 1,
+                    "prompt_tokens_per_sentence": 100,
+                    "completion_tokens_per_sentence": 10,
+                }
+            )
+    result = {
+        "args": {"n": 40, "dev_n": 40, "baseline_n": 10},
+        "date": "2026-11-26T03:00",
+        "machine": "x86_64",
+        "models": {"gemma": "Gemma"},
+        "rows": rows,
+    }
     (tmp_path / "r.json").write_text(json.dumps(result))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- crossner:start -->\nold\n<!-- crossner:end -->\n\nafter\n")
-    _cli(str(ROOT / "benchmarks" / "report.py"), "crossner", str(tmp_path / "r.json"), "--plot",
-         str(tmp_path / "p.png"), "--readme", str(readme))
+    _cli(
+        str(ROOT / "benchmarks" / "report.py"),
+        "crossner",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "p.png"),
+        "--readme",
+        str(readme),
+    )
     text = readme.read_text()
     assert "old" not in text and text.endswith("\n\nafter\n")
     assert "| spacy_ner | 50.0 | 30.0 | 40.0 | 100.00 |" in text and "| **ens:weighted** | 55.0 | 35.0 | 45.0 |" in text
@@ -93,10 +146,32 @@ def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     shutil.copytree(ROOT, project, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
     deps = site.getsitepackages()[0]
     res = subprocess.run(
-        [sys.executable, "-m", "spacy", "project", "run", "all", str(project), "--vars.data", str(FIXTURES),
-         "--vars.steps", "20", "--vars.eval_every", "10", "--vars.n", "3", "--vars.package_name", "llmner_test",
-         "--vars.install_from", deps],
-        capture_output=True, text=True, cwd=project, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "spacy",
+            "project",
+            "run",
+            "all",
+            str(project),
+            "--vars.data",
+            str(FIXTURES),
+            "--vars.steps",
+            "20",
+            "--vars.eval_every",
+            "10",
+            "--vars.n",
+            "3",
+            "--vars.package_name",
+            "llmner_test",
+            "--vars.install_from",
+            deps,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=project,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
     for split, n in (("train", 12), ("dev", 4), ("test", 4), ("test_3", 3)):
         docs = list(DocBin().from_disk(project / f"corpus/politics/{split}.spacy").get_docs(spacy.blank("en").vocab))
@@ -105,8 +180,16 @@ def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     llm = json.loads((project / "metrics/politics_retrieval_test3.json").read_text())
     assert "ents_per_type" in llm and 0.0 <= llm["ents_f"] <= 1.0 and 0.0 <= baseline["ents_f"] <= 1.0
     pipe = spacy.load(project / "pipelines/politics_retrieval").get_pipe("llm_lar_ner")
-    assert set(pipe.labels) == {"country", "election", "event", "location", "organisation", "person",
-                                "politicalparty", "politician"}  # taken from the pool: none configured
+    assert set(pipe.labels) == {
+        "country",
+        "election",
+        "event",
+        "location",
+        "organisation",
+        "person",
+        "politicalparty",
+        "politician",
+    }  # taken from the pool: none configured
     assert len(pipe.retriever.pool) == 12
     check = json.loads((project / "metrics/package_check.json").read_text())
     assert check["pipeline"] == ["llm_lar_ner"] and check["wheel_bytes"] > 0
@@ -115,10 +198,18 @@ def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     import zipfile
 
     wheel = zipfile.ZipFile(next((project / "packages").glob("**/en_llmner_test-*.whl")))
-    packaged = {json.loads(line)["text"] for n in wheel.namelist() if n.endswith(".jsonl")
-                for line in wheel.read(n).decode("utf8").splitlines() if line.strip()}
-    ours = {json.loads(line)["text"] for line in (ROOT / "assets/demonstrations.jsonl").read_text().splitlines()
-            if line.strip()}
+    packaged = {
+        json.loads(line)["text"]
+        for n in wheel.namelist()
+        if n.endswith(".jsonl")
+        for line in wheel.read(n).decode("utf8").splitlines()
+        if line.strip()
+    }
+    ours = {
+        json.loads(line)["text"]
+        for line in (ROOT / "assets/demonstrations.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     assert packaged and packaged <= ours
 
 
@@ -126,21 +217,41 @@ def test_pre_annotate_then_train_the_distilled_student(tmp_path):
     """Silver data from a pipeline (an entity ruler stands in for the LLM pipeline), then configs/student.cfg
     trains on gold + silver through the MixedCorpus reader."""
     teacher = spacy.blank("en")
-    teacher.add_pipe("entity_ruler").add_patterns([{"label": "politician", "pattern": "Olaf Scholz"},
-                                                   {"label": "country", "pattern": "Germany"}])
+    teacher.add_pipe("entity_ruler").add_patterns(
+        [{"label": "politician", "pattern": "Olaf Scholz"}, {"label": "country", "pattern": "Germany"}]
+    )
     teacher.to_disk(tmp_path / "teacher")
     texts = tmp_path / "texts.txt"
     texts.write_text("Olaf Scholz visited Germany .\nGermany voted .\nNothing here .\n")
-    out = _cli("-m", "spacy_llmner.cli", "pre-annotate", str(tmp_path / "teacher"), str(texts),
-               str(tmp_path / "silver.spacy"))
+    out = _cli(
+        "-m", "spacy_llmner.cli", "pre-annotate", str(tmp_path / "teacher"), str(texts), str(tmp_path / "silver.spacy")
+    )
     assert "3 docs annotated" in out
     silver = list(DocBin().from_disk(tmp_path / "silver.spacy").get_docs(spacy.blank("en").vocab))
     assert [[(e.text, e.label_) for e in d.ents] for d in silver] == [
-        [("Olaf Scholz", "politician"), ("Germany", "country")], [("Germany", "country")], []]
+        [("Olaf Scholz", "politician"), ("Germany", "country")],
+        [("Germany", "country")],
+        [],
+    ]
     _cli("-m", "spacy_llmner.cli", "convert", str(FIXTURES / "crossner/politics/train.txt"), str(tmp_path / "g.spacy"))
-    _cli("-m", "spacy", "train", str(ROOT / "configs/student.cfg"), "--paths.train", str(tmp_path / "g.spacy"),
-         "--paths.silver", str(tmp_path / "silver.spacy"), "--paths.dev", str(tmp_path / "g.spacy"),
-         "--vars.max_steps", "6", "--vars.eval_frequency", "3", "--output", str(tmp_path / "student"))
+    _cli(
+        "-m",
+        "spacy",
+        "train",
+        str(ROOT / "configs/student.cfg"),
+        "--paths.train",
+        str(tmp_path / "g.spacy"),
+        "--paths.silver",
+        str(tmp_path / "silver.spacy"),
+        "--paths.dev",
+        str(tmp_path / "g.spacy"),
+        "--vars.max_steps",
+        "6",
+        "--vars.eval_frequency",
+        "3",
+        "--output",
+        str(tmp_path / "student"),
+    )
     student = spacy.load(tmp_path / "student" / "model-best")
     assert "politician" in student.get_pipe("ner").labels
 

@@ -22,11 +22,18 @@ POOL = [
     demo("The Labour Party won the election in Manchester.", ("Labour Party", "party"), ("Manchester", "location")),
     demo("Voters went to the polls across the country on Thursday."),
     demo("Parliament debated the budget for many hours."),
-    demo("Zbigniew Brzezinski advised President Carter on foreign policy.", ("Zbigniew Brzezinski", "person"),
-         ("Carter", "person")),
+    demo(
+        "Zbigniew Brzezinski advised President Carter on foreign policy.",
+        ("Zbigniew Brzezinski", "person"),
+        ("Carter", "person"),
+    ),
     demo("The senator campaigned for re-election in her home state."),
-    demo("Angela Merkel met the Social Democratic Party in Berlin.", ("Angela Merkel", "person"),
-         ("Social Democratic Party", "party"), ("Berlin", "location")),
+    demo(
+        "Angela Merkel met the Social Democratic Party in Berlin.",
+        ("Angela Merkel", "person"),
+        ("Social Democratic Party", "party"),
+        ("Berlin", "location"),
+    ),
     demo("The minister resigned after the vote of no confidence."),
     demo("Tokyo hosted the summit of the Group of Seven.", ("Tokyo", "location"), ("Group of Seven", "organisation")),
 ]
@@ -64,8 +71,11 @@ def test_word_level_prefers_a_shared_rare_entity_word_over_topical_similarity(bu
 
 
 def test_span_level_matches_entity_spans(built):
-    assert candidate_spans("Yesterday Angela Merkel flew to Paris , France .") == ["Yesterday Angela Merkel",
-                                                                                  "Paris", "France"]
+    assert candidate_spans("Yesterday Angela Merkel flew to Paris , France .") == [
+        "Yesterday Angela Merkel",
+        "Paris",
+        "France",
+    ]
     picked = with_strategy(built, "span").retrieve(["Merkel spoke with the Social Democrats in Hamburg."])[0]
     assert picked[-1].text == POOL[5].text
 
@@ -115,8 +125,12 @@ def test_pool_roundtrip_without_pickle(built, tmp_path):
 
 def test_component_uses_retrieved_demos_and_saves_the_pool(tmp_path, built):
     nlp = spacy.blank("en")
-    ner = add_fake_ner(nlp, lambda q: "none", labels=["person", "party", "location", "organisation"],
-                       retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "word", "k": 2})
+    ner = add_fake_ner(
+        nlp,
+        lambda q: "none",
+        labels=["person", "party", "location", "organisation"],
+        retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "word", "k": 2},
+    )
     ner.retriever.encoder = built.encoder
     ner.initialize(pool=POOL)
     nlp("Zbigniew Brzezinski met Carter.")
@@ -129,8 +143,9 @@ def test_component_uses_retrieved_demos_and_saves_the_pool(tmp_path, built):
     loaded = spacy.load(tmp_path / "p")
     lner = loaded.get_pipe("llm_lar_ner")
     assert len(lner.retriever.pool) == len(POOL)
-    assert [d.text for d in lner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]] == \
-        [d.text for d in ner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]]
+    assert [d.text for d in lner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]] == [
+        d.text for d in ner.demonstrations_for(["Zbigniew Brzezinski met Carter."])[0]
+    ]
     # to_bytes carries the pool too (nlp.pipe with n_process > 1 ships components as bytes)
     again = spacy.blank("en").from_config(nlp.config)
     again.from_bytes(nlp.to_bytes())
@@ -141,9 +156,13 @@ def test_component_uses_retrieved_demos_and_saves_the_pool(tmp_path, built):
 
 def test_demonstration_budget_drops_whole_demos(built):
     nlp = spacy.blank("en")
-    ner = add_fake_ner(nlp, lambda q: "none", labels=["person", "party", "location", "organisation"],
-                       retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "sentence", "k": 5},
-                       max_demo_tokens=40)
+    ner = add_fake_ner(
+        nlp,
+        lambda q: "none",
+        labels=["person", "party", "location", "organisation"],
+        retriever={"@misc": "spacy_llmner.Retriever.v1", "strategy": "sentence", "k": 5},
+        max_demo_tokens=40,
+    )
     ner.retriever.encoder, ner.retriever.pool = built.encoder, built.pool
     demos = ner.demonstrations_for(["The Labour Party won in Leeds."])[0]
     cost = sum(len(ner.prompts.render_demonstration(d)) // 4 + 1 for d in demos)
@@ -167,10 +186,13 @@ def test_initialize_builds_the_pool_from_training_examples(built):
 def test_real_model_with_retrieved_demonstrations(built):
     """Gemma with word-level retrieval: the pool's own sentence comes back with its gold entity spans."""
     nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={
-        "labels": ["person", "party", "location", "organisation"],
-        "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "word", "k": 3},
-    })
+    ner = nlp.add_pipe(
+        "llm_lar_ner",
+        config={
+            "labels": ["person", "party", "location", "organisation"],
+            "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "word", "k": 3},
+        },
+    )
     ner.retriever.encoder = built.encoder
     ner.initialize(pool=POOL)
     docs = list(nlp.pipe([POOL[5].text, "Gordon Brown spoke to the Labour Party in Leeds."]))

@@ -10,12 +10,15 @@ from confection import ConfigValidationError
 from spacy_llmner.labels.alignment import LabelAlignment
 from spacy_llmner.lar import SpanMemory
 from spacy_llmner.prompt import Demonstration
+
 from fakes import FakeBackend
 
 LABELS = ["person", "location", "organisation"]
-DEMOS = [Demonstration("Ada Lovelace lived in London.", [(0, 12, "person"), (22, 28, "location")]),
-         Demonstration("The BBC is in London.", [(4, 7, "organisation"), (14, 20, "location")]),
-         Demonstration("Alan Turing worked at Bletchley.", [(0, 11, "person"), (22, 31, "location")])]
+DEMOS = [
+    Demonstration("Ada Lovelace lived in London.", [(0, 12, "person"), (22, 28, "location")]),
+    Demonstration("The BBC is in London.", [(4, 7, "organisation"), (14, 20, "location")]),
+    Demonstration("Alan Turing worked at Bletchley.", [(0, 11, "person"), (22, 31, "location")]),
+]
 BACKEND = {"@llm_models": "spacy_llmner.LlamaCpp.v1"}
 
 
@@ -23,15 +26,29 @@ def _pipeline():
     nlp = spacy.blank("en")
     ruler = nlp.add_pipe("entity_ruler", name="source")
     ruler.add_patterns([{"label": "PER", "pattern": "Ada Lovelace"}, {"label": "LOC", "pattern": "London"}])
-    lar = nlp.add_pipe("llm_lar_ner", name="lar", config={
-        "labels": LABELS, "spans_key": "lar", "backend": BACKEND,
-        "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn"}})
+    lar = nlp.add_pipe(
+        "llm_lar_ner",
+        name="lar",
+        config={
+            "labels": LABELS,
+            "spans_key": "lar",
+            "backend": BACKEND,
+            "lar": {"@misc": "spacy_llmner.LAR.v1", "proposers": ["source"], "typer": "knn"},
+        },
+    )
     lar.set_demonstrations(DEMOS[:2])
     lar.alignment = LabelAlignment.from_cooccurrence([("PER", "person"), ("LOC", "location")], ["PER", "LOC"], LABELS)
     lar.span_memory = SpanMemory.build(DEMOS, lar.encoder())
-    span = nlp.add_pipe("llm_lar_ner", name="span", config={
-        "labels": LABELS, "spans_key": "span", "backend": BACKEND,
-        "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "bm25", "k": 2}})
+    span = nlp.add_pipe(
+        "llm_lar_ner",
+        name="span",
+        config={
+            "labels": LABELS,
+            "spans_key": "span",
+            "backend": BACKEND,
+            "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "bm25", "k": 2},
+        },
+    )
     span.initialize(pool=DEMOS)
     for name in ("lar", "span"):
         nlp.disable_pipe(name)
@@ -46,7 +63,9 @@ def _write_as_51c609b(nlp, path):
     the ensemble's votes.json."""
     nlp.to_disk(path)
     config = (path / "config.cfg").read_text()
-    (path / "config.cfg").write_text("\n".join(line for line in config.splitlines() if not line.startswith("zero_shot")))
+    (path / "config.cfg").write_text(
+        "\n".join(line for line in config.splitlines() if not line.startswith("zero_shot"))
+    )
     for name in ("lar", "span"):
         ner, folder = nlp.get_pipe(name), path / name
         for f in sorted(folder.rglob("*"), reverse=True):
@@ -65,8 +84,10 @@ def _write_as_51c609b(nlp, path):
             for array in ("sentence", "pieces", "piece_ids", "piece_offsets", "spans", "span_offsets"):
                 np.save(folder / "pool" / f"{array}.npy", np.asarray(getattr(pool, array)), allow_pickle=False)
     ens = nlp.get_pipe("llm_ner_ensemble")
-    srsly.write_json(path / "llm_ner_ensemble" / "votes.json", {
-        "weights": ens.weights, "label_weights": ens.label_weights, "threshold": ens.threshold, "fitted": ens.fitted})
+    srsly.write_json(
+        path / "llm_ner_ensemble" / "votes.json",
+        {"weights": ens.weights, "label_weights": ens.label_weights, "threshold": ens.threshold, "fitted": ens.fitted},
+    )
 
 
 def test_a_pipeline_saved_by_51c609b_loads_with_everything_it_held(tmp_path):
@@ -86,7 +107,10 @@ def test_a_pipeline_saved_by_51c609b_loads_with_everything_it_held(tmp_path):
     # and it runs: the LAR member types the source's spans by their nearest gold spans in the loaded memory
     loaded.get_pipe("span").backend = FakeBackend(lambda q: "")
     doc = loaded("Ada Lovelace visited London.")
-    assert [(s.text, s.label_) for s in doc.spans["llm_ner_ensemble:lar"]] == [("Ada Lovelace", "person"), ("London", "location")]
+    assert [(s.text, s.label_) for s in doc.spans["llm_ner_ensemble:lar"]] == [
+        ("Ada Lovelace", "person"),
+        ("London", "location"),
+    ]
 
 
 def test_exclude_leaves_out_a_piece_on_disk_and_in_bytes(tmp_path):
@@ -106,14 +130,17 @@ def test_exclude_leaves_out_a_piece_on_disk_and_in_bytes(tmp_path):
     assert fresh.alignment.to_dict() == lar.alignment.to_dict()
 
 
-@pytest.mark.parametrize("name,config", [
-    ("llm_lar_ner", {"on_error": "ignore"}),
-    ("llm_lar_ner", {"alignment_mode": "loose"}),
-    ("llm_lar_ner", {"backend": {"@misc": "spacy_llmner.LinesFormat.v1"}}),  # a format is no backend
-    ("llm_lar_ner", {"retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "dense"}}),
-    ("llm_lar_ner", {"lar": {"@misc": "spacy_llmner.LAR.v1", "typer": "oracle"}}),
-    ("llm_ner_ensemble", {"members": ["a"], "voting": "ranked"}),
-])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("llm_lar_ner", {"on_error": "ignore"}),
+        ("llm_lar_ner", {"alignment_mode": "loose"}),
+        ("llm_lar_ner", {"backend": {"@misc": "spacy_llmner.LinesFormat.v1"}}),  # a format is no backend
+        ("llm_lar_ner", {"retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "dense"}}),
+        ("llm_lar_ner", {"lar": {"@misc": "spacy_llmner.LAR.v1", "typer": "oracle"}}),
+        ("llm_ner_ensemble", {"members": ["a"], "voting": "ranked"}),
+    ],
+)
 def test_spacy_config_validation_rejects_a_bad_setting(name, config):
     nlp = spacy.blank("en")
     with pytest.raises(ConfigValidationError):

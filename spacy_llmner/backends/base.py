@@ -7,8 +7,12 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence
 from ..ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
-def answer_in_groups(generate: Callable[[Sequence[GenerationRequest]], List[Generation]], group: int,
-                     requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+def answer_in_groups(
+    generate: Callable[[Sequence[GenerationRequest]], List[Generation]],
+    group: int,
+    requests: Sequence[GenerationRequest],
+    on_answer: Callable[[int, Generation], None],
+) -> None:
     """``on_answer(i, generation)`` for each request, ``group`` requests per ``generate`` call (as many as the
     backend decodes at once: their answers arrive together)."""
     group = max(1, group)
@@ -34,7 +38,9 @@ class BackendBase:
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
-    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+    def generate_each(
+        self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]
+    ) -> None:
         """Calls ``on_answer(i, generation)`` as each answer arrives (the cache commits it at once). By default in
         groups of ``parallel``; backends that answer one by one (HTTP) call it per request."""
         answer_in_groups(self.generate, self.parallel, requests, on_answer)

@@ -110,7 +110,8 @@ class BatchedDecoder:
             self._all = (lc.llama_token_data * self.n_vocab)()
             # A numpy view of the same memory: filling 262k entries field by field in Python took ~0.2 s.
             self._all_view = np.ctypeslib.as_array(self._all).view(
-                np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+                np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            )
         view = self._all_view
         view["id"] = np.arange(self.n_vocab, dtype=np.int32)
         view["logit"] = logits
@@ -176,7 +177,10 @@ class BatchedDecoder:
         s.done = True
 
     def generate(
-        self, prompts: Sequence[List[int]], max_tokens: Sequence[int], stops: Sequence[Sequence[str]],
+        self,
+        prompts: Sequence[List[int]],
+        max_tokens: Sequence[int],
+        stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
     ) -> List[Tuple[str, int]]:
         """Greedy completions for tokenized prompts: (text, completion tokens) each.
@@ -210,7 +214,7 @@ class BatchedDecoder:
                 rows = self.decode_step(step)
                 # Each active sequence's logits sit at the row of its last item in this step.
                 row_of = {}
-                for (tok, pos, seq_id, wants), row in zip(step, rows):
+                for (_tok, _pos, seq_id, wants), row in zip(step, rows):
                     if wants:
                         row_of[seq_id] = row
                 still, step = [], []

@@ -36,8 +36,10 @@ def grammar_path(grammar_field: Optional[str]) -> Optional[List[str]]:
         return None
     parts = field.split(".")
     if not all(parts):
-        raise ValueError(f"OpenAI-compatible backend: grammar_field {grammar_field!r} is not a field name, a dotted "
-                         f"path or one of {sorted(GRAMMAR_FIELDS)}")
+        raise ValueError(
+            f"OpenAI-compatible backend: grammar_field {grammar_field!r} is not a field name, a dotted "
+            f"path or one of {sorted(GRAMMAR_FIELDS)}"
+        )
     return parts
 
 
@@ -144,8 +146,12 @@ class OpenAICompatBackend(BackendBase):
                 if resp.status_code not in RETRY_STATUS:
                     break
                 retry_after = resp.headers.get("Retry-After")
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as e:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as e:
                 last = f"{type(e).__name__}: {e}"
             except (ValueError, KeyError, IndexError, TypeError) as e:  # a 200 whose body is cut or not an answer
                 last = f"unreadable answer ({type(e).__name__}: {e})"
@@ -172,8 +178,8 @@ class OpenAICompatBackend(BackendBase):
                     warnings.warn(
                         f"OpenAI-compatible backend at {url}: an answer does not follow the grammar sent in the "
                         f"request field {'.'.join(self._grammar_path)!r}, so the server ignores that field and "
-                        f"answers unconstrained. Set grammar_field to the server's: \"llama.cpp\" (grammar), "
-                        f"\"vllm\" (structured_outputs.grammar, vLLM >= 0.12), or \"none\". Counted as "
+                        f'answers unconstrained. Set grammar_field to the server\'s: "llama.cpp" (grammar), '
+                        f'"vllm" (structured_outputs.grammar, vLLM >= 0.12), or "none". Counted as '
                         f"grammar_ignored in the usage.",
                         stacklevel=2,
                     )
@@ -203,7 +209,9 @@ class OpenAICompatBackend(BackendBase):
         self.generate_each(requests, keep)
         return out  # type: ignore[return-value]
 
-    def generate_each(self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]) -> None:
+    def generate_each(
+        self, requests: Sequence[GenerationRequest], on_answer: Callable[[int, Generation], None]
+    ) -> None:
         """Up to ``max_concurrency`` requests in flight; ``on_answer`` as each one arrives. When a request fails
         for good, the others already in flight finish (and are handed over) before the error is raised."""
         if len(requests) <= 1 or self.max_concurrency == 1:

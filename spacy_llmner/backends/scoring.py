@@ -62,8 +62,10 @@ class TrieScorer:
                 raise ValueError("scoring needs a non-empty context and non-empty options")
             need = len(ctx) + sum(len(o) for o in options)
             if need + 1 > self.n_ctx or len(options) > self.max_seqs - 1:
-                raise ValueError(f"a scoring request of {need} tokens / {len(options)} options does not fit "
-                                 f"n_ctx={self.n_ctx} / {self.max_seqs - 1} options")
+                raise ValueError(
+                    f"a scoring request of {need} tokens / {len(options)} options does not fit "
+                    f"n_ctx={self.n_ctx} / {self.max_seqs - 1} options"
+                )
             if group and (seqs + len(options) > self.max_seqs - 1 or cells + need > self.n_ctx):
                 self._score_group([items[j] for j in group], [out[j] for j in group])
                 group, seqs, cells = [], 0, 0

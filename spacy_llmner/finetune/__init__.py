@@ -108,8 +108,10 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
         chosen = rng.sample(pool, min(len(pool), data["examples_per_source"]))
         t0 = time.perf_counter()
         examples.extend(builder.build(chosen, pool, name))
-        log(f"finetune: {name}: {len(chosen)} examples from a pool of {len(pool)} ({len(labels)} labels, "
-            f"{time.perf_counter() - t0:.0f} s)")
+        log(
+            f"finetune: {name}: {len(chosen)} examples from a pool of {len(pool)} ({len(labels)} labels, "
+            f"{time.perf_counter() - t0:.0f} s)"
+        )
     return examples
 
 
@@ -133,8 +135,10 @@ def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any
     def progress(state):
         if state.optimizer_steps % 10 == 0:
             recent = state.losses[-10:]
-            log(f"finetune: step {state.optimizer_steps}, {state.examples_seen} examples, "
-                f"loss {sum(recent) / len(recent):.3f}, {state.seconds / 60:.1f} min")
+            log(
+                f"finetune: step {state.optimizer_steps}, {state.examples_seen} examples, "
+                f"loss {sum(recent) / len(recent):.3f}, {state.seconds / 60:.1f} min"
+            )
 
     model, tuning_log = tune(model, tokenizer, examples, train, progress)
     model.save_pretrained(str(output / "adapter"))
@@ -143,12 +147,23 @@ def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any
     t_export = time.perf_counter() - t2
     tokenizer.close()
     by_dataset = dict(Counter(ex.dataset for ex in examples))
-    summary = {"base": base, "model": str(path), "model_mb": round(path.stat().st_size / 1e6, 1),
-               "examples": len(examples), "examples_by_dataset": by_dataset,
-               "seconds": {"examples": round(t_examples, 1), "load": round(t_load, 1),
-                           "train": round(tuning_log.seconds, 1), "export": round(t_export, 1)},
-               "config": json.loads(json.dumps(settings))}
+    summary = {
+        "base": base,
+        "model": str(path),
+        "model_mb": round(path.stat().st_size / 1e6, 1),
+        "examples": len(examples),
+        "examples_by_dataset": by_dataset,
+        "seconds": {
+            "examples": round(t_examples, 1),
+            "load": round(t_load, 1),
+            "train": round(tuning_log.seconds, 1),
+            "export": round(t_export, 1),
+        },
+        "config": json.loads(json.dumps(settings)),
+    }
     write_log(output / "tuning.json", tuning_log, train, **summary)
-    log(f"finetune: wrote {path} ({summary['model_mb']} MB); {tuning_log.examples_seen} examples in "
-        f"{tuning_log.seconds / 60:.1f} min")
+    log(
+        f"finetune: wrote {path} ({summary['model_mb']} MB); {tuning_log.examples_seen} examples in "
+        f"{tuning_log.seconds / 60:.1f} min"
+    )
     return summary

@@ -58,7 +58,7 @@ def neighbours(component, demonstrations: Sequence[Demonstration]) -> List[List[
     out = []
     for demo, demos in zip(demonstrations, found):
         kept = [d for d in demos if d.text != demo.text]
-        out.append(kept[len(kept) - k:] if k else [])  # prompt order: the most similar last
+        out.append(kept[len(kept) - k :] if k else [])  # prompt order: the most similar last
     return out
 
 
@@ -71,14 +71,16 @@ class ExampleBuilder:
         self.reg = regularisation or Regularisation(0.0, 0.0, 0.0, 0.0)
         self.rng = random.Random(seed)
 
-    def build(self, demonstrations: Sequence[Demonstration], pool: Sequence[Demonstration] = (),
-              dataset: str = "") -> List[TuningExample]:
+    def build(
+        self, demonstrations: Sequence[Demonstration], pool: Sequence[Demonstration] = (), dataset: str = ""
+    ) -> List[TuningExample]:
         """Examples for these sentences; ``pool``: the retrieval pool (random demonstrations come from it)."""
         shown = neighbours(self.component, demonstrations)
         return [self.example(d, demos, pool or demonstrations, dataset) for d, demos in zip(demonstrations, shown)]
 
-    def example(self, gold: Demonstration, demos: Sequence[Demonstration], pool: Sequence[Demonstration] = (),
-                dataset: str = "") -> TuningExample:
+    def example(
+        self, gold: Demonstration, demos: Sequence[Demonstration], pool: Sequence[Demonstration] = (), dataset: str = ""
+    ) -> TuningExample:
         comp, reg, rng = self.component, self.reg, self.rng
         demos = [d for d in demos if rng.random() >= reg.demo_dropout]
         if demos and pool and rng.random() < reg.random_demo:
@@ -99,8 +101,11 @@ class ExampleBuilder:
             gold = self._relabel(gold, rename, comp.label_set)
         prompts = PromptBuilder(labels, comp.format, comp.prompts.instructions)
         shown = display(gold.text).rstrip()
-        spans = [(s, e, labels.prompt_names[t]) for s, e, lab in gold.spans
-                 if e <= len(shown) and (t := labels.resolve(lab)) is not None]
+        spans = [
+            (s, e, labels.prompt_names[t])
+            for s, e, lab in gold.spans
+            if e <= len(shown) and (t := labels.resolve(lab)) is not None
+        ]
         answer = comp.format.render(shown, spans) + comp.format.stop[0]
         return TuningExample(prompts.build(shown, demos), answer, dataset)
 

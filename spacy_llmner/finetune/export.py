@@ -38,8 +38,13 @@ def gguf_names(arch: str, n_blocks: int, hf_names) -> Dict[str, str]:
     return out
 
 
-def export_gguf(base_path: str, changed: Dict[str, np.ndarray], out_path: str, out_type: str = "q8_0",
-                name_suffix: str = "ner-tuned") -> Path:
+def export_gguf(
+    base_path: str,
+    changed: Dict[str, np.ndarray],
+    out_path: str,
+    out_type: str = "q8_0",
+    name_suffix: str = "ner-tuned",
+) -> Path:
     """``changed``: HF parameter name → new float weight (transformers' layout). Returns the written path."""
     import gguf
 
@@ -110,7 +115,7 @@ def merged_weights(peft_model) -> Dict[str, np.ndarray]:
     out = {}
     state = merged.state_dict()
     for module in tuned:
-        key = (module[len(prefix):] if module.startswith(prefix) else module) + ".weight"
+        key = (module[len(prefix) :] if module.startswith(prefix) else module) + ".weight"
         out[key] = state[key].detach().float().cpu().numpy()
     return out
 

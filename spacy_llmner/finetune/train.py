@@ -97,8 +97,13 @@ class TuningLog:
     losses: List[float] = field(default_factory=list)  # mean answer loss per optimizer step
 
 
-def tune(model, tokenizer: Tokenizer, examples: Sequence[TuningExample], settings: TrainingSettings,
-         progress: Optional[Callable[[TuningLog], None]] = None):
+def tune(
+    model,
+    tokenizer: Tokenizer,
+    examples: Sequence[TuningExample],
+    settings: TrainingSettings,
+    progress: Optional[Callable[[TuningLog], None]] = None,
+):
     """LoRA-tunes ``model`` in place on the examples; returns (peft model, log)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -107,8 +112,13 @@ def tune(model, tokenizer: Tokenizer, examples: Sequence[TuningExample], setting
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=list(settings.targets), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.targets),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

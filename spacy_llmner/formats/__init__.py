@@ -14,4 +14,4 @@ make_xml_format = registry.misc.register("spacy_llmner.XMLFormat.v1", func=XMLFo
 make_json_format = registry.misc.register("spacy_llmner.JSONFormat.v1", func=JSONFormat)
 make_lines_format = registry.misc.register("spacy_llmner.LinesFormat.v1", func=LinesFormat)
 
-__all__ = ["BracketFormat", "XMLFormat", "JSONFormat", "LinesFormat", "FORMATS", "locate", "Located"]
+__all__ = ["BracketFormat", "XMLFormat", "JSONFormat", "LinesFormat", "FORMATS", "answer_spans", "locate", "Located"]

@@ -108,7 +108,7 @@ def _tokenize_rhs(rhs: str) -> List[str]:
             while j < len(rhs) and (rhs[j].isalnum() or rhs[j] in "-_"):
                 j += 1
             if j == i:
-                raise ValueError(f"GBNF: cannot read {rhs[i:i + 20]!r}")
+                raise ValueError(f"GBNF: cannot read {rhs[i : i + 20]!r}")
             out.append(rhs[i:j])
             i = j
     return out

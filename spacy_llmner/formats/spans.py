@@ -39,7 +39,9 @@ class _AnswerToSource:
 
     def __init__(self, plain: str, source: str):
         self.identity = plain == source
-        self.blocks = [] if self.identity else SequenceMatcher(None, plain, source, autojunk=False).get_matching_blocks()
+        self.blocks = (
+            [] if self.identity else SequenceMatcher(None, plain, source, autojunk=False).get_matching_blocks()
+        )
 
     def __call__(self, pos: int) -> Optional[int]:
         if self.identity:
@@ -82,8 +84,9 @@ def locate(mentions: Sequence[Mention], source: str, plain_text: Optional[str] =
     return out
 
 
-def answer_spans(fmt: OutputFormat, answer: str, shown: str, labels: LabelSet, usage: Usage, extract: bool = False
-                 ) -> List[Tuple[int, int, Optional[str]]]:
+def answer_spans(
+    fmt: OutputFormat, answer: str, shown: str, labels: LabelSet, usage: Usage, extract: bool = False
+) -> List[Tuple[int, int, Optional[str]]]:
     """(start, end, label) in ``shown`` (the text the prompt showed) for each verified mention of ``answer``;
     label None when ``extract`` (spans only). Malformed fragments, hallucinated mentions and unknown labels are
     dropped and counted in ``usage``."""

@@ -21,22 +21,33 @@ import srsly
 
 # What the common source schemes' labels mean, for embedding them (labels not listed embed by their own name).
 SOURCE_DEFINITIONS = {
-    "PER": "person: a named person", "person": "person: a named person",
-    "LOC": "location: a named place, country or region", "location": "location: a named place, country or region",
+    "PER": "person: a named person",
+    "person": "person: a named person",
+    "LOC": "location: a named place, country or region",
+    "location": "location: a named place, country or region",
     "ORG": "organisation: a named company, institution, party or group",
     "organisation": "organisation: a named company, institution, party or group",
     "MISC": "miscellaneous: other named entities such as events, nationalities, works and products",
     "misc": "miscellaneous: other named entities such as events, nationalities, works and products",
-    "GPE": "geopolitical entity: a country, city or state", "NORP": "nationality, religious or political group",
-    "FAC": "facility: a building, airport or bridge", "PRODUCT": "product: a named product",
-    "EVENT": "event: a named event", "WORK_OF_ART": "work of art: a named book, song or film",
-    "LAW": "law: a named law or treaty", "LANGUAGE": "language: a named language",
+    "GPE": "geopolitical entity: a country, city or state",
+    "NORP": "nationality, religious or political group",
+    "FAC": "facility: a building, airport or bridge",
+    "PRODUCT": "product: a named product",
+    "EVENT": "event: a named event",
+    "WORK_OF_ART": "work of art: a named book, song or film",
+    "LAW": "law: a named law or treaty",
+    "LANGUAGE": "language: a named language",
 }
 
 
 class LabelAlignment:
-    def __init__(self, source: Sequence[str], target: Sequence[str], scores: np.ndarray,
-                 precision: Optional[Dict[str, float]] = None):
+    def __init__(
+        self,
+        source: Sequence[str],
+        target: Sequence[str],
+        scores: np.ndarray,
+        precision: Optional[Dict[str, float]] = None,
+    ):
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (len(source), len(target)):
             raise ValueError(f"alignment matrix is {scores.shape}, expected {(len(source), len(target))}")
@@ -47,10 +58,15 @@ class LabelAlignment:
 
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod
-    def from_embeddings(cls, source: Sequence[str], target: Sequence[str], encoder,
-                        target_definitions: Optional[Dict[str, str]] = None,
-                        source_definitions: Optional[Dict[str, str]] = None,
-                        temperature: float = 0.05) -> "LabelAlignment":
+    def from_embeddings(
+        cls,
+        source: Sequence[str],
+        target: Sequence[str],
+        encoder,
+        target_definitions: Optional[Dict[str, str]] = None,
+        source_definitions: Optional[Dict[str, str]] = None,
+        temperature: float = 0.05,
+    ) -> "LabelAlignment":
         def describe(label, defs, fallback):
             text = (defs or {}).get(label) or fallback.get(label)
             return text if text and text.lower().startswith(label.lower()) else f"{label}: {text or label}"
@@ -63,8 +79,13 @@ class LabelAlignment:
         return cls(source, target, probs / probs.sum(axis=1, keepdims=True))
 
     @classmethod
-    def from_cooccurrence(cls, pairs: Iterable[Tuple[str, Optional[str]]], source: Sequence[str],
-                          target: Sequence[str], smoothing: float = 0.1) -> "LabelAlignment":
+    def from_cooccurrence(
+        cls,
+        pairs: Iterable[Tuple[str, Optional[str]]],
+        source: Sequence[str],
+        target: Sequence[str],
+        smoothing: float = 0.1,
+    ) -> "LabelAlignment":
         """``pairs``: (source label, gold target label or None when no gold span has the same boundaries)."""
         counts = np.full((len(source), len(target)), smoothing, dtype=np.float64)
         seen, matched = Counter(), Counter()
@@ -113,11 +134,16 @@ class LabelAlignment:
         row = self.scores[self.source.index(source_label)]
         order = np.argsort(-row, kind="stable")[:top_k]
         return [(self.target[j], float(row[j])) for j in order if row[j] >= min_score] or [
-            (self.target[int(order[0])], float(row[order[0]]))]
+            (self.target[int(order[0])], float(row[order[0]]))
+        ]
 
     def to_dict(self) -> Dict:
-        return {"source": self.source, "target": self.target, "scores": self.scores.round(6).tolist(),
-                "precision": self.precision}
+        return {
+            "source": self.source,
+            "target": self.target,
+            "scores": self.scores.round(6).tolist(),
+            "precision": self.precision,
+        }
 
     @classmethod
     def from_dict(cls, data: Dict) -> "LabelAlignment":

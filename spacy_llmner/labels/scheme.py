@@ -49,8 +49,11 @@ class LabelSet:
     def restricted(self, labels: Iterable[str]) -> "LabelSet":
         """A label set of ``labels`` keeping the definitions and synonyms of those among them."""
         labels = list(labels)
-        return LabelSet(labels, {k: v for k, v in self.definitions.items() if k in labels},
-                        {k: v for k, v in self.synonyms.items() if v in labels})
+        return LabelSet(
+            labels,
+            {k: v for k, v in self.definitions.items() if k in labels},
+            {k: v for k, v in self.synonyms.items() if v in labels},
+        )
 
     def __len__(self) -> int:
         return len(self.labels)

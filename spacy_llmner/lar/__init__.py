@@ -21,8 +21,29 @@ alignment learning), ``memory`` (the span memory for kNN typing).
 from .choice import ChoiceBatch, best, choose, p_yes
 from .config import PROPOSERS, Candidate, LARStages, make_lar
 from .memory import SpanMemory
-from .prompts import CONTENT_FREE, VERIFY_OPTIONS, typing_context, typing_options, verification_context, verification_examples
+from .prompts import (
+    CONTENT_FREE,
+    VERIFY_OPTIONS,
+    typing_context,
+    typing_options,
+    verification_context,
+    verification_examples,
+)
 
-__all__ = ["CONTENT_FREE", "PROPOSERS", "VERIFY_OPTIONS", "Candidate", "ChoiceBatch", "LARStages", "SpanMemory", "best",
-           "choose", "make_lar", "p_yes", "typing_context", "typing_options", "verification_context",
-           "verification_examples"]
+__all__ = [
+    "CONTENT_FREE",
+    "PROPOSERS",
+    "VERIFY_OPTIONS",
+    "Candidate",
+    "ChoiceBatch",
+    "LARStages",
+    "SpanMemory",
+    "best",
+    "choose",
+    "make_lar",
+    "p_yes",
+    "typing_context",
+    "typing_options",
+    "verification_context",
+    "verification_examples",
+]

@@ -17,11 +17,17 @@ def choose(backend: Backend, requests: Sequence[ScoreRequest]) -> Tuple[List[Lis
     if backend.supports_scoring:
         scores = backend.score(requests)
         return [s.logprobs for s in scores], sum(s.prompt_tokens for s in scores), sum(not s.cached for s in scores)
-    gens = backend.generate([
-        GenerationRequest(r.context, max_tokens=16, stop=("\n",) if not any("\n" in o[:-1] for o in r.options)
-                          else (), grammar="root ::= " + gbnf.alternatives(r.options))
-        for r in requests
-    ])
+    gens = backend.generate(
+        [
+            GenerationRequest(
+                r.context,
+                max_tokens=16,
+                stop=("\n",) if not any("\n" in o[:-1] for o in r.options) else (),
+                grammar="root ::= " + gbnf.alternatives(r.options),
+            )
+            for r in requests
+        ]
+    )
     out = []
     for r, g in zip(requests, gens):
         text = g.text.strip()
@@ -48,8 +54,6 @@ def p_yes(scores: Sequence[float], prior: Optional[Sequence[float]] = None) -> f
     if prior is not None and all(math.isfinite(x) for x in prior):
         logit -= prior[0] - prior[1]
     return 1.0 / (1.0 + math.exp(-logit))
-
-
 
 
 class ChoiceBatch:

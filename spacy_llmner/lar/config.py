@@ -54,7 +54,7 @@ class LARStages:
 
     def source_spans(self, doc) -> List[Tuple[int, int, str]]:
         """Character spans + source labels as the source left them on the doc (read before we overwrite)."""
-        spans = doc.ents if self.source == "ents" else doc.spans.get(self.source[len("spans:"):], [])
+        spans = doc.ents if self.source == "ents" else doc.spans.get(self.source[len("spans:") :], [])
         return [(s.start_char, s.end_char, s.label_) for s in spans]
 
 
@@ -93,5 +93,17 @@ def make_lar(
         memory, no LLM call) or "llm+knn" (both, added).
     knn_weight (float): in "llm+knn", the weight of log P_knn(label) added to the LLM's score.
     """
-    return LARStages(tuple(proposers), source, retype, top_k, keep_margin, verify, verify_threshold, alignment,
-                     embedding_weight, calibrate, typer, knn_weight)
+    return LARStages(
+        tuple(proposers),
+        source,
+        retype,
+        top_k,
+        keep_margin,
+        verify,
+        verify_threshold,
+        alignment,
+        embedding_weight,
+        calibrate,
+        typer,
+        knn_weight,
+    )

@@ -57,8 +57,9 @@ class SpanMemory:
         return cls(np.load(stem.with_suffix(".npy"), allow_pickle=False), srsly.read_json(stem.with_suffix(".json")))
 
     def to_bytes(self) -> bytes:
-        return srsly.msgpack_dumps({"labels": self.labels, "shape": list(self.vectors.shape),
-                                    "vectors": self.vectors.astype("<f2").tobytes()})
+        return srsly.msgpack_dumps(
+            {"labels": self.labels, "shape": list(self.vectors.shape), "vectors": self.vectors.astype("<f2").tobytes()}
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SpanMemory":

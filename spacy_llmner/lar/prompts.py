@@ -36,19 +36,16 @@ def verification_examples(demos: Sequence[Demonstration], names: Dict[str, str],
         s, e, name = rng.choice(spans)
         other = [n for n in labels if n != name]
         text = display(demo.text).strip()
-        lines.append(f"Sentence: {text}\nIs \"{text[s:e]}\" a {name}? yes\n\n")
+        lines.append(f'Sentence: {text}\nIs "{text[s:e]}" a {name}? yes\n\n')
         if other:
-            lines.append(f"Sentence: {text}\nIs \"{text[s:e]}\" a {rng.choice(other)}? no\n\n")
+            lines.append(f'Sentence: {text}\nIs "{text[s:e]}" a {rng.choice(other)}? no\n\n')
         # and a word outside every entity: "no" whatever the label
         inside = [(a, b) for a, b, _ in demo.spans]
         words = [m for m in re.finditer(r"[A-Za-z]{3,}", text) if not any(a <= m.start() < b for a, b in inside)]
         if words:
-            lines.append(f"Sentence: {text}\nIs \"{rng.choice(words).group()}\" a {name}? no\n\n")
+            lines.append(f'Sentence: {text}\nIs "{rng.choice(words).group()}" a {name}? no\n\n')
     return "".join(lines)
 
 
 def verification_context(examples: str, text: str, span_text: str, name: str) -> str:
-    return f"{examples}Sentence: {display(text).strip()}\nIs \"{display(span_text).strip()}\" a {name}?"
-
-
-
+    return f'{examples}Sentence: {display(text).strip()}\nIs "{display(span_text).strip()}" a {name}?'

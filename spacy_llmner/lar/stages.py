@@ -16,8 +16,14 @@ from ..ty import ScoreRequest
 from .choice import ChoiceBatch, best, p_yes
 from .config import Candidate, LARStages
 from .memory import SpanMemory
-from .prompts import (CONTENT_FREE, VERIFY_OPTIONS, typing_context, typing_options, verification_context,
-                      verification_examples)
+from .prompts import (
+    CONTENT_FREE,
+    VERIFY_OPTIONS,
+    typing_context,
+    typing_options,
+    verification_context,
+    verification_examples,
+)
 
 Candidates = List[Dict[Tuple, Candidate]]  # per chunk
 
@@ -36,8 +42,9 @@ class Typing:
     encoder: Callable[[], Any]
 
 
-def source_candidates(chunks: Sequence[Chunk], source: Sequence[Sequence[Tuple[int, int, str]]],
-                      candidates: Candidates) -> None:
+def source_candidates(
+    chunks: Sequence[Chunk], source: Sequence[Sequence[Tuple[int, int, str]]], candidates: Candidates
+) -> None:
     """Adds each source span (doc character offsets, source label) to the chunk that holds it."""
     for j, chunk in enumerate(chunks):
         for start, end, label in source[chunk.doc_index]:
@@ -46,8 +53,9 @@ def source_candidates(chunks: Sequence[Chunk], source: Sequence[Sequence[Tuple[i
                 candidates[j].setdefault(key, Candidate(*key)).source_label = label
 
 
-def type_candidates(t: Typing, chunks: Sequence[Chunk], demos: Sequence[Sequence[Demonstration]],
-                    candidates: Candidates, run: Run) -> None:
+def type_candidates(
+    t: Typing, chunks: Sequence[Chunk], demos: Sequence[Sequence[Demonstration]], candidates: Candidates, run: Run
+) -> None:
     st, names = t.stages, t.labels.prompt_names
     by_name = {n: lab for lab, n in names.items()}
     everything = typing_options(t.labels.names())
@@ -68,8 +76,13 @@ def type_candidates(t: Typing, chunks: Sequence[Chunk], demos: Sequence[Sequence
             prior = None
             if st.calibrate and st.typer != "knn":  # the label prior in this context: a content-free span
                 prior = batch.prior(j, owner, ScoreRequest(typing_context(prompt, CONTENT_FREE), everything))
-            at = batch.ask(owner, ScoreRequest(typing_context(prompt, chunks[j].shown[c.start : c.end]),
-                                               typing_options([names[o] for o in options])))
+            at = batch.ask(
+                owner,
+                ScoreRequest(
+                    typing_context(prompt, chunks[j].shown[c.start : c.end]),
+                    typing_options([names[o] for o in options]),
+                ),
+            )
             todo.append((j, c, options, at, prior))
     if st.typer != "llm" and t.memory is None:
         raise ValueError(f"{t.name}: typer={st.typer!r} needs the span memory learned by initialize()")
@@ -90,8 +103,9 @@ def type_candidates(t: Typing, chunks: Sequence[Chunk], demos: Sequence[Sequence
         if knn:
             weight = 1.0 if st.typer == "knn" else st.knn_weight
             # the option order (alignment rank) breaks ties when no neighbour votes for any option
-            sc = [x + weight * math.log(knn[n].get(o, 0.0) + 1e-3) - 1e-6 * i
-                  for i, (x, o) in enumerate(zip(sc, options))]
+            sc = [
+                x + weight * math.log(knn[n].get(o, 0.0) + 1e-3) - 1e-6 * i for i, (x, o) in enumerate(zip(sc, options))
+            ]
         k, margin = best(sc)
         chosen = by_name[names[options[k]]]
         if c.source_label is not None and margin < st.keep_margin and t.alignment is not None:
@@ -99,7 +113,9 @@ def type_candidates(t: Typing, chunks: Sequence[Chunk], demos: Sequence[Sequence
         c.label, c.score = chosen, margin
 
 
-def place_spans(chunks: Sequence[Chunk], spans: Sequence[Sequence]) -> Tuple[Candidates, List[List[Optional[Candidate]]]]:
+def place_spans(
+    chunks: Sequence[Chunk], spans: Sequence[Sequence]
+) -> Tuple[Candidates, List[List[Optional[Candidate]]]]:
     """Labelled spans (``spans[i]``: doc i's) as candidates of the chunks holding them, and per doc the candidate
     of each span (None where it crosses a chunk boundary)."""
     candidates: Candidates = [{} for _ in chunks]
@@ -118,8 +134,14 @@ def place_spans(chunks: Sequence[Chunk], spans: Sequence[Sequence]) -> Tuple[Can
     return candidates, placed
 
 
-def verification_scores(stages: LARStages, names: Dict[str, str], chunks: Sequence[Chunk],
-                        demos: Sequence[Sequence[Demonstration]], candidates: Candidates, run: Run) -> None:
+def verification_scores(
+    stages: LARStages,
+    names: Dict[str, str],
+    chunks: Sequence[Chunk],
+    demos: Sequence[Sequence[Demonstration]],
+    candidates: Candidates,
+    run: Run,
+) -> None:
     """Sets each typed candidate's calibrated P(yes) for "Is <span> a <label>?"."""
     batch, todo = ChoiceBatch(), []
     for j, cands in enumerate(candidates):
@@ -130,10 +152,17 @@ def verification_scores(stages: LARStages, names: Dict[str, str], chunks: Sequen
                 continue
             name, prior = names[c.label], None
             if stages.calibrate:  # how readily it says yes to a content-free span
-                prior = batch.prior((j, name), chunk.doc_index, ScoreRequest(
-                    verification_context(examples, chunk.shown, CONTENT_FREE, name), VERIFY_OPTIONS))
-            at = batch.ask(chunk.doc_index, ScoreRequest(
-                verification_context(examples, chunk.shown, chunk.shown[c.start : c.end], name), VERIFY_OPTIONS))
+                prior = batch.prior(
+                    (j, name),
+                    chunk.doc_index,
+                    ScoreRequest(verification_context(examples, chunk.shown, CONTENT_FREE, name), VERIFY_OPTIONS),
+                )
+            at = batch.ask(
+                chunk.doc_index,
+                ScoreRequest(
+                    verification_context(examples, chunk.shown, chunk.shown[c.start : c.end], name), VERIFY_OPTIONS
+                ),
+            )
             todo.append((c, at, prior))
     scores = run.choose(batch.owners, batch.requests)
     if scores is None:
@@ -142,8 +171,14 @@ def verification_scores(stages: LARStages, names: Dict[str, str], chunks: Sequen
         c.p_yes = p_yes(scores[at], scores[prior] if prior is not None else None)
 
 
-def verify(stages: LARStages, names: Dict[str, str], chunks: Sequence[Chunk],
-           demos: Sequence[Sequence[Demonstration]], candidates: Candidates, run: Run) -> None:
+def verify(
+    stages: LARStages,
+    names: Dict[str, str],
+    chunks: Sequence[Chunk],
+    demos: Sequence[Sequence[Demonstration]],
+    candidates: Candidates,
+    run: Run,
+) -> None:
     """Drops (label None) the candidates whose P(yes) is below ``verify_threshold``."""
     verification_scores(stages, names, chunks, demos, candidates, run)
     for cands in candidates:
@@ -152,8 +187,9 @@ def verify(stages: LARStages, names: Dict[str, str], chunks: Sequence[Chunk],
                 c.label = None
 
 
-def learn_alignment(t: Typing, gold: Sequence[Demonstration], predicted: Sequence[Sequence[Tuple[int, int, str]]]
-                    ) -> Tuple[LabelAlignment, SpanMemory]:
+def learn_alignment(
+    t: Typing, gold: Sequence[Demonstration], predicted: Sequence[Sequence[Tuple[int, int, str]]]
+) -> Tuple[LabelAlignment, SpanMemory]:
     """Source → target alignment from the source's ``predicted`` spans on ``gold`` target data (co-occurrence at
     equal boundaries) mixed with label-embedding similarity, config rows pinned on top; and the gold spans'
     memory for kNN typing."""
@@ -163,8 +199,10 @@ def learn_alignment(t: Typing, gold: Sequence[Demonstration], predicted: Sequenc
         pairs.extend((lab, truth.get((s, e))) for s, e, lab in spans)
     source = sorted({s for s, _ in pairs} | set(t.stages.alignment or {}))
     if not source:
-        raise ValueError(f"{t.name}: the source predicted no spans on the alignment corpus; is a source NER "
-                         f"component placed before {t.name} (source={t.stages.source!r})?")
+        raise ValueError(
+            f"{t.name}: the source predicted no spans on the alignment corpus; is a source NER "
+            f"component placed before {t.name} (source={t.stages.source!r})?"
+        )
     cooc = LabelAlignment.from_cooccurrence(pairs, source, t.labels.labels)
     w = t.stages.embedding_weight
     combined = LabelAlignment.combine([(align_by_embeddings(t, source), w), (cooc, 1 - w)])

@@ -75,8 +75,12 @@ class Pool:
     def to_bytes(self) -> bytes:
         import srsly  # msgpack with numpy support: arrays travel as raw buffers, no pickle
 
-        return srsly.msgpack_dumps({"demonstrations": [d.to_dict() for d in self.demonstrations],
-                                    **{name: np.asarray(getattr(self, name)) for name in ARRAYS}})
+        return srsly.msgpack_dumps(
+            {
+                "demonstrations": [d.to_dict() for d in self.demonstrations],
+                **{name: np.asarray(getattr(self, name)) for name in ARRAYS},
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Pool":

@@ -116,8 +116,9 @@ class Retriever:
         import bm25s
 
         if self._bm25 is None:  # rebuilt from the pool's texts on first use (seconds for 100k sentences)
-            tokens = bm25s.tokenize([d.text for d in self.pool.demonstrations], stopwords="en", return_ids=False,
-                                    show_progress=False)
+            tokens = bm25s.tokenize(
+                [d.text for d in self.pool.demonstrations], stopwords="en", return_ids=False, show_progress=False
+            )
             self._bm25 = bm25s.BM25()
             self._bm25.index(tokens, show_progress=False)
         vocab = self._bm25.vocab_dict

@@ -1,30 +1,7 @@
-"""The ``llm_ner_ensemble`` component (EL4NER): several NER members, one span-level vote, self-validation of the
-spans the members disagree on.
-
-Members are components of the same pipeline, named in ``members`` and *disabled* there (``[nlp] disabled`` or
-``nlp.disable_pipe``): the ensemble runs them itself, each on its own copy of the doc, so one member's
-``doc.ents`` never hides another's. ``llm_lar_ner`` members see the entities earlier components left (a LAR
-source's); other members start from a doc without entities (spaCy's ``ner`` would keep them as its own). A member is any NER producer: an ``llm_lar_ner`` (any backend, format,
-demonstrations, prompt or LAR stages), a trained spaCy ``ner`` (sourced from a packaged pipeline with
-``replace_listeners`` so it carries its own tok2vec), a ``spancat``. Being components, members keep spaCy's config
-validation, sourcing and serialization, and llama.cpp members on one model file share one loaded copy.
-
-Vote (per doc): the union of all members' spans; a boundary's *support* is the share of the total member weight
-whose members proposed exactly those boundaries (any label); kept when support > ``threshold``. Its type is a
-separate vote among the members that proposed it, each counting ``weight × its dev accuracy for that label``.
-With ``voting = "weighted"``, ``initialize`` fits the member weights, the label accuracies and the threshold on
-a dev set. A ``validator`` (an ``llm_lar_ner`` member) re-asks spans whose support lies within ``validate_band``
-of the threshold — only those, so the cost stays bounded — with its yes/no verification prompt.
-
-Output: non-overlapping kept spans to ``doc.ents`` (most supported first), every kept span to
-``doc.spans[spans_key]`` with ``attrs["scores"]`` (support) and ``attrs["label_scores"]`` (type-vote share), each
-member's spans to ``doc.spans["<ensemble>:<member>"]``, and the cost per member and in total to
-``doc._.llm_ner_usage``.
-"""
+"""The ``llm_ner_ensemble`` component: runs its members, votes (``voting.py``), validates doubtful spans."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -32,17 +9,16 @@ import srsly
 from spacy import util
 from spacy.language import Language
 from spacy.pipeline import Pipe, SpanCategorizer
-from spacy.scorer import PRFScore, Scorer
+from spacy.scorer import Scorer
 from spacy.tokens import Doc, Span
 from spacy.training import Example
 from spacy.util import filter_spans, minibatch
 
-from .demonstrations import load_demonstrations
-from .ty import LLMComponent
-from .upstream import run_upstream
-from .usage import Usage
-
-TokenSpan = Tuple[int, int, str]  # token start, token end, label
+from ..demonstrations import load_demonstrations
+from ..ty import LLMComponent
+from ..upstream import run_upstream
+from ..usage import Usage
+from .voting import Ballot, TokenSpan, fit, flat_spans, micro_f1, vote
 
 DEFAULT_CONFIG = {
     "members": [],
@@ -55,9 +31,6 @@ DEFAULT_CONFIG = {
     "spans_key": None,
     "scorer": {"@scorers": "spacy.ner_scorer.v1"},
 }
-
-WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)
-THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # support > t; 0.0 keeps the union
 
 
 @Language.factory("llm_ner_ensemble", default_config=DEFAULT_CONFIG)
@@ -88,149 +61,19 @@ def make_llm_ner_ensemble(
     spans_key (Optional[str]): the ``doc.spans`` group of the kept spans (default: the component's name).
     scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
     """
-    return Ensemble(nlp, name, members=members, voting=voting, threshold=threshold, weights=weights,
-                    validator=validator, validate_band=validate_band, validate_threshold=validate_threshold,
-                    spans_key=spans_key, scorer=scorer)
-
-
-# ---- voting (pure functions on token spans: testable without any model) -------------------------------------
-@dataclass
-class Vote:
-    start: int
-    end: int
-    label: str
-    support: float  # share of the total member weight that proposed these boundaries
-    label_share: float  # the chosen label's share of the type vote
-    members: Tuple[str, ...]  # who proposed these boundaries
-
-
-def tally(outputs: Dict[str, Sequence[TokenSpan]], weights: Dict[str, float],
-          label_weights: Optional[Dict[str, Dict[str, float]]] = None) -> List[Vote]:
-    """Every proposed boundary with its support and its type vote. Ties in the type vote go to the label of the
-    earliest member (in ``outputs`` order) that proposed it."""
-    total = sum(max(0.0, weights.get(m, 1.0)) for m in outputs)
-    proposed: Dict[Tuple[int, int], Dict[str, List[str]]] = {}
-    for member, spans in outputs.items():
-        for start, end, label in dict.fromkeys(spans):  # a member proposing the same span twice votes once
-            proposed.setdefault((start, end), {}).setdefault(label, []).append(member)
-    order = {m: i for i, m in enumerate(outputs)}
-    votes = []
-    for (start, end), by_label in proposed.items():
-        members = tuple(sorted({m for ms in by_label.values() for m in ms}, key=order.get))
-        support = sum(max(0.0, weights.get(m, 1.0)) for m in members) / total if total else 0.0
-        scored = {}
-        for label, ms in by_label.items():
-            scored[label] = sum(max(0.0, weights.get(m, 1.0)) * _accuracy(label_weights, m, label) for m in ms)
-        label = max(scored, key=lambda lab: (scored[lab], -min(order[m] for m in by_label[lab])))
-        mass = sum(scored.values())
-        votes.append(Vote(start, end, label, support, scored[label] / mass if mass else 0.0, members))
-    votes.sort(key=lambda v: (v.start, -v.end))
-    return votes
-
-
-@dataclass
-class Ballot:
-    """One doc's vote: every proposed span and whether it is kept."""
-
-    votes: List[Vote]
-    keep: List[bool]
-
-    def kept(self) -> List[Vote]:
-        return [v for v, k in zip(self.votes, self.keep) if k]
-
-    def spans(self) -> List[TokenSpan]:
-        """The non-overlapping kept spans (``flat``), the ensemble's ``doc.ents``."""
-        return [(v.start, v.end, v.label) for v in flat(self.kept())]
-
-
-def vote(outputs: Dict[str, Sequence[TokenSpan]], weights: Optional[Dict[str, float]] = None,
-         label_weights: Optional[Dict[str, Dict[str, float]]] = None, threshold: float = 0.5) -> Ballot:
-    """The ensemble's decision on one doc: ``tally`` (weights default to 1) and keep support > ``threshold``."""
-    votes = tally(outputs, weights or {}, label_weights)
-    return Ballot(votes, [v.support > threshold for v in votes])
-
-
-def _accuracy(label_weights: Optional[Dict[str, Dict[str, float]]], member: str, label: str) -> float:
-    if label_weights is None:  # an unweighted vote
-        return 1.0
-    return label_weights.get(member, {}).get(label, 0.5)  # never seen at gold boundaries on dev: a coin flip
-
-
-def _non_overlapping(items, bounds, preference):
-    """Greedy: items in ``preference`` order, each kept unless it overlaps one already kept; in text order."""
-    taken, used = [], set()
-    for item in sorted(items, key=preference):
-        start, end = bounds(item)
-        if not any(t in used for t in range(start, end)):
-            taken.append(item)
-            used.update(range(start, end))
-    return sorted(taken, key=lambda item: bounds(item))
-
-
-def flat(votes: Sequence[Vote]) -> List[Vote]:
-    """Non-overlapping spans: most supported first, then longer, then earlier."""
-    return _non_overlapping(votes, lambda v: (v.start, v.end), lambda v: (-v.support, -(v.end - v.start), v.start))
-
-
-def prf(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> PRFScore:
-    """Strict span-level precision, recall and F1 over docs (spaCy's ``PRFScore``)."""
-    score = PRFScore()
-    for p, g in zip(predicted, gold):
-        score.score_set(set(p), set(g))
-    return score
-
-
-def micro_f1(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> float:
-    return prf(predicted, gold).fscore
-
-
-def label_accuracy(outputs: Sequence[Dict[str, Sequence[TokenSpan]]], gold: Sequence[Sequence[TokenSpan]]
-                   ) -> Dict[str, Dict[str, float]]:
-    """Per member and label: how often a span it typed with that label, at gold boundaries, has that gold label
-    (add-one smoothed, so an unseen label counts 0.5)."""
-    counts: Dict[str, Dict[str, List[int]]] = {}
-    for out, g in zip(outputs, gold):
-        truth = {(s, e): lab for s, e, lab in g}
-        for member, spans in out.items():
-            for s, e, lab in spans:
-                if (s, e) in truth:
-                    c = counts.setdefault(member, {}).setdefault(lab, [0, 0])
-                    c[0] += truth[(s, e)] == lab
-                    c[1] += 1
-    return {m: {lab: (ok + 1) / (n + 2) for lab, (ok, n) in by.items()} for m, by in counts.items()}
-
-
-def fit(outputs: Sequence[Dict[str, Sequence[TokenSpan]]], gold: Sequence[Sequence[TokenSpan]],
-        members: Sequence[str], rounds: int = 2) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]], float, float]:
-    """Member weights (coordinate ascent over ``WEIGHT_GRID``), label accuracies and the support threshold that
-    maximise micro F1 of the flat output on ``gold``. Returns weights, label weights, threshold, dev F1."""
-    label_weights = label_accuracy(outputs, gold)
-
-    def score(weights: Dict[str, float]) -> Tuple[float, float]:
-        tallies = [tally(out, weights, label_weights) for out in outputs]
-        best = (-1.0, 0.5)
-        for t in THRESHOLD_GRID:
-            pred = [Ballot(vs, [v.support > t for v in vs]).spans() for vs in tallies]
-            f = micro_f1(pred, gold)
-            if f > best[0]:
-                best = (f, t)
-        return best
-
-    weights = {m: 1.0 for m in members}
-    f1, threshold = score(weights)
-    for _ in range(rounds):
-        changed = False
-        for m in members:
-            for w in WEIGHT_GRID:
-                if w == weights[m] or (w == 0 and sum(v > 0 for v in weights.values()) == 1 and weights[m] > 0):
-                    continue
-                trial = {**weights, m: w}
-                f, t = score(trial)
-                if f > f1 + 1e-9:
-                    weights, f1, threshold, changed = trial, f, t, True
-        if not changed:
-            break
-    return weights, label_weights, threshold, f1
+    return Ensemble(
+        nlp,
+        name,
+        members=members,
+        voting=voting,
+        threshold=threshold,
+        weights=weights,
+        validator=validator,
+        validate_band=validate_band,
+        validate_threshold=validate_threshold,
+        spans_key=spans_key,
+        scorer=scorer,
+    )
 
 
 # ---- the component ----------------------------------------------------------------------------------------
@@ -277,12 +120,16 @@ class Ensemble(Pipe):
     # ---- members ----
     def member(self, name: str):
         if name not in self.nlp.component_names:
-            raise ValueError(f"{self.name}: member {name!r} is not a component of this pipeline "
-                             f"(components: {self.nlp.component_names})")
+            raise ValueError(
+                f"{self.name}: member {name!r} is not a component of this pipeline "
+                f"(components: {self.nlp.component_names})"
+            )
         if name in self.nlp.pipe_names:
-            raise ValueError(f"{self.name}: member {name!r} is enabled, so the pipeline would run it before the "
-                             f"ensemble runs it again; disable it (nlp.disable_pipe({name!r}) or "
-                             f"[nlp] disabled = [..., \"{name}\"])")
+            raise ValueError(
+                f"{self.name}: member {name!r} is enabled, so the pipeline would run it before the "
+                f"ensemble runs it again; disable it (nlp.disable_pipe({name!r}) or "
+                f'[nlp] disabled = [..., "{name}"])'
+            )
         return self.nlp.get_pipe(name)
 
     @property
@@ -290,8 +137,9 @@ class Ensemble(Pipe):
         """All members wait on servers (an ensemble inside an ensemble then runs beside in-process members)."""
         return all(isinstance(p, LLMComponent) and p.remote for p in map(self.member, self.members))
 
-    def run_members(self, docs: Sequence[Doc], members: Optional[Sequence[str]] = None
-                    ) -> Tuple[Dict[str, List[List[TokenSpan]]], Dict[str, List[Usage]]]:
+    def run_members(
+        self, docs: Sequence[Doc], members: Optional[Sequence[str]] = None
+    ) -> Tuple[Dict[str, List[List[TokenSpan]]], Dict[str, List[Usage]]]:
         """Each member's spans on its own copies of ``docs`` (``members``: these only, default all), and what it
         cost per doc. Members behind HTTP run concurrently with everything else; in-process members run one after
         another (they share the cores)."""
@@ -308,8 +156,13 @@ class Ensemble(Pipe):
             t0 = time.perf_counter()
             copies = list(proc.pipe(copies)) if isinstance(proc, Pipe) else [proc(d) for d in copies]
             share = (time.perf_counter() - t0) / max(1, len(docs))
-            key = proc.spans_key if isinstance(proc, LLMComponent) else proc.key if isinstance(
-                proc, SpanCategorizer) else None
+            key = (
+                proc.spans_key
+                if isinstance(proc, LLMComponent)
+                else proc.key
+                if isinstance(proc, SpanCategorizer)
+                else None
+            )
             spans, usage = [], []
             for copy in copies:
                 produced = copy.spans[key] if key and key in copy.spans else copy.ents
@@ -350,8 +203,14 @@ class Ensemble(Pipe):
             for m in self.members:
                 doc.spans[f"{self.name}:{m}"] = [Span(doc, s, e, label=lab) for s, e, lab in per_doc[m]]
             weighted = self.voting == "weighted"
-            ballots.append(vote(per_doc, self.weights if weighted else None, self.label_weights if weighted else None,
-                                self.threshold))
+            ballots.append(
+                vote(
+                    per_doc,
+                    self.weights if weighted else None,
+                    self.label_weights if weighted else None,
+                    self.threshold,
+                )
+            )
         checked = self.check_doubtful(docs, ballots) if self.validator else [Usage() for _ in docs]
         for i, (doc, ballot, validation) in enumerate(zip(docs, ballots, checked)):
             kept = ballot.kept()
@@ -371,16 +230,25 @@ class Ensemble(Pipe):
             doc._.llm_ner_usage = {**(doc._.llm_ner_usage or {}), **report}
         return docs
 
-    def check_doubtful(self, docs: Sequence[Doc], ballots: Sequence[Ballot], *, threshold: Optional[float] = None,
-                       validator: Optional[str] = None) -> List[Usage]:
+    def check_doubtful(
+        self,
+        docs: Sequence[Doc],
+        ballots: Sequence[Ballot],
+        *,
+        threshold: Optional[float] = None,
+        validator: Optional[str] = None,
+    ) -> List[Usage]:
         """Re-asks ``validator`` (default: the configured one) about the spans whose support lies within
         ``validate_band`` of ``threshold`` (default: the configured one); its answer decides whether they are kept
         (``ballot.keep`` is updated). Returns the validation's cost per doc."""
         threshold = self.threshold if threshold is None else threshold
-        doubtful = [[j for j, v in enumerate(b.votes) if abs(v.support - threshold) <= self.validate_band]
-                    for b in ballots]
-        spans = [[Span(doc, b.votes[j].start, b.votes[j].end, label=b.votes[j].label) for j in idx]
-                 for doc, b, idx in zip(docs, ballots, doubtful)]
+        doubtful = [
+            [j for j, v in enumerate(b.votes) if abs(v.support - threshold) <= self.validate_band] for b in ballots
+        ]
+        spans = [
+            [Span(doc, b.votes[j].start, b.votes[j].end, label=b.votes[j].label) for j in idx]
+            for doc, b, idx in zip(docs, ballots, doubtful)
+        ]
         if not any(spans):
             return [Usage(docs=1) for _ in docs]
         probabilities, usage = self.member(validator or self.validator).validate(docs, spans)
@@ -391,8 +259,7 @@ class Ensemble(Pipe):
         return usage
 
     # ---- initialize: members and weights ----
-    def initialize(self, get_examples=None, *, nlp=None, dev=None, members: Optional[Dict[str, Dict]] = None
-                   ) -> None:
+    def initialize(self, get_examples=None, *, nlp=None, dev=None, members: Optional[Dict[str, Dict]] = None) -> None:
         """Initializes the LLM members (spaCy skips disabled components), with ``members[<name>]`` as their
         settings (e.g. a retrieval ``pool``); with ``voting = "weighted"`` fits the weights, label accuracies and
         threshold on ``dev`` (a path or docs with gold entities; else the training examples, which retrieval
@@ -420,9 +287,11 @@ class Ensemble(Pipe):
         outputs, _ = self.run_members(self.prepare(docs))
         per_doc = [{m: outputs[m][i] for m in self.members} for i in range(len(docs))]
         self.weights, self.label_weights, self.threshold, f1 = fit(per_doc, truth, self.members)
-        self.fitted = {"dev_docs": len(docs), "dev_f1": f1,
-                       "member_dev_f1": {m: micro_f1([flat_spans(o[m]) for o in per_doc], truth)
-                                         for m in self.members}}
+        self.fitted = {
+            "dev_docs": len(docs),
+            "dev_f1": f1,
+            "member_dev_f1": {m: micro_f1([flat_spans(o[m]) for o in per_doc], truth) for m in self.members},
+        }
         return self.fitted
 
     # ---- scoring ----
@@ -442,8 +311,12 @@ class Ensemble(Pipe):
 
     # ---- serialization: the fitted vote (votes.json) ----
     def vote_settings(self) -> Dict[str, Any]:
-        return {"weights": self.weights, "label_weights": self.label_weights, "threshold": self.threshold,
-                "fitted": self.fitted}
+        return {
+            "weights": self.weights,
+            "label_weights": self.label_weights,
+            "threshold": self.threshold,
+            "fitted": self.fitted,
+        }
 
     def use_vote_settings(self, state: Dict[str, Any]) -> None:
         self.weights = {m: float(state["weights"].get(m, 1.0)) for m in self.members}
@@ -464,8 +337,3 @@ class Ensemble(Pipe):
     def from_disk(self, path: Union[str, Path], *, exclude=tuple()) -> "Ensemble":
         util.from_disk(path, {"votes.json": lambda p: self.use_vote_settings(srsly.read_json(p))}, exclude)
         return self
-
-
-def flat_spans(spans: Sequence[TokenSpan]) -> List[TokenSpan]:
-    """A member's own flat output: longest first, then earlier (what ``filter_spans`` gives)."""
-    return _non_overlapping(set(spans), lambda x: (x[0], x[1]), lambda x: (-(x[1] - x[0]), x[0], x[2]))
