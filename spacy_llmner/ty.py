@@ -1,7 +1,8 @@
-"""The few types every part of the package meets.
+"""The few types every part of the package meets: requests and answers, the ``Backend`` protocol, the
+``OutputFormat`` protocol, and ``LLMComponent``, the mark of our pipeline components.
 
-Data flows one way: doc → prompt (``prompt.py``) → ``Backend`` → ``OutputFormat.parse`` → mentions →
-``formats.spans.locate`` → verified character offsets → ``Span`` objects (``component.py``).
+Data flows one way: doc → chunks (``chunking.py``) → prompts (``prompt.py``) → ``Backend`` (``session.py``) →
+``OutputFormat.parse`` → ``formats.spans`` (verified character offsets) → ``Span`` objects (``component.py``).
 """
 
 from dataclasses import dataclass, field

@@ -1,17 +1,18 @@
 """Greedy decoding of many prompts at once on one llama.cpp model: one sequence per prompt in a single batch.
 
-On a CPU, generating one token for one sequence leaves most of each weight read unused; a batch of sequences
-shares every read, so tokens per second grow with the batch (prompt evaluation, which is already batched, runs
-~6× faster per token than single-sequence generation here). Prompts that share a prefix (instructions, label
-list, demonstrations) evaluate it once: it is kept in sequence 0 across calls and copied to each sequence.
-Each sequence has a KV stream of its own (``kv_unified=False``): in one shared buffer every token's attention
-spans all sequences' cells (masked), which made generation 2.2× slower at 8 sequences of ~450 tokens.
+On a CPU, generating one token for one sequence leaves most of each weight read unused; a batch of sequences shares
+every read, so tokens per second grow with the batch (prompt evaluation, which is already batched, runs several
+times faster per token than single-sequence generation; figures in docs/component.md). Prompts that share a prefix
+(instructions, label list, demonstrations) evaluate it once: it is kept in sequence 0 across calls and copied to
+each sequence. Each sequence has a KV stream of its own (``kv_unified=False``): in one shared buffer every token's
+attention spans all sequences' cells (masked), which made generation markedly slower (measured in
+docs/component.md).
 
-Each sequence may carry a GBNF grammar. llama-cpp-python's own sampler applies a grammar to every vocabulary
-entry at every step (262k for Gemma: most of the time per token); like llama.cpp's common sampler, this applies
-it to the best ``top_k`` candidates first and to the whole vocabulary only when none of them is allowed. Greedy
-picks the best allowed token either way, so the output equals full filtering (tested against
-llama-cpp-python's sampler). llama_cpp is imported here, and this module only by the backend on first use.
+Each sequence may carry a GBNF grammar. llama-cpp-python's own sampler applies a grammar to every vocabulary entry
+at every step (262k for Gemma: most of the time per token); like llama.cpp's common sampler, this applies it to the
+best ``top_k`` candidates first and to the whole vocabulary only when none of them is allowed. Greedy picks the best
+allowed token either way, so the output equals full filtering (tested against llama-cpp-python's sampler). llama_cpp
+is imported here, and this module only by the backend on first use.
 """
 
 import ctypes

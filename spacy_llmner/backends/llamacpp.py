@@ -112,7 +112,7 @@ class LlamaCppBackend(BackendBase):
         self.seed = seed
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         # False: llama-cpp-python's own sampling (its grammar filter visits the whole vocabulary: same greedy
-        # output, 2-3x slower); kept as the reference the fast decoder is tested against.
+        # output, slower); kept as the reference the fast decoder is tested against.
         self.fast_grammar = fast_grammar
         self.parallel = max(1, parallel)  # sequences decoded together (greedy only); 1 = one at a time
         self._decoder = None
