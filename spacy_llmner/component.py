@@ -31,13 +31,13 @@ from .lar import Candidate, LARStages, SpanMemory
 from .lar.stages import (
     Typing,
     align_by_embeddings,
+    drop_unverified,
     learn_alignment,
     pin,
     place_spans,
     source_candidates,
     type_candidates,
     verification_scores,
-    verify,
 )
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
 from .retrieval import Retriever
@@ -297,7 +297,7 @@ class LLMNER(Pipe):
                 self.set_labels(found)
         if self.uses("source"):
             corpus = alignment_corpus if alignment_corpus is not None else gold_docs() if gold_docs else None
-            gold = self.demos.load(corpus) if corpus is not None else None
+            gold = load_demonstrations(corpus, self.vocab) if corpus is not None else None  # docs: their ents
             if gold and nlp is not None:
                 self.learn_alignment(nlp, gold)
             elif self.lar.alignment:
@@ -409,7 +409,8 @@ class LLMNER(Pipe):
             if self.lar.needs_typing:
                 type_candidates(self._typing(), chunks, demos, candidates, run)
             if self.lar.verify:
-                verify(self.lar, self.label_set.prompt_names, chunks, demos, candidates, run)
+                verification_scores(self.lar, self.label_set.prompt_names, chunks, demos, candidates, run)
+                drop_unverified(candidates, self.lar.verify_threshold)
         for i, doc in enumerate(docs):
             found = doc_spans(doc, chunks, candidates, i, self.alignment_mode)
             self.set_annotations(doc, [span for span, _ in found])

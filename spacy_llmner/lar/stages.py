@@ -171,19 +171,11 @@ def verification_scores(
         c.p_yes = p_yes(scores[at], scores[prior] if prior is not None else None)
 
 
-def verify(
-    stages: LARStages,
-    names: Dict[str, str],
-    chunks: Sequence[Chunk],
-    demos: Sequence[Sequence[Demonstration]],
-    candidates: Candidates,
-    run: Run,
-) -> None:
-    """Drops (label None) the candidates whose P(yes) is below ``verify_threshold``."""
-    verification_scores(stages, names, chunks, demos, candidates, run)
+def drop_unverified(candidates: Candidates, threshold: float) -> None:
+    """Drops (label None) the candidates whose P(yes) is below ``threshold``."""
     for cands in candidates:
         for c in cands.values():
-            if c.p_yes is not None and c.p_yes < stages.verify_threshold:
+            if c.p_yes is not None and c.p_yes < threshold:
                 c.label = None
 
 
