@@ -8,14 +8,17 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # x86 CPU then runs the same kernels with the same rounding, and never an instruction that the CPU lists but the
 # OS or hypervisor has not enabled (a native build on a machine listing AMX died of SIGILL in its first matmul).
 # The wheel is built once into .cache/wheels (pip's own cache would hand back a native build made earlier).
+# Without OpenMP (ggml's own thread pool instead, as fast here): GNU OpenMP's threads do not survive fork(), so a
+# process that had run the model hung in `nlp.pipe(..., n_process=2)`.
 LLAMA_VERSION := 0.3.36
+LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp
 WHEELS := .cache/wheels
-LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
+LLAMA_CMAKE := -DGGML_OPENMP=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
 
 .PHONY: install demo test clean
 
-$(WHEELS)/.llama-$(LLAMA_VERSION):
+$(WHEELS)/.llama-$(LLAMA_BUILD):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	mkdir -p $(WHEELS)
@@ -23,7 +26,7 @@ $(WHEELS)/.llama-$(LLAMA_VERSION):
 		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_VERSION)
+$(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_BUILD)
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
 	# replaces a llama-cpp-python of the same version built another way (an older .venv's native build)
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl

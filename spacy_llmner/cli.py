@@ -18,7 +18,11 @@ def _root() -> None:
 
 @app.command()
 def annotate(
-    input_path: Path = typer.Argument(..., help="Text file, one document per line (or .jsonl with 'text')"),
+    input_path: Path = typer.Argument(
+        ...,
+        help="Text file, one document per line (or .jsonl with 'text'); with --pipeline also a .spacy DocBin "
+        "or a folder of such files (each file one shard)",
+    ),
     labels: str = typer.Option("person,organisation,location", help="Comma-separated target labels"),
     demonstrations: Optional[Path] = typer.Option(None, help="jsonl demonstrations (text + spans)"),
     model: str = typer.Option("gemma3-270m", help="Packaged model short name or GGUF path"),
@@ -26,10 +30,27 @@ def annotate(
     constrained: bool = typer.Option(True, help="Grammar-constrained decoding"),
     output: Path = typer.Option(Path("demo_output"), help="Folder for entities.jsonl and displacy.html"),
     cache_path: Optional[str] = typer.Option(None, help="sqlite answer cache"),
+    pipeline: Optional[str] = typer.Option(None, help="A saved pipeline: annotate a corpus shard by shard with it"),
+    engine: str = typer.Option("local", help="With --pipeline: 'local' (this process) or 'ray' (an actor pool)"),
+    concurrency: int = typer.Option(1, help="With --engine ray: actors, each with its own copy of the pipeline"),
+    address: Optional[str] = typer.Option(None, help="With --engine ray: the cluster (default: start one here)"),
 ):
-    """Annotate texts with the embedded local LLM; print entities, write jsonl and a displaCy page."""
+    """Annotate texts with the embedded local LLM; print entities, write jsonl and a displaCy page. With
+    --pipeline: annotate a corpus with a saved pipeline, shard by shard, exactly once (a rerun skips committed
+    shards), into DocBin + jsonl shards and manifest.json (usage per component and per server)."""
     import spacy
     from spacy import displacy
+
+    if pipeline is not None:
+        from .scale import annotate_corpus
+
+        m = annotate_corpus(pipeline, [input_path], output, engine=engine, concurrency=concurrency, address=address)
+        calls = sum(u["calls"] for name, u in m["usage"].items() if ":" not in name)
+        typer.echo(
+            f"{m['docs_this_run']} docs annotated in {m['seconds']:.1f}s ({m['docs_per_second']:.2f} docs/s, "
+            f"{calls} LLM calls), {m['shards_skipped']} of {m['shards']} shards already done → {output}"
+        )
+        return
 
     from .formats import FORMATS
 
@@ -147,15 +168,10 @@ def pre_annotate(
 
     if not input_path.exists():
         raise typer.BadParameter(f"input file not found: {input_path}")
-    nlp = spacy.load(pipeline)
-    if input_path.suffix == ".spacy":
-        from .corpora import read_docbin
+    from .scale import read_texts
 
-        texts = [d.text for d in read_docbin(input_path, nlp.vocab)]
-    elif input_path.suffix == ".jsonl":
-        texts = [json.loads(line)["text"] for line in input_path.read_text(encoding="utf8").splitlines() if line]
-    else:
-        texts = [line for line in input_path.read_text(encoding="utf8").splitlines() if line.strip()]
+    nlp = spacy.load(pipeline)
+    texts = read_texts(input_path, nlp.vocab)
     texts = texts[:limit] if limit else texts
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(output_path.name + ".partial")

@@ -15,10 +15,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def llama_server(model: str, alias: str, log_dir, *extra: str):
-    """``python -m llama_cpp.server`` with a packaged model (``gemma3-270m``, ``smollm2-135m``); yields its /v1 URL
-    once it answers, and stops it afterwards. Its log goes to a file (a pipe fills up and blocks the server)."""
+def start_llama_server(model: str, alias: str, log_dir, *extra: str):
+    """Starts ``python -m llama_cpp.server`` with a packaged model (``gemma3-270m``, ``smollm2-135m``); returns the
+    process and its /v1 URL once it answers. Its log goes to a file (a pipe fills up and blocks the server)."""
     from spacy_llmner.backends.llamacpp import resolve_model_path
 
     port = free_port()
@@ -39,23 +38,38 @@ def llama_server(model: str, alias: str, log_dir, *extra: str):
     log_path = log_dir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("llama_cpp.server exited: " + log_path.read_text(errors="ignore")[-2000:])
         try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError("llama_cpp.server exited: " + log_path.read_text(errors="ignore")[-2000:])
-                try:
-                    if requests.get(f"{url}/models", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("llama_cpp.server did not start in 120 s")
-            yield url
-        finally:
-            proc.terminate()
+            if requests.get(f"{url}/models", timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama_cpp.server did not start in 120 s")
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
             proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def llama_server(model: str, alias: str, log_dir, *extra: str):
+    """``start_llama_server`` as a context: yields the /v1 URL and stops the server afterwards."""
+    proc, url = start_llama_server(model, alias, log_dir, *extra)
+    try:
+        yield url
+    finally:
+        stop(proc)
 
 
 def serve(handler_class):

@@ -18,6 +18,7 @@ HEAVY = [
     "spacy_transformers",
     "peft",
     "gguf",
+    "ray",
 ]
 
 SCRIPT = textwrap.dedent(
@@ -39,6 +40,7 @@ SCRIPT = textwrap.dedent(
                                               "retriever": {"@misc": "spacy_llmner.Retriever.v1", "k": 4}})
     nlp.to_disk(sys.argv[1])
     spacy.load(sys.argv[1])
+    import spacy_llmner.cli, spacy_llmner.scale  # the CLI and the scale-out module: ray only when it runs
     print(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY))
     """
     % (HEAVY,)

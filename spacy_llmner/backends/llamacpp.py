@@ -63,14 +63,46 @@ def resolve_model_path(model: str) -> str:
     )
 
 
+_FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
+_BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
+_INHERITED: List[Any] = []  # a forked process's copies of its parent's objects, never freed there
+
+
+def _free_later(owner, close) -> None:
+    _FINALIZERS[:] = [f for f in _FINALIZERS if f.alive]
+    _FINALIZERS.append(weakref.finalize(owner, close))
+
+
+def _after_fork_in_child() -> None:
+    """``nlp.pipe(..., n_process=2)`` forks: the parent's loaded models and contexts belong to the parent (their
+    threads did not come along). The child keeps its copies untouched (freeing them could wait on threads that do
+    not exist) and loads its own on first use: one model per process."""
+    for finalizer in _FINALIZERS:
+        finalizer.detach()
+    _FINALIZERS.clear()
+    for backend in list(_BACKENDS):
+        _INHERITED.extend([backend._decoder, backend._scorer])
+        backend._decoder, backend._scorer, backend._lock = None, None, threading.Lock()
+    _INHERITED.extend(_LOADED)
+    _load.cache_clear()
+
+
+_LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the models _load made that are alive
+
+
 @lru_cache(maxsize=8)
 def _load(path: str, n_ctx: int, n_threads: int, seed: int):
     """One loaded model per (file, context) in the process: members sharing a model share its weights."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False)
-    weakref.finalize(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
+    _free_later(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
+    _LOADED.add(llm)
     return llm
+
+
+if os.name == "posix":  # where processes fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @lru_cache(maxsize=256)
@@ -118,6 +150,7 @@ class LlamaCppBackend(BackendBase):
         self._decoder = None
         self._scorer = None
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
+        _BACKENDS.add(self)
 
     @property
     def context_length(self) -> int:
@@ -162,7 +195,7 @@ class LlamaCppBackend(BackendBase):
             if self._scorer is None:
                 self._scorer = TrieScorer(llm, n_ctx=max(8192, 2 * self.n_ctx))
                 # freed with this backend (or at exit): a context's KV cache and buffers are hundreds of MB
-                weakref.finalize(self, self._scorer.close)
+                _free_later(self, self._scorer.close)
             items = []
             for r in requests:
                 ctx = llm.tokenize(r.context.encode("utf8"), add_bos=True, special=True)
@@ -185,7 +218,7 @@ class LlamaCppBackend(BackendBase):
 
         if self._decoder is None:
             self._decoder = BatchedDecoder(self.llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
-            weakref.finalize(self, self._decoder.close)
+            _free_later(self, self._decoder.close)
         return self._decoder
 
     def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:

@@ -17,11 +17,12 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 from ..formats import gbnf
 from ..ty import BackendError, Generation, GenerationRequest
 from .base import BackendBase
+from .endpoints import EndpointPool
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # Named server profiles for ``grammar_field``; any other value is a (dotted) request-body field.
@@ -46,7 +47,8 @@ def grammar_path(grammar_field: Optional[str]) -> Optional[List[str]]:
 class OpenAICompatBackend(BackendBase):
     """Registered as ``spacy_llmner.OpenAICompat.v1``.
 
-    base_url (str): the server's API root (".../v1").
+    base_url (Union[str, List[str]]): the server's API root (".../v1"), or several servers' (replicas of the same
+        model): requests are balanced across them (fewest in flight), and a server that keeps failing is taken out.
     model (str): the model name the server expects.
     endpoint (str): "completions" or "chat".
     api_key_env (Optional[str]): the name of the environment variable holding the API key (read per request).
@@ -56,14 +58,16 @@ class OpenAICompatBackend(BackendBase):
     max_concurrency (int): requests in flight at once.
     max_retries (int): retries per request on 429 / 5xx / timeouts / broken connections.
     timeout (float): seconds per request.
-    backoff (float): the first retry's delay in seconds (doubling, with jitter).
+    backoff (float): the first retry's delay in seconds (doubling, with jitter); none when another server is up.
+    eject_after (int): with several servers, consecutive failures that take one out of service.
+    cooldown (float): seconds an ejected server stays out before it is tried again.
     """
 
     remote = True  # waits on a server, not the CPU: an ensemble runs it beside its local members
 
     def __init__(
         self,
-        base_url: str = "http://127.0.0.1:8000/v1",
+        base_url: Union[str, List[str]] = "http://127.0.0.1:8000/v1",
         model: str = "default",
         endpoint: Literal["completions", "chat"] = "completions",
         api_key_env: Optional[str] = "OPENAI_API_KEY",
@@ -74,8 +78,13 @@ class OpenAICompatBackend(BackendBase):
         max_retries: int = 4,
         timeout: float = 120.0,
         backoff: float = 0.5,
+        eject_after: int = 3,
+        cooldown: float = 30.0,
     ):
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.endpoints = EndpointPool(urls, eject_after, cooldown)
+        # the cache key: one server's URL as before; several replicas' as their sorted list
+        self.base_url = self.endpoints.urls[0] if isinstance(base_url, str) else sorted(self.endpoints.urls)
         self.model = model
         self.endpoint = endpoint
         self.api_key_env = api_key_env
@@ -88,7 +97,7 @@ class OpenAICompatBackend(BackendBase):
         self._warn_lock = threading.Lock()
         self.temperature = temperature
         self.seed = seed
-        self.max_concurrency = max(1, max_concurrency)
+        self.max_concurrency = max(1, max_concurrency)  # per server
         self.max_retries = max_retries
         self.timeout = timeout
         self.backoff = backoff
@@ -133,35 +142,52 @@ class OpenAICompatBackend(BackendBase):
 
         if self._session is None:
             self._session = requests.Session()
-        url = f"{self.base_url}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
-        last = ""
+        path = "chat/completions" if self.endpoint == "chat" else "completions"
+        last, tried = "", []
         for attempt in range(self.max_retries + 1):
+            server = self.endpoints.acquire()
+            url = f"{server.url}/{path}"
+            tried.append(server.url)
             t0 = time.perf_counter()
-            retry_after = None
+            retry_after, gen, status = None, None, None
             try:
                 resp = self._session.post(url, json=self._payload(req), headers=self._headers(), timeout=self.timeout)
                 if resp.status_code == 200:
-                    return self._read(resp.json(), req, time.perf_counter() - t0, url)
-                last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if resp.status_code not in RETRY_STATUS:
-                    break
-                retry_after = resp.headers.get("Retry-After")
+                    gen = self._read(resp.json(), req, time.perf_counter() - t0, url)
+                else:
+                    status = resp.status_code
+                    last = f"HTTP {status} from {url}: {resp.text[:300]}"
+                    retry_after = resp.headers.get("Retry-After")
             except (
                 requests.ConnectionError,
                 requests.Timeout,
                 requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError,
             ) as e:
-                last = f"{type(e).__name__}: {e}"
+                last = f"{type(e).__name__} from {url}: {e}"
             except (ValueError, KeyError, IndexError, TypeError) as e:  # a 200 whose body is cut or not an answer
-                last = f"unreadable answer ({type(e).__name__}: {e})"
-            if attempt < self.max_retries:
+                last = f"unreadable answer from {url} ({type(e).__name__}: {e})"
+            finally:
+                ok = gen is not None
+                self.endpoints.release(
+                    server,
+                    ok,
+                    time.perf_counter() - t0,
+                    gen.prompt_tokens if ok else 0,
+                    gen.completion_tokens if ok else 0,
+                )
+            if gen is not None:
+                return gen
+            if status is not None and status not in RETRY_STATUS:
+                break
+            if attempt < self.max_retries and not self.endpoints.others_live(server):
                 try:
                     delay = min(float(retry_after), MAX_RETRY_AFTER) if retry_after else self.backoff * 2**attempt
                 except ValueError:
                     delay = self.backoff * 2**attempt
                 time.sleep(max(0.0, delay) * (1 + 0.1 * random.random()))
-        raise BackendError(f"OpenAI-compatible backend at {url} failed after {attempt + 1} attempt(s): {last}")
+        where = tried[0] if len(set(tried)) == 1 else ", ".join(dict.fromkeys(tried))
+        raise BackendError(f"OpenAI-compatible backend at {where} failed after {attempt + 1} attempt(s): {last}")
 
     def _read(self, data: Dict[str, Any], req: GenerationRequest, seconds: float, url: str) -> Generation:
         choice = data["choices"][0]
@@ -214,12 +240,13 @@ class OpenAICompatBackend(BackendBase):
     ) -> None:
         """Up to ``max_concurrency`` requests in flight; ``on_answer`` as each one arrives. When a request fails
         for good, the others already in flight finish (and are handed over) before the error is raised."""
-        if len(requests) <= 1 or self.max_concurrency == 1:
+        workers = self.max_concurrency * len(self.endpoints)
+        if len(requests) <= 1 or workers == 1:
             for i, r in enumerate(requests):
                 on_answer(i, self._post(r))
             return
         error: Optional[BaseException] = None
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
+        with ThreadPoolExecutor(max_workers=min(workers, len(requests))) as pool:
             futures = {pool.submit(self._post, r): i for i, r in enumerate(requests)}
             for fut in as_completed(futures):
                 try:
