@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--shard", type=int, default=25)
     ap.add_argument("--out", default="metrics/scale.json")
+    ap.add_argument("--servers-only", action="store_true", help="only the server setups; rows already in --out stay")
     args = ap.parse_args()
     import servers
 
@@ -52,7 +53,7 @@ def main():
     corpus.mkdir()
     for i in range(0, len(texts), args.shard):
         (corpus / f"part-{i // args.shard:03d}.txt").write_text("\n".join(texts[i : i + args.shard]) + "\n")
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.servers_only and Path(args.out).exists() else []
 
     def record(name, seconds, **extra):
         rows.append(
@@ -67,12 +68,13 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     embedded = save_pipeline(work / "embedded", labels, demos, {"@llm_models": "spacy_llmner.LlamaCpp.v1"})
-    nlp = spacy.load(embedded)
-    t0 = time.perf_counter()
-    list(nlp.pipe(texts, batch_size=16))
-    record("nlp.pipe, embedded model", time.perf_counter() - t0)
-    del nlp
-    for engine, concurrency in (("local", 1), ("ray", 1), ("ray", 2)):
+    if not args.servers_only:
+        nlp = spacy.load(embedded)
+        t0 = time.perf_counter()
+        list(nlp.pipe(texts, batch_size=16))
+        record("nlp.pipe, embedded model", time.perf_counter() - t0)
+        del nlp
+    for engine, concurrency in () if args.servers_only else (("local", 1), ("ray", 1), ("ray", 2)):
         out = work / f"out-embedded-{engine}-{concurrency}"
         m = annotate_corpus(embedded, [corpus], out, engine=engine, concurrency=concurrency)
         record(f"{engine} engine, {concurrency} actor(s), embedded model", m["seconds"], manifest_docs=m["docs"])

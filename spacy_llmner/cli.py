@@ -44,7 +44,18 @@ def annotate(
     if pipeline is not None:
         from .scale import annotate_corpus
 
-        m = annotate_corpus(pipeline, [input_path], output, engine=engine, concurrency=concurrency, address=address)
+        started, done = time.perf_counter(), []
+
+        def progress(record):
+            done.append(record)
+            docs = sum(r["docs"] for r in done if not r["skipped"])
+            rate = docs / (time.perf_counter() - started)
+            state = "already committed" if record["skipped"] else f"{record['docs']} docs"
+            typer.echo(f"[{len(done)}] {record['shard']}: {state}; {docs} docs this run, {rate:.2f} docs/s")
+
+        m = annotate_corpus(
+            pipeline, [input_path], output, engine=engine, concurrency=concurrency, address=address, progress=progress
+        )
         calls = sum(u["calls"] for name, u in m["usage"].items() if ":" not in name)
         typer.echo(
             f"{m['docs_this_run']} docs annotated in {m['seconds']:.1f}s ({m['docs_per_second']:.2f} docs/s, "

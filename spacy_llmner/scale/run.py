@@ -6,7 +6,7 @@ retried when a node dies: a lost shard is redone, a committed one is never writt
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ..usage import Usage
 from .shards import Shard, commit, committed, list_shards, read_texts
@@ -79,7 +79,13 @@ class ShardWorker:
 
 
 def _run_ray(
-    pipeline: str, shards: List[Shard], output: Path, concurrency: int, batch_size: int, address: Optional[str]
+    pipeline: str,
+    shards: List[Shard],
+    output: Path,
+    concurrency: int,
+    batch_size: int,
+    address: Optional[str],
+    progress: Callable[[Dict], None],
 ) -> List[Dict]:
     import ray
 
@@ -95,7 +101,11 @@ def _run_ray(
         # Ray Data's actor pools restart a lost actor elsewhere and retry its task there, without limit (its
         # defaults, max_restarts = max_task_retries = -1): a shard on a dead node is redone, then committed once
     )
-    return [json.loads(row["record"]) for row in done.take_all()]
+    records = []
+    for row in done.iter_rows():  # as shards finish, on whichever actor
+        records.append(json.loads(row["record"]))
+        progress(records[-1])
+    return records
 
 
 def annotate_corpus(
@@ -106,24 +116,33 @@ def annotate_corpus(
     concurrency: int = 1,
     batch_size: int = 16,
     address: Optional[str] = None,
+    progress: Optional[Callable[[Dict], None]] = None,
 ) -> Dict[str, Any]:
     """Annotates every input shard not yet committed under ``output`` with the saved ``pipeline``; writes and
     returns the manifest (``output/manifest.json``): per shard its record, and totals — docs, docs/s over the
-    run's wall time, LLM calls, tokens, failures per component and per server."""
+    run's wall time, LLM calls, tokens, failures per component and per server. ``progress(record)`` is called as
+    each shard is done (or found committed)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     shards = list_shards(inputs)
+    progress = progress or (lambda record: None)
     t0 = time.perf_counter()
     if engine == "ray":
-        records = _run_ray(str(pipeline), shards, output, concurrency, batch_size, address)
+        records = _run_ray(str(pipeline), shards, output, concurrency, batch_size, address, progress)
     elif engine == "local":
         import spacy
 
         nlp = spacy.load(pipeline)
-        records = [annotate_shard(nlp, shard, output, batch_size) for shard in shards]
+        records = []
+        for shard in shards:
+            records.append(annotate_shard(nlp, shard, output, batch_size))
+            progress(records[-1])
     else:
         raise ValueError(f"spacy-llmner annotate: engine must be 'local' or 'ray', not {engine!r}")
     manifest = summarize(records, time.perf_counter() - t0)
+    if all(committed(output, shard) is not None for shard in shards):
+        for stale in output.glob("*.tmp-*"):  # left by attempts that died before their rename
+            stale.unlink(missing_ok=True)
     manifest.update({"pipeline": str(pipeline), "engine": engine, "concurrency": concurrency})
     tmp = output / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
