@@ -244,7 +244,7 @@ def main():
         raw[domain] = got
         raw_path.write_text(json.dumps(raw))  # the model outputs first: the rows below are cheap to recompute
         for name in systems:
-            pred = [flat_of(spans) for spans in got["test"][name]]
+            pred = [flat_spans(spans) for spans in got["test"][name]]
             rows.append(
                 {
                     "domain": domain,
@@ -345,10 +345,6 @@ def write(args, run_args, rows, when=None, saved=None):
             indent=2,
         )
     )
-
-
-def flat_of(spans):
-    return flat_spans(spans)
 
 
 def _demo(doc):

@@ -68,12 +68,11 @@ def annotate(
     if output_format not in FORMATS:
         raise typer.BadParameter(f"--format must be one of {sorted(FORMATS)}, not {output_format!r}")
 
+    from .scale import read_texts
+
     t0 = time.perf_counter()
-    if input_path.suffix == ".jsonl":
-        texts = [json.loads(line)["text"] for line in input_path.read_text(encoding="utf8").splitlines() if line]
-    else:
-        texts = [line for line in input_path.read_text(encoding="utf8").splitlines() if line.strip()]
     nlp = spacy.blank("en")
+    texts = read_texts(input_path, nlp.vocab)
     ner = nlp.add_pipe(
         "llm_lar_ner",
         config={

@@ -374,7 +374,8 @@ class LLMNER(Pipe):
     ) -> GenerationRequest:
         """The one-pass request for a chunk; ``extract``: the same with every type shown as ``entity`` (spans only)."""
         shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
-        offsets = [(t.idx - chunk.start_char, t.idx - chunk.start_char + len(t)) for t in chunk if not t.is_space]
+        start = chunk.start_char
+        offsets = [(t.idx - start, t.idx - start + len(t)) for t in chunk if not t.is_space] if self.constrained else []
         demos = self.demonstrations_for([shown])[0] if demonstrations is None else demonstrations
         prompts = self.prompts.for_extraction() if extract else self.prompts
         return prompts.request(

@@ -140,9 +140,8 @@ def annotate_corpus(
     else:
         raise ValueError(f"spacy-llmner annotate: engine must be 'local' or 'ray', not {engine!r}")
     manifest = summarize(records, time.perf_counter() - t0)
-    if all(committed(output, shard) is not None for shard in shards):
-        for stale in output.glob("*.tmp-*"):  # left by attempts that died before their rename
-            stale.unlink(missing_ok=True)
+    for stale in output.glob("*.tmp-*"):  # every shard is committed now: left by attempts that died mid-write
+        stale.unlink(missing_ok=True)
     manifest.update({"pipeline": str(pipeline), "engine": engine, "concurrency": concurrency})
     tmp = output / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

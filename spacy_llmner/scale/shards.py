@@ -62,10 +62,6 @@ def read_texts(path: Union[str, Path], vocab=None) -> List[str]:
     return [line for line in path.read_text(encoding="utf8").splitlines() if line.strip()]
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)  # atomic on one file system
-
-
 def commit(output: Path, shard: Shard, docs: Iterable, record: Dict) -> Dict:
     """Writes ``<name>.spacy`` and ``<name>.jsonl`` through temporary files, then ``<name>.done.json``: a shard
     is committed when its record exists. Returns the record (with the shard's name, input and doc count)."""
@@ -87,9 +83,9 @@ def commit(output: Path, shard: Shard, docs: Iterable, record: Dict) -> Dict:
     record = {"shard": shard.name, "input": shard.path, "docs": len(docs), **record}
     done_tmp = output / f"{shard.name}.done.json{suffix}"
     done_tmp.write_text(json.dumps(record))
-    _replace(spacy_tmp, output / f"{shard.name}.spacy")
-    _replace(jsonl_tmp, output / f"{shard.name}.jsonl")
-    _replace(done_tmp, shard.done(output))
+    os.replace(spacy_tmp, output / f"{shard.name}.spacy")  # atomic on one file system
+    os.replace(jsonl_tmp, output / f"{shard.name}.jsonl")
+    os.replace(done_tmp, shard.done(output))
     return record
 
 
