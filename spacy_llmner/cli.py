@@ -221,6 +221,61 @@ def finetune(
     run(settings, output, log=typer.echo)
 
 
+@app.command("finetune-data", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune_data(
+    ctx: typer.Context,
+    config_path: Path = typer.Argument(..., help="Tuning config (configs/adapter_ner_v1.cfg)"),
+    output: Path = typer.Argument(..., help="The .npz of token ids scripts/tune_adapter.py trains on"),
+):
+    """Renders a tuning config's examples and writes them as the model's token ids, for training with torch alone
+    (scripts/tune_adapter.py, on a CPU or a GPU machine without spaCy or llama.cpp)."""
+    from weasel.util import parse_config_overrides
+
+    from .finetune import load_settings, write_token_data
+
+    if not config_path.exists():
+        raise typer.BadParameter(f"config file not found: {config_path}")
+    write_token_data(load_settings(config_path, parse_config_overrides(ctx.args)), output, log=typer.echo)
+
+
+@app.command("adapter-package")
+def adapter_package(
+    lora: Path = typer.Argument(..., help="A LoRA folder of scripts/tune_adapter.py (adapter_model.safetensors)"),
+    output: Path = typer.Argument(..., help="The adapter folder to write (spacy_llmner/adapters/<name>)"),
+    config_path: Path = typer.Option(..., "--config", help="The tuning config its examples came from"),
+    name: str = typer.Option(..., help="The adapter's name (ner-v1)"),
+    rank: Optional[int] = typer.Option(None, help="Store the best rank-N approximation (SVD) of each update"),
+    local: bool = typer.Option(False, help="Allow research-only training data (the adapter is never shipped)"),
+    data: str = typer.Option("../shared/data", help="The data folder the config's ${paths.data} names"),
+    model: str = typer.Option("gemma3-270m", help="The base model the adapter was tuned on"),
+):
+    """Exports a tuned LoRA as a GGUF adapter folder with its manifest (data, licences, hashes) and attribution."""
+    from .backends.llamacpp import resolve_model_path
+    from .finetune import load_settings
+    from .finetune.package import package_adapter
+
+    settings = load_settings(config_path, {"paths.data": data})
+    manifest = package_adapter(
+        lora,
+        output,
+        base_model=model,
+        base_path=resolve_model_path(model),
+        sources=list(settings["data"]["sources"]),
+        config_path=config_path,
+        name=name,
+        rank=rank,
+        local=local,
+        commands=[
+            f"python -m spacy_llmner.cli finetune-data {config_path} training/adapter/{name}.npz",
+            f"python scripts/tune_adapter.py --model <{model} GGUF> --data training/adapter/{name}.npz --out "
+            f"training/adapter/{name}-lora --bf16",
+            f"python -m spacy_llmner.cli adapter-package training/adapter/{name}-lora {output} --config {config_path}"
+            f" --name {name}" + (f" --rank {rank}" if rank else ""),
+        ],
+    )
+    typer.echo(f"adapter-package: wrote {output} ({manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:12]})")
+
+
 def main() -> None:
     app()
 

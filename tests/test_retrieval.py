@@ -80,6 +80,24 @@ def test_span_level_matches_entity_spans(built):
     assert picked[-1].text == POOL[5].text
 
 
+def test_caseless_text_still_has_candidate_spans():
+    # lower-cased queries: capitalised runs find nothing, content-word runs and their words do
+    assert candidate_spans("any cheap italian restaurants open after 10 pm") == [
+        "cheap italian restaurants open",
+        "cheap",
+        "italian",
+        "restaurants",
+        "open",
+        "10 pm",
+        "10",
+        "pm",
+    ]
+    assert candidate_spans("the the and of") == []
+    assert len(candidate_spans(" ".join(f"word{i} of" for i in range(40)))) == 24  # bounded
+    # cased text keeps its capitalised runs (repeats included, as before)
+    assert candidate_spans("Paris and Paris") == ["Paris", "Paris"]
+
+
 def test_random_is_seeded_and_deterministic(built):
     a = with_strategy(built, "random", seed=1).retrieve(["Some query."])[0]
     b = with_strategy(built, "random", seed=1).retrieve(["Some query."])[0]

@@ -4,7 +4,10 @@ from typing import List, Sequence
 
 
 def new_context(llm, n_ctx: int, n_seq_max: int, unified: bool):
-    """A second llama.cpp context on ``llm``'s weights, with its settings but its own size and sequences."""
+    """A second llama.cpp context on ``llm``'s weights, with its settings but its own size and sequences, and its
+    LoRA adapter (llama.cpp applies adapters per context: without this a context would serve the base model)."""
+    import ctypes
+
     import llama_cpp
     from llama_cpp import _internals
 
@@ -14,7 +17,13 @@ def new_context(llm, n_ctx: int, n_seq_max: int, unified: bool):
     params.n_ctx = n_ctx
     params.n_seq_max = n_seq_max
     params.kv_unified = unified
-    return _internals.LlamaContext(model=llm._model, params=params, verbose=False), params.n_batch
+    ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    if llm.lora_path:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+        scales = (ctypes.c_float * 1)(llm.lora_scale)
+        if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, scales):
+            raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {llm.lora_path} to a new context")
+    return ctx, params.n_batch
 
 
 def shared_prefix(seqs: Sequence[List[int]], cap: int) -> int:

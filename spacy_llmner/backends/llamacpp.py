@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import catalogue
 
+from ..adapters import adapter_path, adapters, manifest
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
 
@@ -63,6 +64,29 @@ def resolve_model_path(model: str) -> str:
     )
 
 
+def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
+    """The adapter a backend applies: a shipped adapter's name, a GGUF LoRA path, or None. Checks names and
+    pairings without loading anything."""
+    if adapter == "auto":
+        return DEFAULT_ADAPTERS.get(model)
+    if adapter is None or os.path.isfile(adapter):
+        return adapter
+    if adapter not in adapters:
+        raise BackendError(
+            f"llama.cpp backend: adapter {adapter!r} is neither a shipped adapter "
+            f"({', '.join(sorted(adapters.get_all()))}) nor an existing GGUF LoRA file; null serves the base model"
+        )
+    base = manifest(adapter)["base_model"]
+    if base != model:
+        raise BackendError(
+            f"llama.cpp backend: adapter {adapter!r} was trained for model {base!r}, not {model!r}; "
+            f"set model = {base!r} or adapter = null"
+        )
+    return adapter
+
+
+DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v1"}  # what adapter = "auto" applies, by model name
+
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
 _INHERITED: List[Any] = []  # a forked process's copies of its parent's objects, never freed there
@@ -91,11 +115,13 @@ _LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the models _load made tha
 
 
 @lru_cache(maxsize=8)
-def _load(path: str, n_ctx: int, n_threads: int, seed: int):
-    """One loaded model per (file, context) in the process: members sharing a model share its weights."""
+def _load(path: str, lora: Optional[str], n_ctx: int, n_threads: int, seed: int):
+    """One loaded model per (file, adapter, context) in the process: members sharing a model share its weights."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False)
+    llm = Llama(
+        model_path=path, lora_path=lora, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False
+    )
     _free_later(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
     _LOADED.add(llm)
     return llm
@@ -123,6 +149,9 @@ class LlamaCppBackend(BackendBase):
     fast_grammar (bool): apply the grammar to the best candidates first (same greedy output, faster); false uses
         llama-cpp-python's own grammar sampling.
     parallel (int): sequences decoded together; 1 decodes one at a time.
+    adapter (Optional[str]): a LoRA adapter llama.cpp applies at load: a shipped one by name ("ner-v1", the NER
+        adapter of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default: "ner-v1" for "gemma3-270m",
+        none for any other model) or null (the base model as published).
     """
 
     supports_grammar = True
@@ -137,8 +166,10 @@ class LlamaCppBackend(BackendBase):
         n_threads: Optional[int] = None,
         fast_grammar: bool = True,
         parallel: int = 8,
+        adapter: Optional[str] = "auto",
     ):
         self.model = model
+        self.adapter = resolve_adapter(model, adapter)
         self.n_ctx = n_ctx
         self.temperature = temperature
         self.seed = seed
@@ -159,14 +190,24 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def llm(self):
-        return _load(resolve_model_path(self.model), self.n_ctx, self.n_threads, self.seed)
+        return _load(resolve_model_path(self.model), self.adapter_file, self.n_ctx, self.n_threads, self.seed)
+
+    @property
+    def adapter_file(self) -> Optional[str]:
+        if self.adapter is None or os.path.isfile(self.adapter):
+            return self.adapter
+        return str(adapter_path(self.adapter))
 
     def identity(self) -> Dict[str, Any]:
         name = self.model
         if os.path.isfile(self.model):  # a path: name it by content, not location
             st = os.stat(self.model)
             name = f"{Path(self.model).name}:{st.st_size}"
-        return {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
+        ident = {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
+        if self.adapter is not None:  # answers differ with an adapter: a cache must not mix them
+            path = self.adapter_file
+            ident["adapter"] = f"{Path(path).name}:{os.stat(path).st_size}" if os.path.isfile(path) else self.adapter
+        return ident
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf8"), add_bos=True, special=False))

@@ -39,6 +39,8 @@ sources = []
 # sentences read from each source (its retrieval pool), and of those, how many become examples
 pool_limit = 2000
 examples_per_source = 400
+# each chosen sentence becomes this many examples (independent regularisation draws: demonstrations, casing, ...)
+renders = 1
 seed = 0
 
 [regularisation]
@@ -46,6 +48,8 @@ demo_dropout = 0.3
 random_demo = 0.15
 shuffle_labels = 0.5
 rename_labels = 0.1
+lowercase = 0.0
+demo_counts = null
 
 [training]
 r = 16
@@ -93,11 +97,15 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
         raise ValueError(f"finetune: {prompt['config']} has no component {prompt['component']!r}")
     component = nlp.get_pipe(prompt["component"])
     rng = random.Random(data["seed"])
-    builder = ExampleBuilder(component, Regularisation(**settings["regularisation"]), seed=data["seed"])
+    reg = dict(settings["regularisation"])
+    if reg.get("demo_counts") is not None:
+        reg["demo_counts"] = tuple(reg["demo_counts"])
+    builder = ExampleBuilder(component, Regularisation(**reg), seed=data["seed"])
+    renders = int(data.get("renders", 1))
     examples: List[TuningExample] = []
     for source in data["sources"]:
         path = Path(source)
-        name = path.parent.name if path.stem in ("train", "dev", "test") else path.stem
+        name = path.parent.name if path.stem in ("train", "dev", "test") or path.suffix == ".jsonl" else path.stem
         pool = load_demonstrations(path, spacy.blank("en").vocab)[: data["pool_limit"]]
         labels = sorted({lab for d in pool for _, _, lab in d.spans})
         if not labels:
@@ -107,9 +115,9 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
             component.build_pool(pool)
         chosen = rng.sample(pool, min(len(pool), data["examples_per_source"]))
         t0 = time.perf_counter()
-        examples.extend(builder.build(chosen, pool, name))
+        examples.extend(builder.build(chosen * renders, pool, name))
         log(
-            f"finetune: {name}: {len(chosen)} examples from a pool of {len(pool)} ({len(labels)} labels, "
+            f"finetune: {name}: {len(chosen) * renders} examples from a pool of {len(pool)} ({len(labels)} labels, "
             f"{time.perf_counter() - t0:.0f} s)"
         )
     return examples
@@ -166,4 +174,51 @@ def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any
         f"finetune: wrote {path} ({summary['model_mb']} MB); {tuning_log.examples_seen} examples in "
         f"{tuning_log.seconds / 60:.1f} min"
     )
+    return summary
+
+
+def write_token_data(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any]:
+    """Builds the examples and writes them as llama.cpp token ids (the ids the backend will feed the model) to
+    ``output`` (an ``.npz``: ``tokens`` all ids end to end; per example ``start``, ``n_prompt``, ``n_answer``,
+    ``dataset`` index; ``datasets`` the names; ``lower`` whether lower-cased). ``scripts/tune_adapter.py`` trains
+    on it with torch alone (no spaCy, no llama.cpp), e.g. on a GPU machine. Returns a summary."""
+    import numpy as np
+
+    from .train import Tokenizer, model_file
+
+    examples = build_examples(settings, log)
+    tokenizer = Tokenizer(model_file(settings["model"]["base"]))
+    names = sorted({ex.dataset for ex in examples})
+    tokens, start, n_prompt, n_answer, dataset = [], [], [], [], []
+    offset = 0
+    for ex in examples:
+        p, a = tokenizer.prompt(ex.prompt), tokenizer.completion(ex.answer)
+        tokens.extend(p + a)
+        start.append(offset)
+        n_prompt.append(len(p))
+        n_answer.append(len(a))
+        dataset.append(names.index(ex.dataset))
+        offset += len(p) + len(a)
+    tokenizer.close()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as f:
+        np.savez_compressed(
+            f,
+            tokens=np.asarray(tokens, dtype=np.int32),
+            start=np.asarray(start, dtype=np.int64),
+            n_prompt=np.asarray(n_prompt, dtype=np.int32),
+            n_answer=np.asarray(n_answer, dtype=np.int32),
+            dataset=np.asarray(dataset, dtype=np.int16),
+            datasets=np.asarray(names),
+        )
+    summary = {
+        "examples": len(examples),
+        "examples_by_dataset": dict(Counter(ex.dataset for ex in examples)),
+        "tokens": offset,
+        "mean_prompt_tokens": round(float(np.mean(n_prompt)), 1),
+        "max_tokens": int(max(p + a for p, a in zip(n_prompt, n_answer))),
+        "bytes": output.stat().st_size,
+    }
+    log(f"finetune: wrote {output}: {json.dumps(summary)}")
     return summary

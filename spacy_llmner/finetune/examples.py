@@ -15,13 +15,17 @@ set or one prompt by heart; our choices, all per example, all seeded):
 * ``shuffle_labels``: the label list is shown in a random order, so no label is learned by its position;
 * ``rename_labels``: with this probability (and at least one demonstration shown) every label is renamed to an
   opaque name (``type_a`` …) in the list, the demonstrations and the answer alike: the model must read the
-  labels the prompt defines and the demonstrations use instead of recalling a domain's names.
+  labels the prompt defines and the demonstrations use instead of recalling a domain's names;
+* ``lowercase``: with this probability the sentence, its demonstrations and the answer are lower-cased (search
+  queries, chat and ASR text carry no capitals; the model must not find entities by their capital letters);
+* ``demo_counts``: when set, each example shows a number of demonstrations drawn from this list (the most similar
+  ones), before ``demo_dropout``: one model then serves zero-shot prompts, short fast prompts and k = 8 alike.
 """
 
 import random
 import string
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import List, Optional, Sequence, Tuple
 
 from ..labels import LabelSet
 from ..prompt import Demonstration, PromptBuilder, display
@@ -40,11 +44,17 @@ class Regularisation:
     random_demo: float = 0.15
     shuffle_labels: float = 0.5
     rename_labels: float = 0.1
+    lowercase: float = 0.0
+    demo_counts: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
-        for name, value in vars(self).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"finetune: regularisation.{name} must be a probability in [0, 1], not {value}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "demo_counts":
+                if value is not None and (not value or any(int(n) != n or n < 0 for n in value)):
+                    raise ValueError(f"finetune: regularisation.demo_counts must list counts >= 0, not {value}")
+            elif not 0.0 <= value <= 1.0:
+                raise ValueError(f"finetune: regularisation.{f.name} must be a probability in [0, 1], not {value}")
 
 
 def neighbours(component, demonstrations: Sequence[Demonstration]) -> List[List[Demonstration]]:
@@ -69,6 +79,8 @@ class ExampleBuilder:
     def __init__(self, component, regularisation: Optional[Regularisation] = None, seed: int = 0):
         self.component = component
         self.reg = regularisation or Regularisation(0.0, 0.0, 0.0, 0.0)
+        if self.reg.demo_counts and component.retriever is not None:
+            component.retriever.k = max(component.retriever.k, *self.reg.demo_counts)  # neighbours to draw from
         self.rng = random.Random(seed)
 
     def build(
@@ -82,6 +94,9 @@ class ExampleBuilder:
         self, gold: Demonstration, demos: Sequence[Demonstration], pool: Sequence[Demonstration] = (), dataset: str = ""
     ) -> TuningExample:
         comp, reg, rng = self.component, self.reg, self.rng
+        if reg.demo_counts:
+            n = rng.choice(reg.demo_counts)
+            demos = list(demos)[len(demos) - n :] if n else []  # the n most similar (prompt order: most similar last)
         demos = [d for d in demos if rng.random() >= reg.demo_dropout]
         if demos and pool and rng.random() < reg.random_demo:
             demos[rng.randrange(len(demos))] = rng.choice([p for p in pool if p.text != gold.text] or list(pool))
@@ -99,6 +114,8 @@ class ExampleBuilder:
             labels = LabelSet([rename.get(label, label) for label in order], definitions)
             demos = [self._relabel(d, rename, comp.label_set) for d in demos]
             gold = self._relabel(gold, rename, comp.label_set)
+        if rng.random() < reg.lowercase:
+            gold, demos = _lower(gold), [_lower(d) for d in demos]
         prompts = PromptBuilder(labels, comp.format, comp.prompts.instructions)
         shown = display(gold.text).rstrip()
         spans = [
@@ -117,3 +134,9 @@ class ExampleBuilder:
             if target is not None:
                 spans.append((s, e, rename.get(target, target)))
         return Demonstration(demo.text, spans)
+
+
+def _lower(demo: Demonstration) -> Demonstration:
+    """The demonstration lower-cased, its offsets kept (unchanged where lower-casing would change a length)."""
+    lowered = demo.text.lower()
+    return Demonstration(lowered, demo.spans) if len(lowered) == len(demo.text) else demo

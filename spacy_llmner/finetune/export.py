@@ -9,7 +9,7 @@ quantizer (``llama_model_quantize``, as shipped in llama-cpp-python): the base m
 """
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -131,3 +131,95 @@ def quantize(src, dst, ftype: str = "q4_k_m", threads: int = 0) -> Path:
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"finetune export: llama.cpp could not quantize {src} to {ftype}")
     return Path(dst)
+
+
+def lora_pairs(adapter_dir) -> Dict[str, tuple]:
+    """A peft LoRA folder (``adapter_model.safetensors`` + ``adapter_config.json``) → HF weight name → (A, B) with
+    the LoRA scale ``alpha / r`` folded into B (so ``W + B @ A`` is the tuned weight)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    folder = Path(adapter_dir)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError("finetune export: DoRA / rsLoRA adapters are not supported")
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    pairs: Dict[str, list] = {}
+    for key, value in tensors.items():
+        stem, _, kind = key.rpartition(".lora_")
+        name = stem.removeprefix("base_model.model.") + ".weight"
+        pairs.setdefault(name, [None, None])["AB".index(kind[0])] = value.astype(np.float32)
+    out = {}
+    for name, (a, b) in pairs.items():
+        if a is None or b is None:
+            raise ValueError(f"finetune export: {name} lacks lora_A or lora_B")
+        out[name] = (a, b * scale)
+    return out
+
+
+def truncate(a: np.ndarray, b: np.ndarray, rank: int):
+    """The best rank-``rank`` factors of ``b @ a`` (SVD, singular values split evenly) and the share of the
+    update's squared Frobenius norm that is dropped."""
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(a.T)
+    u, s, vt = np.linalg.svd(rb @ ra.T)
+    root = np.sqrt(s[:rank])
+    new_b = (qb @ u[:, :rank]) * root
+    new_a = (root[:, None] * vt[:rank]) @ qa.T
+    return new_a, new_b, float((s[rank:] ** 2).sum() / max((s**2).sum(), 1e-30))
+
+
+def export_lora_gguf(adapter_dir, base_path: str, out_path, rank: Optional[int] = None, a_type: str = "q8_0") -> Dict:
+    """Writes a peft LoRA as a GGUF adapter that llama.cpp applies at load (``Llama(lora_path=...)``): per tuned
+    weight ``<gguf name>.lora_a`` (r × in) and ``.lora_b`` (out × r), ``general.type = adapter``,
+    ``adapter.lora.alpha = r`` (the scale is folded into B). ``rank`` below the trained rank keeps the best
+    rank-``rank`` approximation of each update (SVD). A is stored as Q8_0 (``a_type``) or F16; B as F16 (its rows,
+    r long, are shorter than a Q8_0 block). Returns sizes and the truncation's worst dropped share."""
+    import gguf
+
+    if a_type not in ("q8_0", "f16"):
+        raise ValueError(f"finetune export: a_type must be q8_0 or f16, not {a_type!r}")
+    reader = gguf.GGUFReader(base_path)
+    arch = str(reader.fields["general.architecture"].contents())
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    pairs = lora_pairs(adapter_dir)
+    names = gguf_names(arch, n_blocks, pairs)
+    present = {t.name for t in reader.tensors}
+    writer = gguf.GGUFWriter(str(out_path), arch=arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    worst, ranks = 0.0, set()
+    tensors = []
+    for hf_name in sorted(pairs):
+        a, b = pairs[hf_name]
+        if rank is not None and rank < a.shape[0]:
+            a, b, dropped = truncate(a, b, rank)
+            worst = max(worst, dropped)
+        ranks.add(a.shape[0])
+        gname = names[hf_name]
+        if gname not in present:
+            raise ValueError(f"finetune export: the base model has no tensor {gname}")
+        if arch == "llama" and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+            raise ValueError("finetune export: q/k LoRA of llama-architecture models needs a row permutation")
+        tensors.append((gname, a, b))
+    if len(ranks) != 1:
+        raise ValueError(f"finetune export: adapters of mixed ranks {sorted(ranks)}")
+    writer.add_float32("adapter.lora.alpha", float(ranks.pop()))
+    for gname, a, b in tensors:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if a_type == "q8_0":
+            writer.add_tensor(
+                gname + ".lora_a",
+                gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
+        else:
+            writer.add_tensor(gname + ".lora_a", a.astype(np.float16))
+        writer.add_tensor(gname + ".lora_b", np.ascontiguousarray(b, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"path": str(out_path), "bytes": Path(out_path).stat().st_size, "worst_dropped_share": round(worst, 5)}

@@ -5,8 +5,9 @@ Strategies (``strategy``):
   (cosine of contextual MiniLM embeddings); the sentence scores the IDF-weighted mean of those best matches.
   A mean of best matches (BERTScore-recall style) rewards a pool sentence for covering *each* query word, and
   IDF weighting makes sharing a rare word (usually part of an entity) count for more than sharing "the".
-- ``span`` (EL4NER): candidate entity spans of the query (capitalised or numeric token runs) against the pool's
-  gold entity spans, mean of best matches, mixed with sentence similarity (``span_weight``).
+- ``span`` (EL4NER): candidate entity spans of the query (capitalised or numeric token runs; in text without
+  capitals — queries, chat, ASR — runs of content words and the words in them) against the pool's gold entity
+  spans, mean of best matches, mixed with sentence similarity (``span_weight``).
 - ``sentence``: cosine of MiniLM sentence embeddings (GPT-NER's kNN baseline); ``bm25`` (bm25s); ``random``
   (seeded per query, so reruns agree).
 On a pool larger than ``candidates``, ``word`` and ``span`` re-rank the union of the sentence and BM25 top
@@ -31,19 +32,33 @@ from .pool import Pool
 STRATEGIES = ("word", "span", "sentence", "bm25", "random")  # the Strategy literal below, for iteration
 
 
-def candidate_spans(text: str) -> List[str]:
-    """Runs of capitalised or numeric words: a parser-free guess at where a sentence's entities are."""
-    words = text.split()
+def candidate_spans(text: str, limit: int = 24) -> List[str]:
+    """A parser-free guess at where a sentence's entities are: runs of capitalised or numeric words; in text with
+    no capital letter at all, runs of content words (not English stop words) and, for longer runs, each of their
+    words (an attribute such as "cheap" or "5 star" is then a candidate too), each once, at most ``limit``."""
+    caseless = not any(c.isupper() for c in text)
+    if caseless:
+        from spacy.lang.en.stop_words import STOP_WORDS
+
+        def keep(core):
+            return core.lower() not in STOP_WORDS
+    else:
+
+        def keep(core):
+            return core[0].isupper() or core[0].isdigit()
+
     out, run = [], []
-    for w in words + [""]:
+    for w in text.split() + [""]:
         core = w.strip(".,;:!?()[]\"'")
-        if core and (core[0].isupper() or core[0].isdigit()):
+        if core and keep(core):
             run.append(core)
         else:
             if run:
                 out.append(" ".join(run))
+                if caseless and len(run) > 1:
+                    out.extend(run)
             run = []
-    return out
+    return list(dict.fromkeys(out))[:limit] if caseless else out
 
 
 def _segment_max(sims: np.ndarray, offsets: np.ndarray, empty: float = 0.0) -> np.ndarray:

@@ -1,0 +1,283 @@
+"""LoRA-tunes Gemma 3 270M (a GGUF file) on token-id examples, with torch, transformers and peft alone.
+
+    python scripts/tune_adapter.py --model MODEL.gguf --data training/adapter/ner-v1.npz --out training/adapter/ner-v1
+
+The examples come from ``spacy-llmner finetune-data`` (llama.cpp token ids of the component's own prompts and gold
+answers), so this script needs neither spaCy nor llama.cpp and runs as is on a GPU machine (``--device cuda``,
+the default when one is present) or, slowly, on the CPU. Weights: the GGUF tensors dequantized with gguf-py into
+the transformers model described by ``gemma3_config.json`` (norm weights stored +1 by llama.cpp's converter are
+shifted back), so no transformers GGUF support is needed and the base weights trained against are exactly those
+llama.cpp serves. Before training, the mean answer loss of the first examples is checked against the value stored
+by ``finetune-data`` (a wrong load stops here). Micro-batches are right-padded (causal attention: a real token
+never sees padding); the loss is the mean over each example's answer tokens, averaged over examples, and the LM head
+runs only on the positions that predict answer tokens. Writes ``adapter/`` (peft's safetensors + config) at each
+``--checkpoints`` fraction (``ckpt-<fraction>/``) and ``tuning.json`` (settings, data, loss curve, seconds).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gemma3_270m_hf.json"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the base GGUF (Gemma 3 270M)")
+    ap.add_argument("--data", nargs="+", required=True, help=".npz files of finetune-data")
+    ap.add_argument("--exclude", nargs="*", default=[], help="datasets left out (leave-one-domain-out)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup", type=float, default=0.05, help="share of the optimizer steps")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
+    ap.add_argument("--micro-tokens", type=int, default=12288, help="padded tokens per forward pass at most")
+    ap.add_argument("--max-tokens", type=int, default=1536, help="longer examples are skipped")
+    ap.add_argument("--checkpoints", default="1.0", help="comma-separated fractions of training to save at")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) when training takes longer")
+    ap.add_argument("--check-only", action="store_true", help="print the reference loss and exit")
+    ap.add_argument("--expect-loss", type=float, default=None, help="stop unless the reference loss is this")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def load_examples(paths, exclude=(), max_tokens=None):
+    """[(prompt ids, answer ids, dataset name)], in file order."""
+    out = []
+    for path in paths:
+        d = np.load(path)
+        names = [str(n) for n in d["datasets"]]
+        tokens, start, n_p, n_a, ds = d["tokens"], d["start"], d["n_prompt"], d["n_answer"], d["dataset"]
+        for i in range(len(start)):
+            name = names[ds[i]]
+            if name in exclude or (max_tokens and n_p[i] + n_a[i] > max_tokens):
+                continue
+            s = int(start[i])
+            out.append((tokens[s : s + n_p[i]], tokens[s + n_p[i] : s + n_p[i] + n_a[i]], name))
+    return out
+
+
+def load_model(gguf_path: str):
+    """The GGUF's tensors dequantized into a float32 transformers Gemma 3 model."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(CONFIG.read_text()))
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    state = model.state_dict()
+    reader = gguf.GGUFReader(gguf_path)
+    arch = str(reader.fields["general.architecture"].contents())
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    table = gguf.get_tensor_name_map(archs[arch], n_blocks)
+    by_gguf = {}
+    for name in state:
+        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            by_gguf.setdefault(mapped, []).append(name)
+    loaded = set()
+    for t in reader.tensors:
+        if t.name not in by_gguf:
+            raise ValueError(f"tune_adapter: GGUF tensor {t.name} has no place in the model")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        for name in by_gguf[t.name]:
+            target = state[name]
+            w2 = w.reshape(target.shape)
+            if t.name.endswith("norm.weight"):
+                w2 = w2 - 1.0  # llama.cpp's Gemma converter stores 1 + w (Gemma's RMSNorm scales by 1 + w)
+            target.copy_(torch.from_numpy(np.ascontiguousarray(w2)))
+            loaded.add(name)
+    pointers = {state[n].data_ptr() for n in loaded}
+    missing = [n for n in state if n not in loaded and state[n].data_ptr() not in pointers]  # tied: the embedding
+    if missing:
+        raise ValueError(f"tune_adapter: no GGUF tensor for {missing[:5]}")
+    return model
+
+
+def batch_loss(model, batch, device, softcap):
+    """Mean over examples of the mean answer-token cross-entropy; one right-padded forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(len(p) + len(a) for p, a, _ in batch)
+    ids = torch.zeros((len(batch), length), dtype=torch.long)
+    rows, cols, targets, owner = [], [], [], []
+    for i, (p, a, _) in enumerate(batch):
+        seq = np.concatenate([p, a])
+        ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        for j in range(len(a)):
+            rows.append(i)
+            cols.append(len(p) - 1 + j)  # the position whose output predicts answer token j
+            targets.append(int(a[j]))
+            owner.append(i)
+    base = model.get_base_model()
+    hidden = base.get_decoder()(input_ids=ids.to(device)).last_hidden_state
+    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    logits = base.get_output_embeddings()(picked).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    tok_loss = F.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+    owner_t = torch.tensor(owner, device=device)
+    per_example = torch.zeros(len(batch), device=device).index_add_(0, owner_t, tok_loss)
+    counts = torch.bincount(owner_t, minlength=len(batch)).clamp(min=1)
+    return (per_example / counts).mean()
+
+
+def micro_batches(batch, micro_tokens):
+    """Splits one optimizer step's examples into forward passes of at most ``micro_tokens`` padded tokens."""
+    out, cur, longest = [], [], 0
+    for ex in sorted(batch, key=lambda e: len(e[0]) + len(e[1])):
+        n = len(ex[0]) + len(ex[1])
+        if cur and max(longest, n) * (len(cur) + 1) > micro_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(ex)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def steps(examples, batch, epochs, seed):
+    """Optimizer steps as lists of examples: an epoch is a seeded shuffle; fractional epochs are cut."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    stream = []
+    while len(stream) < int(round(len(examples) * epochs)):
+        rng.shuffle(order)
+        stream.extend(order)
+    stream = stream[: int(round(len(examples) * epochs))]
+    return [[examples[i] for i in stream[k : k + batch]] for k in range(0, len(stream), batch)]
+
+
+def reference_loss(model, examples, device, softcap, n=8):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return float(batch_loss(model, examples[:n], device, softcap))
+
+
+def save(model, folder: Path) -> None:
+    """The LoRA weights in float16 (safetensors, peft's names) and peft's adapter_config.json."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").half().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(folder))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not os.path.isfile(args.model):  # a packaged model's short name (needs spacy_llmner installed)
+        from spacy_llmner.backends.llamacpp import resolve_model_path
+
+        args.model = resolve_model_path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    examples = load_examples(args.data, set(args.exclude), args.max_tokens)
+    model = load_model(args.model)
+    softcap = model.config.to_dict().get("final_logit_softcapping")
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.r,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    ).to(device)
+    t_load = time.perf_counter() - t0
+    probe = load_examples(args.data[:1], (), args.max_tokens)  # the same first examples whatever is excluded
+    ref = reference_loss(model, probe, device, softcap)
+    print(f"tune_adapter: {len(examples)} examples, reference loss {ref:.4f}, load {t_load:.0f} s", flush=True)
+    if args.check_only:
+        return
+    if args.expect_loss is not None and abs(ref - args.expect_loss) > 0.01:
+        sys.exit(f"tune_adapter: reference loss {ref:.4f}, expected {args.expect_loss:.4f}: the model loaded wrongly")
+    plan = steps(examples, args.batch, args.epochs, args.seed)
+    if args.max_steps:
+        plan = plan[: args.max_steps]
+    saves = sorted({max(1, math.ceil(float(f) * len(plan))) for f in args.checkpoints.split(",")})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, int(args.warmup * len(plan))), len(plan))
+    model.train()
+    losses, t1 = [], time.perf_counter()
+    for step, batch in enumerate(plan, 1):
+        total = 0.0
+        for micro in micro_batches(batch, args.micro_tokens):
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+                loss = batch_loss(model, micro, device, softcap) * len(micro) / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(total, 4))
+        if step % 50 == 0 or step == len(plan):
+            recent = losses[-50:]
+            print(
+                f"tune_adapter: step {step}/{len(plan)} loss {sum(recent) / len(recent):.4f} "
+                f"{time.perf_counter() - t1:.0f} s",
+                flush=True,
+            )
+        late = args.max_minutes is not None and time.perf_counter() - t1 > 60 * args.max_minutes
+        if step in saves or late:
+            save(model, out / f"ckpt-{step / len(plan):.2f}")
+        if late:
+            print(f"tune_adapter: stopped after {args.max_minutes} minutes, step {step}/{len(plan)}", flush=True)
+            break
+    seconds = time.perf_counter() - t1
+    model.eval()
+    final = reference_loss(model, probe, device, softcap)
+    by_dataset = {}
+    for _, _, name in examples:
+        by_dataset[name] = by_dataset.get(name, 0) + 1
+    log = {
+        "settings": vars(args),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "examples": len(examples),
+        "examples_by_dataset": by_dataset,
+        "steps": len(plan),
+        "steps_done": len(losses),
+        "reference_loss": {"before": round(ref, 4), "after": round(final, 4)},
+        "seconds": {"load": round(t_load, 1), "train": round(seconds, 1)},
+        "checkpoints": sorted(p.name for p in out.glob("ckpt-*")),
+        "losses": losses,
+    }
+    (out / "tuning.json").write_text(json.dumps(log, indent=1))
+    print(f"tune_adapter: done, {len(plan)} steps in {seconds:.0f} s; loss {ref:.4f} -> {final:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

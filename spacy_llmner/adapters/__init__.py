@@ -1,0 +1,38 @@
+"""LoRA adapters shipped with the package, applied by llama.cpp when it loads the base model.
+
+``ner-v1``: NER instruction tuning of the packaged Gemma 3 270M (``gemma3-270m``) on the component's own prompts
+(lines format, 0-8 retrieved demonstrations, a quarter lower-cased), trained only on data whose licence allows
+redistributing a derived model: the five CrossNER train splits (MIT; Wikipedia text) and GENIA (CC BY 3.0). Its
+folder holds the GGUF adapter, ``manifest.json`` (base model, training data with licences and hashes, settings,
+the adapter's own hash) and ``ATTRIBUTION.md``. The llama.cpp backend uses it by default for ``gemma3-270m``
+(``adapter = "auto"``); ``adapter = null`` serves the base model. Other packages add adapters through the
+entry-point group ``spacy_llmner_adapters`` (a function returning the adapter's folder).
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import catalogue
+
+HERE = Path(__file__).parent
+ADAPTER_FILE = "adapter.gguf"
+
+adapters = catalogue.create("spacy_llmner", "adapters", entry_points=True)
+adapters.register("ner-v1", func=lambda: HERE / "ner-v1")
+
+
+def folder(name: str) -> Path:
+    """The folder of a registered adapter (its ``adapter.gguf`` and ``manifest.json``)."""
+    if name not in adapters:
+        known = ", ".join(sorted(adapters.get_all()))
+        raise KeyError(f"no adapter named {name!r}; registered adapters: {known}")
+    return Path(adapters.get(name)())
+
+
+def manifest(name: str) -> Dict[str, Any]:
+    return json.loads((folder(name) / "manifest.json").read_text(encoding="utf8"))
+
+
+def adapter_path(name: str) -> Path:
+    return folder(name) / ADAPTER_FILE
