@@ -26,6 +26,9 @@ def annotate(
     labels: str = typer.Option("person,organisation,location", help="Comma-separated target labels"),
     demonstrations: Optional[Path] = typer.Option(None, help="jsonl demonstrations (text + spans)"),
     model: str = typer.Option("gemma3-270m", help="Packaged model short name or GGUF path"),
+    adapter: str = typer.Option(
+        "auto", help="LoRA adapter: auto (the shipped NER adapter for gemma3-270m), none, a name or a GGUF path"
+    ),
     output_format: str = typer.Option("lines", "--format", help="lines, bracket, xml or json"),
     constrained: bool = typer.Option(True, help="Grammar-constrained decoding"),
     output: Path = typer.Option(Path("demo_output"), help="Folder for entities.jsonl and displacy.html"),
@@ -78,7 +81,11 @@ def annotate(
         config={
             "labels": [label.strip() for label in labels.split(",") if label.strip()],
             "format": {"@misc": f"spacy_llmner.{FORMATS[output_format].__name__}.v1"},
-            "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model},
+            "backend": {
+                "@llm_models": "spacy_llmner.LlamaCpp.v1",
+                "model": model,
+                "adapter": None if adapter == "none" else adapter,
+            },
             "demonstrations": str(demonstrations) if demonstrations else None,
             "constrained": constrained,
             "cache_path": cache_path,

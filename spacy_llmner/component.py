@@ -71,6 +71,7 @@ DEFAULT_CONFIG = {
     "cache_path": None,
     "save_io": False,
     "on_error": "raise",
+    "threshold": 0.0,
     "show_progress": False,
     "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     "lar": None,
@@ -99,6 +100,7 @@ def make_llm_lar_ner(
     cache_path: Optional[str],
     save_io: bool,
     on_error: Literal["raise", "skip"],
+    threshold: float,
     show_progress: bool,
     scorer: Optional[Callable],
     lar: Optional[LARStages],
@@ -128,6 +130,10 @@ def make_llm_lar_ner(
     save_io (bool): keep every prompt and answer in ``doc._.llm_ner_io``.
     on_error (str): "raise" (through the error handler, ``nlp.set_error_handler``) or "skip" (the batch's docs
         come back without entities, the error noted in ``doc.user_data["llm_ner_errors"]``).
+    threshold (float): drop generated spans whose confidence is below it (0 keeps all; raise it for precision).
+        A span's confidence, in ``doc.spans[spans_key].attrs["scores"]``, is the geometric-mean probability of
+        the answer tokens that stated it (its line in the lines format, the whole answer in the others); spans
+        without one (a backend without log-probabilities, LAR source spans) are kept.
     show_progress (bool): a progress bar per ``pipe``.
     scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
     lar (Optional[LARStages]): the LAR / EL4NER stages (``spacy_llmner.LAR.v1``); null: one pass.
@@ -166,6 +172,7 @@ def make_llm_lar_ner(
         cache_path=cache_path,
         save_io=save_io,
         on_error=on_error,
+        threshold=threshold,
         show_progress=show_progress,
         scorer=scorer,
         lar=lar,
@@ -194,12 +201,15 @@ class LLMNER(Pipe):
         cache_path: Optional[str] = None,
         save_io: bool = False,
         on_error: str = "raise",
+        threshold: float = 0.0,
         show_progress: bool = False,
         scorer: Optional[Callable] = None,
         lar: Optional[LARStages] = None,
     ):
         if max_chunk_tokens < 1:
             raise ValueError(f"{name}: max_chunk_tokens must be positive")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{name}: threshold is a confidence in [0, 1], not {threshold}")
         self.vocab, self.name = vocab, name
         self.label_set, self.format = labels, fmt
         self.prompts = PromptBuilder(labels, fmt, instructions)
@@ -214,6 +224,7 @@ class LLMNER(Pipe):
         self.spans_key, self.alignment_mode = spans_key, alignment_mode
         self.max_chunk_tokens, self.max_new_tokens = max_chunk_tokens, max_new_tokens
         self.save_io, self.on_error, self.show_progress, self.scorer = save_io, on_error, show_progress, scorer
+        self.threshold = threshold
         self.usage = Usage()  # this run's totals; reset with reset_usage()
         self.lar = lar  # None: one pass
         self.alignment: Optional[LabelAlignment] = None  # learned in initialize() or set
@@ -413,11 +424,18 @@ class LLMNER(Pipe):
                 verification_scores(self.lar, self.label_set.prompt_names, chunks, demos, candidates, run)
                 drop_unverified(candidates, self.lar.verify_threshold)
         for i, doc in enumerate(docs):
-            found = doc_spans(doc, chunks, candidates, i, self.alignment_mode)
+            found = [
+                (span, c)
+                for span, c in doc_spans(doc, chunks, candidates, i, self.alignment_mode)
+                if c.confidence is None or c.confidence >= self.threshold
+            ]
             self.set_annotations(doc, [span for span, _ in found])
+            measured = {(s.start, s.end, s.label_): c for s, c in found}
+            group = doc.spans[self.spans_key]
+            # per span, as spaCy's spancat does: the confidence of the answer that stated it (None: not generated,
+            # or a backend without log-probabilities)
+            group.attrs["scores"] = [measured[(s.start, s.end, s.label_)].confidence for s in group]
             if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
-                measured = {(s.start, s.end, s.label_): c for s, c in found}
-                group = doc.spans[self.spans_key]
                 group.attrs["typing_margin"] = [measured[(s.start, s.end, s.label_)].score for s in group]
                 group.attrs["p_yes"] = [measured[(s.start, s.end, s.label_)].p_yes for s in group]
             self.usage.add(run.report(doc, i))
@@ -425,11 +443,14 @@ class LLMNER(Pipe):
 
     def _propose(self, chunks: List[Chunk], demos, candidates, run: Run, extract: bool) -> None:
         requests = [self.request(c.span, d, extract=extract) for c, d in zip(chunks, demos)]
-        for chunk, found, text in zip(chunks, candidates, run.generate([c.doc_index for c in chunks], requests)):
-            if text is not None:
+        for chunk, found, answer in zip(chunks, candidates, run.generate([c.doc_index for c in chunks], requests)):
+            if answer is not None:
                 usage = run.usage[chunk.doc_index]
-                for start, end, label in answer_spans(self.format, text, chunk.shown, self.label_set, usage, extract):
-                    found.setdefault((start, end), Candidate(start, end, label=label))
+                spans = answer_spans(
+                    self.format, answer.text, chunk.shown, self.label_set, usage, extract, answer.token_logprobs
+                )
+                for start, end, label, conf in spans:
+                    found.setdefault((start, end), Candidate(start, end, label=label, confidence=conf))
 
     def set_annotations(self, doc: Doc, spans: List[Span]) -> None:
         unique = sorted({(s.start, s.end, s.label_): s for s in spans}.values(), key=lambda s: (s.start, -s.end))

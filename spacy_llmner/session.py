@@ -11,7 +11,7 @@ entities and with the error noted in ``doc.user_data["llm_ner_errors"]``: nothin
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .lar.choice import choose
-from .ty import Backend, BackendError, GenerationRequest, ScoreRequest
+from .ty import Backend, BackendError, Generation, GenerationRequest, ScoreRequest
 from .usage import Usage
 
 ErrorHandler = Callable[[str, object, list, Exception], None]
@@ -67,7 +67,7 @@ class Run:
             self.error = e
             return None
 
-    def generate(self, owners: Sequence[int], requests: List[GenerationRequest]) -> List[Optional[str]]:
+    def generate(self, owners: Sequence[int], requests: List[GenerationRequest]) -> List[Optional[Generation]]:
         """The answer to each request (None where the backend failed); ``owners[i]``: the doc that asked."""
         answers = self._call(self.backend.generate, requests)
         if answers is None:
@@ -84,7 +84,7 @@ class Run:
             u.grammar_ignored += answer.grammar_ignored
             if self.save_io:
                 self.io[i].append({"prompt": req.prompt, "response": answer.text})
-        return [a.text for a in answers]
+        return list(answers)
 
     def choose(self, owners: Sequence[int], requests: List[ScoreRequest]) -> Optional[List[List[float]]]:
         """Log-probabilities per option of each constrained choice (None where the backend failed); the cost is

@@ -31,6 +31,9 @@ class Generation:
     seconds: float = 0.0
     cached: bool = False
     grammar_ignored: bool = False  # the answer breaks the request's grammar: the server did not apply it
+    # per generated token: (end offset in ``text``, the model's log-probability of it over the whole vocabulary);
+    # empty where the backend does not report them. Per-entity confidences come from these.
+    token_logprobs: Tuple[Tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,14 @@ class LLMComponent(Protocol):
 
 @dataclass(frozen=True)
 class Mention:
-    """One entity as an answer states it: its text, its label, and for inline formats where it sits in the
-    answer's plain text (``None`` for list formats, which name a mention without placing it)."""
+    """One entity as an answer states it: its text, its label, for inline formats where it sits in the answer's
+    plain text (``None`` for list formats, which name a mention without placing it), and the characters of the raw
+    answer that state it (the lines format: its line), from which its confidence is read."""
 
     text: str
     label: str
     answer_start: Optional[int] = None
+    answer_range: Optional[Tuple[int, int]] = None  # where the answer states it (its line), where the format knows
 
 
 @dataclass

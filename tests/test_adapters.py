@@ -118,3 +118,23 @@ def test_the_adapter_is_applied_in_the_batched_decoder_and_the_scorer():
     req = GenerationRequest(prompt, max_tokens=40, stop=("\n\n",))
     assert tuned.generate([req])[0].text == reference.generate([req])[0].text
     assert tuned.generate([req])[0].text != base.generate([req])[0].text
+
+
+@pytest.mark.model
+def test_default_pipeline_spans_carry_confidences_and_threshold_holds():
+    import spacy
+
+    texts = ["Angela Merkel met Emmanuel Macron in Paris.", "Microsoft opened a lab in Nairobi, Kenya."]
+    nlp = spacy.blank("en")
+    nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
+    strict = spacy.blank("en")
+    strict.add_pipe(
+        "llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True, "threshold": 0.9}
+    )
+    for doc, kept in zip(nlp.pipe(texts), strict.pipe(texts)):
+        scores = doc.spans["llm_ner"].attrs["scores"]
+        assert len(scores) == len(doc.spans["llm_ner"]) > 0
+        assert all(0.0 < s <= 1.0 for s in scores)
+        assert all(s >= 0.9 for s in kept.spans["llm_ner"].attrs["scores"])  # same answers, the unsure dropped
+        sure = {(sp.text, sp.label_) for sp, s in zip(doc.spans["llm_ner"], scores) if s >= 0.9}
+        assert {(sp.text, sp.label_) for sp in kept.spans["llm_ner"]} == sure

@@ -36,7 +36,12 @@ def make(fmt="lines", constrained=True, model="gemma3-270m"):
         config={
             "labels": LABELS,
             "format": {"@misc": f"spacy_llmner.{FORMATS[fmt].__name__}.v1"},
-            "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model},
+            # the shipped adapter was tuned on the lines format: the other formats are served by the base model
+            "backend": {
+                "@llm_models": "spacy_llmner.LlamaCpp.v1",
+                "model": model,
+                "adapter": "auto" if fmt == "lines" else None,
+            },
             "constrained": constrained,
         },
     )

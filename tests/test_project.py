@@ -132,7 +132,9 @@ def test_every_shipped_config_parses_and_fills():
     from spacy_llmner.finetune import load_settings
 
     for cfg in sorted((ROOT / "configs").glob("*.cfg")):
-        if cfg.name.startswith("finetune_"):  # tuning settings: they name the pipeline config they tune for
+        if cfg.name.startswith(
+            ("finetune_", "adapter_")
+        ):  # tuning settings: they name the pipeline config they tune for
             settings = load_settings(cfg)
             assert settings["data"]["sources"] and (ROOT / settings["prompt"]["config"]).exists(), cfg.name
             continue

@@ -34,6 +34,7 @@ class _Seq:
     pos: int = 0
     sampler: object = None
     generated: List[int] = field(default_factory=list)
+    logprobs: List[Tuple[int, float]] = field(default_factory=list)  # (end offset in text, log-probability)
     out: bytes = b""
     text: str = ""
     done: bool = False
@@ -164,6 +165,8 @@ class BatchedDecoder:
         s.out += self.llm.detokenize([token], prev_tokens=s.tokens + s.generated)
         s.generated.append(token)
         s.text = s.out.decode("utf8", errors="ignore")
+        top = float(logits.max())
+        s.logprobs.append((len(s.text), float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))))
         hit = min((s.text.index(x) for x in s.stop if x in s.text), default=None)
         if hit is not None:
             s.text = s.text[:hit]
@@ -183,8 +186,8 @@ class BatchedDecoder:
         max_tokens: Sequence[int],
         stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
-    ) -> List[Tuple[str, int]]:
-        """Greedy completions for tokenized prompts: (text, completion tokens) each.
+    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...]]]:
+        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities) each.
 
         Continuous batching: up to ``n_seq`` sequences decode together, and a finished one's slot is refilled
         at once, its prompt tokens riding in the same batch as the others' next tokens.
@@ -233,4 +236,4 @@ class BatchedDecoder:
             for s in seqs:
                 if not s.done and s.seq_id:
                     self._finish(s)
-        return [(s.text, len(s.generated)) for s in seqs]
+        return [(s.text, len(s.generated), tuple(s.logprobs)) for s in seqs]

@@ -44,6 +44,9 @@ def _open(path: Path) -> sqlite3.Connection:
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
             "prompt_tokens INTEGER, completion_tokens INTEGER, seconds REAL)"
         )
+        # per-token log-probabilities of an answer, where the backend gave them (a table of its own: caches
+        # written before it existed still open, their answers simply have none)
+        conn.execute("CREATE TABLE IF NOT EXISTS token_logprobs (key TEXT PRIMARY KEY, data TEXT NOT NULL)")
         conn.commit()
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
@@ -143,11 +146,20 @@ class AnswerCache:
                 row = db.execute(
                     "SELECT text, prompt_tokens, completion_tokens, seconds FROM answers WHERE key=?", (key,)
                 ).fetchone()
+                lp = db.execute("SELECT data FROM token_logprobs WHERE key=?", (key,)).fetchone() if row else None
             except sqlite3.DatabaseError as e:
                 raise self._fault(e) from e
         if row is None:
             return None
-        return Generation(text=row[0], prompt_tokens=row[1], completion_tokens=row[2], seconds=0.0, cached=True)
+        logprobs = tuple((int(end), float(v)) for end, v in json.loads(lp[0])) if lp else ()
+        return Generation(
+            text=row[0],
+            prompt_tokens=row[1],
+            completion_tokens=row[2],
+            seconds=0.0,
+            cached=True,
+            token_logprobs=logprobs,
+        )
 
     def put(self, key: str, gen: Generation) -> None:
         with self._lock:
@@ -157,6 +169,11 @@ class AnswerCache:
                     "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
                     (key, gen.text, gen.prompt_tokens, gen.completion_tokens, gen.seconds),
                 )
+                if gen.token_logprobs:
+                    db.execute(
+                        "INSERT OR REPLACE INTO token_logprobs VALUES (?, ?)",
+                        (key, json.dumps([[end, round(v, 5)] for end, v in gen.token_logprobs])),
+                    )
                 db.commit()
             except sqlite3.DatabaseError as e:
                 raise self._fault(e) from e

@@ -10,9 +10,11 @@ decodes one sequence at a time, with exactly the logits of llama-cpp-python's ow
 import glob
 import importlib.util
 import os
+import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -114,14 +116,34 @@ def _after_fork_in_child() -> None:
 _LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the models _load made that are alive
 
 
+@contextmanager
+def quiet_stderr(active: bool = True):
+    """Points file descriptor 2 at /dev/null for the block (what C code writes there is dropped)."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 @lru_cache(maxsize=8)
 def _load(path: str, lora: Optional[str], n_ctx: int, n_threads: int, seed: int):
     """One loaded model per (file, adapter, context) in the process: members sharing a model share its weights."""
     from llama_cpp import Llama
 
-    llm = Llama(
-        model_path=path, lora_path=lora, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False
-    )
+    # llama.cpp prints a line per adapter tensor it keeps out of the repacked weight buffers (harmless, and not
+    # silenced by verbose=False): its C-level stderr is held back while an adapter loads; failures still raise.
+    with quiet_stderr(lora is not None):
+        llm = Llama(
+            model_path=path, lora_path=lora, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False
+        )
     _free_later(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
     _LOADED.add(llm)
     return llm
@@ -273,7 +295,7 @@ class LlamaCppBackend(BackendBase):
             tokens, [r.max_tokens for r in requests], [r.stop for r in requests], [r.grammar for r in requests]
         )
         per = (time.perf_counter() - t0) / len(requests)  # sequences decode together: they share the time
-        return [Generation(text, len(toks), n, per) for (text, n), toks in zip(results, tokens)]
+        return [Generation(text, len(toks), n, per, token_logprobs=lp) for (text, n, lp), toks in zip(results, tokens)]
 
     def _generate_sampled(self, req: GenerationRequest) -> Generation:
         llm = self.llm

@@ -34,8 +34,10 @@ class LinesFormat:
 
     def parse(self, answer: str) -> ParsedAnswer:
         parsed = ParsedAnswer()
-        for line in answer.split("\n\n", 1)[0].splitlines():
-            line = line.strip()
+        end = 0
+        for raw in answer.split("\n\n", 1)[0].splitlines(keepends=True):
+            start, end = end, end + len(raw)
+            line = raw.strip()
             # "\\- x" is the mention "- x"; an unescaped leading "- " is a list bullet
             line = line[1:] if line.startswith("\\") else line.lstrip("-*• ").strip()
             if not line or line.lower() == self.empty:
@@ -44,7 +46,9 @@ class LinesFormat:
             if not sep or not text.strip() or not label.strip():
                 parsed.malformed += 1
                 continue
-            parsed.mentions.append(Mention(text.strip(), label.strip()))
+            parsed.mentions.append(
+                Mention(text.strip(), label.strip(), answer_range=(start, start + len(raw.rstrip())))
+            )
         return parsed
 
     def grammar(self, text: str, token_offsets: Sequence[Tuple[int, int]], labels: Sequence[str]) -> str:

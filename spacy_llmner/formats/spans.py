@@ -5,6 +5,7 @@ in the source is a hallucination, dropped and counted. Inline mentions are place
 (the answer's plain text is aligned to the source); list mentions mark every whole-word occurrence.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -19,6 +20,18 @@ from ..usage import Usage
 class Located:
     spans: List[Tuple[int, int, str]] = field(default_factory=list)
     hallucinated: List[Mention] = field(default_factory=list)
+    mentions: List[Mention] = field(default_factory=list)  # the mention each span came from
+
+
+def confidence(token_logprobs: Sequence[Tuple[int, float]], answer_range: Optional[Tuple[int, int]]) -> Optional[float]:
+    """The geometric-mean probability of the tokens that wrote ``answer_range`` of the answer (the whole answer
+    when None): ``exp(mean log p)``. None without log-probabilities."""
+    lps, prev = [], 0
+    for end, lp in token_logprobs:
+        if answer_range is None or (end > answer_range[0] and prev < answer_range[1]):
+            lps.append(lp)
+        prev = end
+    return math.exp(sum(lps) / len(lps)) if lps else None
 
 
 def _occurrences(source: str, text: str) -> List[int]:
@@ -81,24 +94,32 @@ def locate(mentions: Sequence[Mention], source: str, plain_text: Optional[str] =
             if key not in seen:
                 seen.add(key)
                 out.spans.append(key)
+                out.mentions.append(mention)
     return out
 
 
 def answer_spans(
-    fmt: OutputFormat, answer: str, shown: str, labels: LabelSet, usage: Usage, extract: bool = False
-) -> List[Tuple[int, int, Optional[str]]]:
-    """(start, end, label) in ``shown`` (the text the prompt showed) for each verified mention of ``answer``;
-    label None when ``extract`` (spans only). Malformed fragments, hallucinated mentions and unknown labels are
-    dropped and counted in ``usage``."""
+    fmt: OutputFormat,
+    answer: str,
+    shown: str,
+    labels: LabelSet,
+    usage: Usage,
+    extract: bool = False,
+    token_logprobs: Sequence[Tuple[int, float]] = (),
+) -> List[Tuple[int, int, Optional[str], Optional[float]]]:
+    """(start, end, label, confidence) in ``shown`` (the text the prompt showed) for each verified mention of
+    ``answer``; label None when ``extract`` (spans only); confidence from the answer's ``token_logprobs`` (see
+    ``confidence``: the mention's own line where the format places it, else the whole answer), None without them.
+    Malformed fragments, hallucinated mentions and unknown labels are dropped and counted in ``usage``."""
     parsed = fmt.parse(answer)
     usage.malformed += parsed.malformed
     located = locate(parsed.mentions, shown, parsed.plain_text)
     usage.hallucinated += len(located.hallucinated)
     out = []
-    for start, end, answer_label in located.spans:
+    for (start, end, answer_label), mention in zip(located.spans, located.mentions):
         label = None if extract else labels.resolve(answer_label)
         if label is None and not extract:
             usage.unknown_labels += 1
             continue
-        out.append((start, end, label))
+        out.append((start, end, label, confidence(token_logprobs, mention.answer_range)))
     return out

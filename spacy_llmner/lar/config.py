@@ -18,6 +18,7 @@ class Candidate:
     source_label: Optional[str] = None
     score: float = 0.0  # typing: log-probability margin over the runner-up (inf: only one option)
     p_yes: Optional[float] = None
+    confidence: Optional[float] = None  # generated: the answer tokens' geometric-mean probability
 
 
 @dataclass
