@@ -19,7 +19,7 @@ from pathlib import Path
 
 import spacy
 from spacy.scorer import get_ner_prf
-from spacy.tokens import Doc
+from spacy.tokens import Doc, Span
 from spacy.training import Example
 
 from common import CROSSNER_LABELS, load_split
@@ -87,9 +87,7 @@ def run_domain(args, domain, models):
 def lowered(doc: Doc) -> Doc:
     """The doc with lower-cased words and the same entities (by token)."""
     out = Doc(doc.vocab, words=[t.text.lower() for t in doc], spaces=[t.whitespace_ for t in doc])
-    out.ents = [out[e.start : e.end] for e in doc.ents]
-    for new, old in zip(out.ents, doc.ents):
-        new.label_ = old.label_
+    out.ents = [Span(out, e.start, e.end, label=e.label_) for e in doc.ents]
     return out
 
 
