@@ -54,7 +54,7 @@ The base model, Gemma 3 270M, is provided under the Gemma Terms of Use (https://
 
 def licence_of(source: str):
     for fragment, text, shippable, credit in LICENCES:
-        if fragment in source.replace("\\\\", "/"):
+        if fragment in source.replace("\\", "/"):
             return {"licence": text, "redistributable": shippable, "credit": credit}
     return {"licence": "unknown", "redistributable": False, "credit": ""}
 
