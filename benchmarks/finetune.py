@@ -3,7 +3,8 @@
 The same retrieval pipeline (configs/retrieval.cfg: span retrieval, lines format, constrained decoding; --k
 demonstrations, the domain's train split as the pool) is built per system; each annotates the first --n sentences
 (0: all) of --split of each domain one at a time, the systems in alternating order (a, b, b, a, ...), so none gets
-a quieter CPU. A system is NAME=MODEL or NAME=MODEL+ADAPTER (ADAPTER: a shipped name, a GGUF LoRA path, or none).
+a quieter CPU. A system is NAME=MODEL or NAME=MODEL+ADAPTER (ADAPTER: a shipped name, a GGUF LoRA path, or none),
+optionally followed by @ENGINE (llama.cpp or torch: the backend's greedy decoder, with its default batch).
 --lower lower-cases the sentences and the pool (offsets unchanged). Reports per domain and averaged: strict F1,
 P, R, median seconds per sentence, prompt / generated tokens per sentence.
 
@@ -26,9 +27,13 @@ from common import CROSSNER_LABELS, load_split
 
 
 def pipeline(system, labels, pool, k, encoder=None, cache=None):
+    system, _, engine = system.partition("@")
     model, _, adapter = system.partition("+")
     config = spacy.util.load_config("configs/retrieval.cfg")
     config["components"]["llm_lar_ner"]["backend"]["model"] = model
+    if engine:
+        config["components"]["llm_lar_ner"]["backend"]["engine"] = engine
+        config["components"]["llm_lar_ner"]["backend"]["parallel"] = None
     config["components"]["llm_lar_ner"]["backend"]["adapter"] = (adapter or "auto") if adapter != "none" else None
     config["components"]["llm_lar_ner"]["cache_path"] = cache
     nlp = spacy.util.load_model_from_config(config, auto_fill=True)
@@ -58,7 +63,7 @@ def run_domain(args, domain, models):
         for name, nlp in systems.items():
             docs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g]) for g in gold]
             t0 = time.perf_counter()
-            preds[name] = list(nlp.pipe(docs, batch_size=16))
+            preds[name] = list(nlp.pipe(docs, batch_size=args.batch_size))
             seconds[name] = [(time.perf_counter() - t0) / len(gold)] * len(gold)
     for i, g in enumerate(gold if not args.batched else []):
         for name in list(systems) if i % 2 == 0 else list(reversed(systems)):
@@ -101,6 +106,7 @@ def main():
     ap.add_argument("--lower", action="store_true", help="lower-case the sentences and the pool")
     ap.add_argument("--system", action="append", required=True, help="NAME=MODEL or NAME=MODEL+ADAPTER")
     ap.add_argument("--batched", action="store_true", help="nlp.pipe per system (throughput), not one at a time")
+    ap.add_argument("--batch-size", type=int, default=64, help="docs per nlp.pipe batch (--batched)")
     ap.add_argument("--cache", default=None, help="an answer cache (sqlite): reruns cost nothing")
     ap.add_argument("--out", default="metrics/finetune.json")
     args = ap.parse_args()

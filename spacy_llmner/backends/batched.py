@@ -40,6 +40,86 @@ class _Seq:
     done: bool = False
 
 
+class GrammarFilter:
+    """Greedy choice under a GBNF sampler: the best ``top_k`` candidates first, the whole vocabulary only when
+    none of them is allowed (the same choice as filtering everything, as llama.cpp's common sampler does)."""
+
+    def __init__(self, llama_cpp, n_vocab: int, top_k: int):
+        self.lc = llama_cpp
+        self.n_vocab = n_vocab
+        self.top_k = top_k
+        self._few = (llama_cpp.llama_token_data * top_k)()
+        self._all = None
+        self._all_view = None
+        self._ids = np.arange(n_vocab)
+
+    def best_of(self, sampler, logits: np.ndarray, ids: np.ndarray) -> Optional[int]:
+        """The best allowed id among the ``top_k`` best of ``logits`` (whose entries are ``ids``), or None."""
+        lc = self.lc
+        k = min(self.top_k, len(ids))
+        best = np.argpartition(logits, -k)[-k:]
+        best = best[np.argsort(-logits[best])]
+        few = self._few
+        for i, j in enumerate(best):
+            few[i].id, few[i].logit, few[i].p = int(ids[j]), float(logits[j]), 0.0
+        arr = lc.llama_token_data_array(few, k, -1, False)
+        lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        for i in range(k):  # still in logit order
+            if few[i].logit != float("-inf"):
+                return int(few[i].id)
+        return None
+
+    def best(self, sampler, logits: np.ndarray) -> Optional[int]:
+        """The best allowed token over the whole vocabulary (``logits`` has one entry per token), or None."""
+        found = self.best_of(sampler, logits, self._ids)
+        if found is not None:
+            return found
+        lc = self.lc
+        if self._all is None:
+            self._all = (lc.llama_token_data * self.n_vocab)()
+            # A numpy view of the same memory: filling 262k entries field by field in Python took ~0.2 s.
+            self._all_view = np.ctypeslib.as_array(self._all).view(
+                np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            )
+        view = self._all_view
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"] = logits
+        view["p"] = 0.0
+        arr = lc.llama_token_data_array(self._all, self.n_vocab, -1, False)
+        lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        # The sampler may reorder entries; map the survivors back by id.
+        allowed = np.full(self.n_vocab, -np.inf, dtype=np.float32)
+        allowed[view["id"]] = view["logit"]
+        if not np.isfinite(allowed).any():
+            return None
+        return int(np.argmax(allowed))
+
+
+def log_softmax_at(logits: np.ndarray, token: int) -> float:
+    top = float(logits.max())
+    return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+
+
+def advance(llm, vocab, s: _Seq, token: Optional[int], logprob) -> Optional[int]:
+    """Append ``token`` (None: nothing allowed) to a sequence with its log-probability (a callable, evaluated only
+    for a token that is kept); returns the token, or None when the sequence has finished."""
+    import llama_cpp as lc
+
+    if token is None or lc.llama_vocab_is_eog(vocab, token):
+        return None
+    if s.sampler is not None:
+        lc.llama_sampler_accept(s.sampler, token)
+    s.out += llm.detokenize([token], prev_tokens=s.tokens + s.generated)
+    s.generated.append(token)
+    s.text = s.out.decode("utf8", errors="ignore")
+    s.logprobs.append((len(s.text), logprob()))
+    hit = min((s.text.index(x) for x in s.stop if x in s.text), default=None)
+    if hit is not None:
+        s.text = s.text[:hit]
+        return None
+    return None if len(s.generated) >= s.max_tokens else token
+
+
 class BatchedDecoder:
     def __init__(self, llm, n_seq: int = 8, n_ctx_seq: int = 4096, top_k: int = 16):
         import llama_cpp
@@ -56,9 +136,7 @@ class BatchedDecoder:
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self.n_vocab = llm.n_vocab()
         self.prefix: List[int] = []  # what sequence 0 holds
-        self._few = (llama_cpp.llama_token_data * top_k)()
-        self._all = None
-        self._all_view = None
+        self.grammar = GrammarFilter(llama_cpp, self.n_vocab, top_k)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -96,36 +174,7 @@ class BatchedDecoder:
     def _pick(self, seq: _Seq, logits: np.ndarray) -> Optional[int]:
         if seq.sampler is None:
             return int(np.argmax(logits))
-        lc = self.llama_cpp
-        k = self.top_k
-        best = np.argpartition(logits, -k)[-k:]
-        best = best[np.argsort(-logits[best])]
-        few = self._few
-        for i, tok in enumerate(best):
-            few[i].id, few[i].logit, few[i].p = int(tok), float(logits[tok]), 0.0
-        arr = lc.llama_token_data_array(few, k, -1, False)
-        lc.llama_sampler_apply(seq.sampler, ctypes.byref(arr))
-        for i in range(k):  # still in logit order
-            if few[i].logit != float("-inf"):
-                return int(few[i].id)
-        if self._all is None:
-            self._all = (lc.llama_token_data * self.n_vocab)()
-            # A numpy view of the same memory: filling 262k entries field by field in Python took ~0.2 s.
-            self._all_view = np.ctypeslib.as_array(self._all).view(
-                np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-            )
-        view = self._all_view
-        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        view["logit"] = logits
-        view["p"] = 0.0
-        arr = lc.llama_token_data_array(self._all, self.n_vocab, -1, False)
-        lc.llama_sampler_apply(seq.sampler, ctypes.byref(arr))
-        # The sampler may reorder entries; map the survivors back by id.
-        allowed = np.full(self.n_vocab, -np.inf, dtype=np.float32)
-        allowed[view["id"]] = view["logit"]
-        if not np.isfinite(allowed).any():
-            return None
-        return int(np.argmax(allowed))
+        return self.grammar.best(seq.sampler, logits)
 
     # -- generation -------------------------------------------------------------------------------------------
     def set_prefix(self, prefix: List[int]) -> None:
@@ -156,22 +205,8 @@ class BatchedDecoder:
 
     def _advance(self, s: _Seq, logits: np.ndarray) -> Optional[int]:
         """Choose the sequence's next token; None when it has finished."""
-        lc = self.llama_cpp
         token = self._pick(s, logits)
-        if token is None or lc.llama_vocab_is_eog(self.vocab, token):
-            return None
-        if s.sampler is not None:
-            lc.llama_sampler_accept(s.sampler, token)
-        s.out += self.llm.detokenize([token], prev_tokens=s.tokens + s.generated)
-        s.generated.append(token)
-        s.text = s.out.decode("utf8", errors="ignore")
-        top = float(logits.max())
-        s.logprobs.append((len(s.text), float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))))
-        hit = min((s.text.index(x) for x in s.stop if x in s.text), default=None)
-        if hit is not None:
-            s.text = s.text[:hit]
-            return None
-        return None if len(s.generated) >= s.max_tokens else token
+        return advance(self.llm, self.vocab, s, token, lambda: log_softmax_at(logits, token))
 
     def _finish(self, s: _Seq) -> None:
         if s.sampler is not None:

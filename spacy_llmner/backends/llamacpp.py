@@ -88,6 +88,7 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
 
 
 DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v1"}  # what adapter = "auto" applies, by model name
+ENGINES = {"llama.cpp": 8, "torch": 32}  # greedy decoders and the sequences each decodes together by default
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -174,6 +175,13 @@ class LlamaCppBackend(BackendBase):
     adapter (Optional[str]): a LoRA adapter llama.cpp applies at load: a shipped one by name ("ner-v1", the NER
         adapter of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default: "ner-v1" for "gemma3-270m",
         none for any other model) or null (the base model as published).
+    engine (str): what runs greedy generation: "llama.cpp" (``batched.BatchedDecoder``) or "torch"
+        (``torch_decoder.TorchDecoder``: the same GGUF weights and adapter in PyTorch, batches of ``parallel``
+        sequences, the output head restricted to the prompt's tokens; Gemma 3 models only). Tokenizing, grammars,
+        scoring and sampling stay with llama.cpp.
+    head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
+    dtype (str): torch engine: "auto" (bfloat16 on CPUs with AVX-512 BF16 or AMX, else float32), "bfloat16" or
+        "float32".
     """
 
     supports_grammar = True
@@ -187,8 +195,11 @@ class LlamaCppBackend(BackendBase):
         seed: int = 0,
         n_threads: Optional[int] = None,
         fast_grammar: bool = True,
-        parallel: int = 8,
+        parallel: Optional[int] = None,
         adapter: Optional[str] = "auto",
+        engine: str = "llama.cpp",
+        head: str = "restricted",
+        dtype: str = "auto",
     ):
         self.model = model
         self.adapter = resolve_adapter(model, adapter)
@@ -199,7 +210,15 @@ class LlamaCppBackend(BackendBase):
         # False: llama-cpp-python's own sampling (its grammar filter visits the whole vocabulary: same greedy
         # output, slower); kept as the reference the fast decoder is tested against.
         self.fast_grammar = fast_grammar
-        self.parallel = max(1, parallel)  # sequences decoded together (greedy only); 1 = one at a time
+        if engine not in ENGINES:
+            raise BackendError(f"llama.cpp backend: engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if head not in ("restricted", "full"):
+            raise BackendError(f"llama.cpp backend: head must be 'restricted' or 'full', not {head!r}")
+        self.engine = engine
+        self.head = head
+        self.dtype = dtype
+        # sequences decoded together (greedy only); 1 = one at a time
+        self.parallel = max(1, parallel or ENGINES[engine])
         self._decoder = None
         self._scorer = None
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
@@ -226,6 +245,8 @@ class LlamaCppBackend(BackendBase):
             st = os.stat(self.model)
             name = f"{Path(self.model).name}:{st.st_size}"
         ident = {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
+        if self.engine != "llama.cpp":  # other arithmetic, other rounding: a cache must not mix them
+            ident.update(engine=self.engine, head=self.head, dtype=self.dtype)
         if self.adapter is not None:  # answers differ with an adapter: a cache must not mix them
             path = self.adapter_file
             ident["adapter"] = f"{Path(path).name}:{os.stat(path).st_size}" if os.path.isfile(path) else self.adapter
@@ -276,11 +297,22 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def decoder(self):
-        """The batched greedy decoder (``batched.BatchedDecoder``), created on first use."""
-        from .batched import BatchedDecoder
-
+        """The batched greedy decoder (``batched.BatchedDecoder`` or ``torch_decoder.TorchDecoder``), created on
+        first use."""
         if self._decoder is None:
-            self._decoder = BatchedDecoder(self.llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
+            if self.engine == "torch":
+                from .torch_decoder import TorchDecoder
+                from .torch_gemma import GemmaTorch
+
+                try:
+                    model = GemmaTorch(resolve_model_path(self.model), self.adapter_file, self.dtype, self.n_threads)
+                except ValueError as e:
+                    raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
+                self._decoder = TorchDecoder(self.llm, model, n_seq=self.parallel, head=self.head)
+            else:
+                from .batched import BatchedDecoder
+
+                self._decoder = BatchedDecoder(self.llm, n_seq=self.parallel, n_ctx_seq=self.n_ctx)
             _free_later(self, self._decoder.close)
         return self._decoder
 

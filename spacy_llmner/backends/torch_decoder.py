@@ -1,0 +1,246 @@
+"""Greedy grammar-constrained decoding of many prompts at once on ``torch_gemma.GemmaTorch``, the output head
+restricted to the tokens an answer can use.
+
+Same contract as ``batched.BatchedDecoder.generate`` (and the same GBNF grammars, applied by llama.cpp's sampler on
+the model's vocabulary): the backend picks this decoder with ``decoder = "torch"``. What differs is where the
+arithmetic goes:
+
+- **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded in rounds of ``n_seq``: their
+  prompts evaluated together (right-padded), then one token per sequence per step. A round's key/value cache is
+  compacted when a quarter of its rows have finished. The prefix every prompt shares (instructions, label list) is
+  evaluated once and kept across calls.
+- **A restricted output head.** Every format's grammar writes mentions copied from the input plus labels and
+  punctuation from the prompt, so an answer's tokens are tokens whose text occurs in the prompt. Logits are
+  computed for those rows only (``head = "restricted"``: thousands of rows instead of 262,144; the head is two
+  thirds of a generated token's arithmetic in the full model). The grammar then filters the best ``top_k`` of
+  them; when none is allowed the full head is computed for that step (counted in ``usage["full_head_steps"]``),
+  so the decoder never fails where the full-head decoder would succeed. The choice equals full-head greedy
+  decoding whenever the best allowed token has prompt text, which a grammar that copies from the prompt implies
+  except for tokens spanning a mention and the text after it; ``head = "full"`` computes every row (the
+  reference the tests compare against). Log-probabilities are normalised over the computed rows.
+
+``usage`` counts what was evaluated (prompt tokens, the shared prefix once; padding; generated tokens; head rows)
+and the arithmetic it cost (``gflop``, matrix products of body and head; attention excluded).
+"""
+
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._llama import kept_prefix, shared_prefix
+from .batched import GrammarFilter, _Seq, advance, log_softmax_at
+from .torch_gemma import GemmaTorch, KVCache
+
+
+class TorchDecoder:
+    def __init__(
+        self,
+        llm,
+        model: GemmaTorch,
+        n_seq: int = 32,
+        head: str = "restricted",
+        top_k: int = 16,
+        max_batch_tokens: int = 4096,
+    ):
+        import llama_cpp
+        import torch
+
+        if head not in ("restricted", "full"):
+            raise ValueError(f"torch decoder: head must be 'restricted' or 'full', not {head!r}")
+        self.torch = torch
+        self.llm = llm
+        self.model = model
+        self.n_seq = n_seq
+        self.head = head
+        self.max_batch_tokens = max_batch_tokens
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.n_vocab = llm.n_vocab()
+        self.grammar = GrammarFilter(llama_cpp, self.n_vocab, top_k)
+        self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self._pieces: Optional[Dict[str, List[int]]] = None
+        self._max_piece = 1
+        self.prefix: List[int] = []
+        self.prefix_cache: Optional[KVCache] = None
+        self.usage: Counter = Counter()
+
+    def close(self) -> None:
+        self.prefix_cache = None
+
+    # -- the restricted head ----------------------------------------------------------------------------------
+    def pieces(self) -> Dict[str, List[int]]:
+        """Token text → token ids, over the whole vocabulary (built once)."""
+        if self._pieces is None:
+            table: Dict[str, List[int]] = {}
+            for t in range(self.n_vocab):
+                try:
+                    text = self.llm.detokenize([t]).decode("utf8")
+                except UnicodeDecodeError:
+                    continue  # a byte piece: reachable through the prompt's own tokens only
+                if text:
+                    table.setdefault(text, []).append(t)
+            self._pieces = table
+            self._max_piece = max(len(p) for p in table)
+        return self._pieces
+
+    def candidates(self, tokens: Sequence[int]) -> np.ndarray:
+        """Ids of every token whose text occurs in the prompt, the prompt's own tokens and end-of-generation."""
+        table = self.pieces()
+        text = self.llm.detokenize(list(tokens)).decode("utf8", errors="ignore")
+        found = set(tokens) | set(self.eog)
+        n, m = len(text), self._max_piece
+        for i in range(n):
+            for j in range(i + 1, min(n, i + m) + 1):
+                ids = table.get(text[i:j])
+                if ids:
+                    found.update(ids)
+        return np.fromiter(sorted(found), dtype=np.int64)
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def _forward(self, ids, start, cache, row0=0):
+        torch = self.torch
+        out = self.model.forward(torch.as_tensor(ids), torch.as_tensor(start), cache, row0=row0)
+        self.usage["gflop"] += self.model.body_flop * out.shape[0] * out.shape[1] / 1e9
+        return out
+
+    def _head(self, hidden, rows=None):
+        n = self.n_vocab if rows is None else len(rows)
+        self.usage["head_rows"] += n * hidden.shape[0]
+        self.usage["gflop"] += self.model.row_flop * n * hidden.shape[0] / 1e9
+        return self.model.logits(hidden, None if rows is None else self.torch.as_tensor(rows)).numpy()
+
+    def set_prefix(self, prefix: List[int]) -> None:
+        if self.prefix_cache is not None and kept_prefix(self.prefix, prefix) == len(prefix) == len(self.prefix):
+            return
+        self.prefix_cache = None
+        if prefix:
+            cache = KVCache(self.model, 1, len(prefix))
+            for at in range(0, len(prefix), self.max_batch_tokens):
+                part = prefix[at : at + self.max_batch_tokens]
+                self._forward([part], [at], cache)
+            self.usage["prompt_tokens"] += len(prefix)
+            self.prefix_cache = cache
+        self.prefix = list(prefix)
+
+    def generate(
+        self,
+        prompts: Sequence[List[int]],
+        max_tokens: Sequence[int],
+        stops: Sequence[Sequence[str]],
+        grammars: Sequence[Optional[str]],
+    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...]]]:
+        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities) each."""
+        if not prompts:
+            return []
+        common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
+        seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
+        with self.torch.inference_mode():
+            self.set_prefix(list(prompts[0][:common]))
+            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
+            for at in range(0, len(order), self.n_seq):
+                self._round([seqs[i] for i in order[at : at + self.n_seq]], common)
+        return [(s.text, len(s.generated), tuple(s.logprobs)) for s in seqs]
+
+    def _round(self, seqs: List[_Seq], common: int) -> None:
+        import llama_cpp as lc
+
+        torch = self.torch
+        B = len(seqs)
+        lens = [len(s.tokens) for s in seqs]
+        cache = KVCache(self.model, B, max(lens) + max(s.max_tokens for s in seqs) + 1)
+        if common:
+            cache.fill_prefix(self.prefix_cache, common)
+        try:
+            for s in seqs:
+                if s.grammar:
+                    s.sampler = lc.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf8"), b"root")
+                    if not s.sampler:
+                        raise ValueError("the GBNF grammar did not compile")
+                s.pos = len(s.tokens)
+            hidden = self._prefill(seqs, common, cache)
+            self._decode(seqs, hidden, cache)
+            self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
+        finally:
+            for s in seqs:
+                if s.sampler is not None:
+                    lc.llama_sampler_free(s.sampler)
+                    s.sampler = None
+                s.done = True
+
+    def _prefill(self, seqs: List[_Seq], common: int, cache: KVCache):
+        """Evaluates each prompt past the shared prefix; returns each one's last hidden state (B, n_embd)."""
+        torch = self.torch
+        lasts = []
+        at = 0
+        while at < len(seqs):
+            width = len(seqs[at].tokens) - common
+            n = 1
+            while at + n < len(seqs):
+                w = max(width, len(seqs[at + n].tokens) - common)
+                if w * (n + 1) > self.max_batch_tokens:
+                    break
+                width, n = w, n + 1
+            part = seqs[at : at + n]
+            ids = np.zeros((n, width), dtype=np.int64)
+            for r, s in enumerate(part):
+                ids[r, : len(s.tokens) - common] = s.tokens[common:]
+                self.usage["prompt_tokens"] += len(s.tokens) - common
+            self.usage["padding_tokens"] += int(ids.size) - sum(len(s.tokens) - common for s in part)
+            h = self._forward(ids, [common] * n, cache, row0=at)
+            lasts.extend(h[r, len(s.tokens) - common - 1] for r, s in enumerate(part))
+            at += n
+        return torch.stack(lasts)
+
+    def _decode(self, seqs: List[_Seq], hidden, cache: KVCache) -> None:
+        torch = self.torch
+        rows = list(seqs)  # the sequence each cache row holds
+        allowed = None
+        if self.head == "restricted":
+            cand = [self.candidates(s.tokens) if s.grammar else None for s in rows]
+            union = np.unique(np.concatenate([c for c in cand if c is not None] or [np.zeros(0, np.int64)]))
+            # per row: which of the union's entries its prompt allows
+            allowed = np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
+        while True:
+            restricted = None
+            if allowed is not None and len(union):
+                restricted = self._head(hidden, union)
+                restricted[~allowed] = -np.inf
+            step_ids, step_pos = [], []
+            for r, s in enumerate(rows):
+                if s.done:
+                    step_ids.append(0)
+                    step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
+                    continue
+                token = None
+                if restricted is not None and s.sampler is not None:
+                    lg = restricted[r]
+                    token = self.grammar.best_of(s.sampler, lg, union)
+                    if token is not None:
+                        j = int(np.searchsorted(union, token))
+                        lp = lambda lg=lg, j=j: log_softmax_at(lg, j)  # noqa: E731
+                if token is None:
+                    full = self._head(hidden[r : r + 1])[0]
+                    self.usage["full_head_steps"] += int(restricted is not None and s.sampler is not None)
+                    token = int(np.argmax(full)) if s.sampler is None else self.grammar.best(s.sampler, full)
+                    lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
+                nxt = advance(self.llm, self.vocab, s, token, lp)
+                if nxt is None:
+                    s.done = True
+                    step_ids.append(0)
+                    step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
+                    continue
+                step_ids.append(nxt)
+                step_pos.append(s.pos)
+                s.pos += 1
+            live = [r for r, s in enumerate(rows) if not s.done]
+            if not live:
+                return
+            if len(live) <= 0.75 * len(rows):  # compact: finished rows stop costing arithmetic
+                keep = torch.as_tensor(live)
+                cache.keep(keep)
+                rows = [rows[r] for r in live]
+                step_ids = [step_ids[r] for r in live]
+                step_pos = [step_pos[r] for r in live]
+                if allowed is not None:
+                    allowed = allowed[live]
+            hidden = self._forward(np.array(step_ids)[:, None], step_pos, cache)[:, 0]
