@@ -144,7 +144,6 @@ class TorchDecoder:
     def _round(self, seqs: List[_Seq], common: int) -> None:
         import llama_cpp as lc
 
-        torch = self.torch
         B = len(seqs)
         lens = [len(s.tokens) for s in seqs]
         cache = KVCache(self.model, B, max(lens) + max(s.max_tokens for s in seqs) + 1)

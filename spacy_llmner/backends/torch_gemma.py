@@ -305,7 +305,7 @@ def _cpu_flags() -> set:
 
 
 def resolve_dtype(dtype: str):
-    """"auto": bfloat16 where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere."""
+    """ "auto": bfloat16 where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere."""
     import torch
 
     if dtype == "auto":
