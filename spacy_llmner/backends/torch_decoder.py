@@ -10,19 +10,21 @@ arithmetic goes:
   compacted when a quarter of its rows have finished. The prefix every prompt shares (instructions, label list) is
   evaluated once and kept across calls.
 - **A restricted output head.** Every format's grammar writes mentions copied from the input plus labels and
-  punctuation from the prompt, so an answer's tokens are tokens whose text occurs in the prompt. Logits are
+  the format's punctuation, so an answer's tokens are tokens whose text occurs in the prompt or in one of the
+  grammar's literals. Logits are
   computed for those rows only (``head = "restricted"``: thousands of rows instead of 262,144; the head is two
   thirds of a generated token's arithmetic in the full model). The grammar then filters the best ``top_k`` of
   them; when none is allowed the full head is computed for that step (counted in ``usage["full_head_steps"]``),
   so the decoder never fails where the full-head decoder would succeed. The choice equals full-head greedy
-  decoding whenever the best allowed token has prompt text, which a grammar that copies from the prompt implies
-  except for tokens spanning a mention and the text after it; ``head = "full"`` computes every row (the
+  decoding whenever the best allowed token's text lies within the prompt or one literal, which fails only for a
+  token spanning two literals that the prompt never shows together; ``head = "full"`` computes every row (the
   reference the tests compare against). Log-probabilities are normalised over the computed rows.
 
 ``usage`` counts what was evaluated (prompt tokens, the shared prefix once; padding; generated tokens; head rows)
 and the arithmetic it cost (``gflop``, matrix products of body and head; attention excluded).
 """
 
+import re
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +33,17 @@ import numpy as np
 from ._llama import kept_prefix, shared_prefix
 from .batched import GrammarFilter, _Seq, advance, log_softmax_at
 from .torch_gemma import GemmaTorch, KVCache
+
+_LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"')  # a GBNF string literal's body
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
+
+
+def _unescape(body: str) -> str:
+    def one(m):
+        c = m.group(1)
+        return chr(int(c[1:], 16)) if c[0] == "x" else {"n": "\n", "r": "\r", "t": "\t"}.get(c, c)
+
+    return _ESCAPE.sub(one, body)
 
 
 class TorchDecoder:
@@ -60,6 +73,7 @@ class TorchDecoder:
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._pieces: Optional[Dict[str, List[int]]] = None
         self._max_piece = 1
+        self._prefix_candidates: Tuple[tuple, set] = ((), set())
         self.prefix: List[int] = []
         self.prefix_cache: Optional[KVCache] = None
         self.usage: Counter = Counter()
@@ -83,18 +97,32 @@ class TorchDecoder:
             self._max_piece = max(len(p) for p in table)
         return self._pieces
 
-    def candidates(self, tokens: Sequence[int]) -> np.ndarray:
-        """Ids of every token whose text occurs in the prompt, the prompt's own tokens and end-of-generation."""
+    def candidates(self, tokens: Sequence[int], grammar: str = "", common: int = 0) -> np.ndarray:
+        """Ids of every token whose text occurs in the prompt or in one of the grammar's literals, the prompt's own
+        tokens and end-of-generation. The first ``common`` tokens are the shared prefix: their part is found once
+        per prefix."""
+        key = tuple(tokens[:common])
+        if self._prefix_candidates[0] != key:
+            self._prefix_candidates = (key, self._substrings(self.llm.detokenize(list(key)).decode("utf8", "ignore")))
+        found = self._prefix_candidates[1] | self._substrings(
+            self.llm.detokenize(list(tokens[common:])).decode("utf8", errors="ignore")
+        )
+        for literal in set(_LITERAL.findall(grammar)):
+            found |= self._substrings(_unescape(literal))
+        found.update(tokens)
+        found.update(self.eog)
+        return np.fromiter(sorted(found), dtype=np.int64)
+
+    def _substrings(self, text: str) -> set:
         table = self.pieces()
-        text = self.llm.detokenize(list(tokens)).decode("utf8", errors="ignore")
-        found = set(tokens) | set(self.eog)
+        found: set = set()
         n, m = len(text), self._max_piece
         for i in range(n):
             for j in range(i + 1, min(n, i + m) + 1):
                 ids = table.get(text[i:j])
                 if ids:
                     found.update(ids)
-        return np.fromiter(sorted(found), dtype=np.int64)
+        return found
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _forward(self, ids, start, cache, row0=0):
@@ -157,7 +185,7 @@ class TorchDecoder:
                         raise ValueError("the GBNF grammar did not compile")
                 s.pos = len(s.tokens)
             hidden = self._prefill(seqs, common, cache)
-            self._decode(seqs, hidden, cache)
+            self._decode(seqs, hidden, cache, common)
             self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
         finally:
             for s in seqs:
@@ -190,12 +218,12 @@ class TorchDecoder:
             at += n
         return torch.stack(lasts)
 
-    def _decode(self, seqs: List[_Seq], hidden, cache: KVCache) -> None:
+    def _decode(self, seqs: List[_Seq], hidden, cache: KVCache, common: int) -> None:
         torch = self.torch
         rows = list(seqs)  # the sequence each cache row holds
         allowed = None
         if self.head == "restricted":
-            cand = [self.candidates(s.tokens) if s.grammar else None for s in rows]
+            cand = [self.candidates(s.tokens, s.grammar, common) if s.grammar else None for s in rows]
             union = np.unique(np.concatenate([c for c in cand if c is not None] or [np.zeros(0, np.int64)]))
             # per row: which of the union's entries its prompt allows
             allowed = np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])

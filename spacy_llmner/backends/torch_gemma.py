@@ -179,6 +179,12 @@ def merge_lora(weights: Dict[str, np.ndarray], lora: str) -> None:
         weights[name] = weights[name] + scale * (b @ a)
 
 
+def _cat(a, b):
+    import torch
+
+    return torch.cat([a, b], dim=-1)
+
+
 class GemmaTorch:
     """The model's weights as torch tensors and its forward pass over a ``KVCache``."""
 
@@ -215,15 +221,19 @@ class GemmaTorch:
 
     # ---- pieces ---------------------------------------------------------------------------------------------
     def _norm(self, x, weight):
-        x32 = x.float()
-        return x32 * self.torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.shape.eps) * weight
+        return self.torch.nn.functional.rms_norm(x.float(), weight.shape, weight, self.shape.eps)
 
-    def _rope(self, x, pos, is_global):
-        """Rotary positions, rotate-half layout; x (..., T, head_dim), pos (B, T)."""
-        freqs = pos.float()[..., None] * self.inv_freq[is_global]  # (B, T, hd/2)
-        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
-        x1, x2 = x[..., : x.shape[-1] // 2].float(), x[..., x.shape[-1] // 2 :].float()
-        return self.torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    def _rotation(self, pos, is_global):
+        """cos and sin of the rotary angles at positions pos (B, T): (B, 1, T, head_dim / 2) each."""
+        freqs = pos.float()[..., None] * self.inv_freq[is_global]
+        return freqs.cos()[:, None], freqs.sin()[:, None]
+
+    @staticmethod
+    def _rope(x, rotation):
+        """Rotary positions, rotate-half layout; x (B, heads, T, head_dim)."""
+        cos, sin = rotation
+        x1, x2 = x.chunk(2, dim=-1)
+        return _cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 
     def embed_tokens(self, ids):
         return self.embed[ids].float() * math.sqrt(self.shape.n_embd)
@@ -245,6 +255,7 @@ class GemmaTorch:
         causal = dist >= 0
         masks = {True: causal[:, None], False: (causal & (dist < s.window))[:, None]}
         rows = torch.arange(row0, row0 + B)[:, None]
+        rotations = {g: self._rotation(pos, g) for g in (True, False)}
         x = self.embed_tokens(ids)
         for i, L in enumerate(self.layers):
             g = s.is_global(i)
@@ -252,8 +263,8 @@ class GemmaTorch:
             q = F.linear(h, L["q"]).view(B, T, s.n_head, s.head_dim).transpose(1, 2)
             k = F.linear(h, L["k"]).view(B, T, s.n_head_kv, s.head_dim).transpose(1, 2)
             v = F.linear(h, L["v"]).view(B, T, s.n_head_kv, s.head_dim).transpose(1, 2)
-            q = self._rope(self._norm(q, L["q_norm"]), pos, g).to(self.dtype)
-            k = self._rope(self._norm(k, L["k_norm"]), pos, g).to(self.dtype)
+            q = self._rope(self._norm(q, L["q_norm"]), rotations[g]).to(self.dtype)
+            k = self._rope(self._norm(k, L["k_norm"]), rotations[g]).to(self.dtype)
             cache.k[i][rows, pos] = k[:, 0]  # one key/value head
             cache.v[i][rows, pos] = v[:, 0]
             keys = cache.k[i][row0 : row0 + B, :n_keys][:, None]
