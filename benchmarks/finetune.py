@@ -23,6 +23,9 @@ from spacy.scorer import get_ner_prf
 from spacy.tokens import Doc, Span
 from spacy.training import Example
 
+from spacy_llmner.backends.cache import CachedBackend
+from spacy_llmner.backends.llamacpp import LlamaCppBackend
+
 from common import CROSSNER_LABELS, load_split
 
 
@@ -59,12 +62,19 @@ def run_domain(args, domain, models):
         systems[name]("Warm-up sentence .")  # load the model outside the timing
     seconds = {k: [] for k in systems}
     preds = {k: [] for k in systems}
+    compute = {}
     if args.batched:  # throughput: nlp.pipe over the split, one system after the other
         for name, nlp in systems.items():
             docs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g]) for g in gold]
+            before = decoder_usage(nlp)
             t0 = time.perf_counter()
             preds[name] = list(nlp.pipe(docs, batch_size=args.batch_size))
             seconds[name] = [(time.perf_counter() - t0) / len(gold)] * len(gold)
+            after = decoder_usage(nlp)
+            if after is not None:  # the embedded decoders count what they evaluated
+                used = {k: after[k] - before.get(k, 0) for k in after}
+                compute[name] = {f"{k}_per_sentence": v / len(gold) for k, v in used.items()}
+                compute[name]["achieved_gflops"] = used.get("gflop", 0) / sum(seconds[name])
     for i, g in enumerate(gold if not args.batched else []):
         for name in list(systems) if i % 2 == 0 else list(reversed(systems)):
             nlp = systems[name]
@@ -84,8 +94,34 @@ def run_domain(args, domain, models):
             "sentences_per_second": len(gold) / sum(seconds[name]),
             "prompt_tokens_per_sentence": sum(u["prompt_tokens"] for u in usage) / len(gold),
             "completion_tokens_per_sentence": sum(u["completion_tokens"] for u in usage) / len(gold),
+            **compute.get(name, {}),
         }
         print(f"  {domain} {name}: F1 {out[name]['f1']:.1f}, median {out[name]['median_seconds']:.2f} s", flush=True)
+    return out
+
+
+def decoder_usage(nlp):
+    """The embedded decoder's counters (tokens evaluated, head rows, GFLOP), or None for other backends."""
+    backend = nlp.get_pipe("llm_lar_ner").backend
+    if isinstance(backend, CachedBackend):
+        backend = backend.backend
+    return backend.compute_usage() if isinstance(backend, LlamaCppBackend) else None
+
+
+def peak_gflops(threads: int) -> dict:
+    """The machine's matrix-product peak on these threads (torch, the body's largest shape, 256 rows)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, w = torch.randn(256, 640, dtype=dtype), torch.randn(2048 * 2, 640, dtype=dtype)
+        for _ in range(3):
+            a @ w.T
+        t0 = time.perf_counter()
+        for _ in range(50):
+            a @ w.T
+        out[str(dtype).split(".")[1]] = 2 * 256 * 640 * 4096 * 50 / (time.perf_counter() - t0) / 1e9
     return out
 
 
@@ -111,7 +147,7 @@ def main():
     ap.add_argument("--out", default="metrics/finetune.json")
     args = ap.parse_args()
     models = dict(s.split("=", 1) for s in args.system)
-    result = {"args": vars(args), "domains": {}}
+    result = {"args": vars(args), "domains": {}, "peak_gflops": peak_gflops(2)}
     for domain in args.domains.split(","):
         result["domains"][domain] = run_domain(args, domain, models)
     per = result["domains"].values()
@@ -120,6 +156,7 @@ def main():
     Path(args.out).write_text(json.dumps(result, indent=2))
     for m, avg in result["average"].items():
         print(f"{m}: F1 {avg['f1']:.1f} (P {avg['p']:.1f}, R {avg['r']:.1f}), {avg['sentences_per_second']:.2f} sent/s")
+    print("peak GFLOP/s (2 threads):", {k: round(v) for k, v in result["peak_gflops"].items()})
 
 
 if __name__ == "__main__":

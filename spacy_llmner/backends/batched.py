@@ -16,6 +16,7 @@ is imported here, and this module only by the backend on first use.
 """
 
 import ctypes
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -137,6 +138,12 @@ class BatchedDecoder:
         self.n_vocab = llm.n_vocab()
         self.prefix: List[int] = []  # what sequence 0 holds
         self.grammar = GrammarFilter(llama_cpp, self.n_vocab, top_k)
+        # what was evaluated, as torch_decoder.TorchDecoder counts it: tokens through the body, output-head rows,
+        # and the matrix products' arithmetic (the body's parameters less the tied embedding, twice per token)
+        self.usage: Counter = Counter()
+        head = self.n_vocab * llama_cpp.llama_model_n_embd(llm.model)
+        self._body_flop = 2 * (llama_cpp.llama_model_n_params(llm.model) - head)
+        self._row_flop = 2 * llama_cpp.llama_model_n_embd(llm.model)
 
     def close(self) -> None:
         if self.batch is not None:
@@ -162,6 +169,10 @@ class BatchedDecoder:
                 b.logits[j] = logits
                 if logits:
                     rows[start + j] = j
+            outputs = sum(1 for item in part if item[3])
+            self.usage["evaluated_tokens"] += len(part)
+            self.usage["head_rows"] += outputs * self.n_vocab
+            self.usage["gflop"] += (self._body_flop * len(part) + self._row_flop * outputs * self.n_vocab) / 1e9
             rc = self.llama_cpp.llama_decode(self.ctx.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed ({rc}): sequence context of {self.n_ctx} tokens exhausted?")

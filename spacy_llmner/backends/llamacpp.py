@@ -88,7 +88,7 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
 
 
 DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v1"}  # what adapter = "auto" applies, by model name
-ENGINES = {"llama.cpp": 8, "torch": 32}  # greedy decoders and the sequences each decodes together by default
+ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -294,6 +294,11 @@ class LlamaCppBackend(BackendBase):
             # Shared context is evaluated once: each request is charged an equal share of what was evaluated.
             share, extra = divmod(self._scorer.evaluated, len(requests))
         return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
+
+    def compute_usage(self) -> Dict[str, float]:
+        """What greedy generation has evaluated in this process: tokens through the body, output-head rows,
+        GFLOP of matrix products (the decoders' own counters; empty before the first generation)."""
+        return dict(self._decoder.usage) if self._decoder is not None else {}
 
     @property
     def decoder(self):

@@ -21,7 +21,8 @@ arithmetic goes:
   reference the tests compare against). Log-probabilities are normalised over the computed rows.
 
 ``usage`` counts what was evaluated (prompt tokens, the shared prefix once; padding; generated tokens; head rows)
-and the arithmetic it cost (``gflop``, matrix products of body and head; attention excluded).
+and the arithmetic it cost (``gflop``, matrix products of body and head; attention excluded); ``evaluated_tokens``
+counts every row through the body (padding and finished rows riding along included).
 """
 
 import re
@@ -54,7 +55,7 @@ class TorchDecoder:
         n_seq: int = 32,
         head: str = "restricted",
         top_k: int = 16,
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int = 1024,
     ):
         import llama_cpp
         import torch
@@ -128,6 +129,7 @@ class TorchDecoder:
     def _forward(self, ids, start, cache, row0=0):
         torch = self.torch
         out = self.model.forward(torch.as_tensor(ids), torch.as_tensor(start), cache, row0=row0)
+        self.usage["evaluated_tokens"] += out.shape[0] * out.shape[1]
         self.usage["gflop"] += self.model.body_flop * out.shape[0] * out.shape[1] / 1e9
         return out
 
@@ -147,6 +149,7 @@ class TorchDecoder:
                 part = prefix[at : at + self.max_batch_tokens]
                 self._forward([part], [at], cache)
             self.usage["prompt_tokens"] += len(prefix)
+            self.usage["evaluated_tokens"] += len(prefix)
             self.prefix_cache = cache
         self.prefix = list(prefix)
 

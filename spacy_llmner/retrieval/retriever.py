@@ -172,13 +172,19 @@ class Retriever:
         q_sent, q_pieces, q_ids = self.encoder.pieces(texts)
         sent_sims = q_sent @ pool.sentence.T
         bm25 = self._bm25_scores(texts) if n > self.candidates else None
+        if self.strategy == "span":  # every text's candidate spans in one encoder call
+            spans = [candidate_spans(t) if len(pool.spans) else [] for t in texts]
+            flat = [s for per in spans for s in per]
+            encoded = self.encoder.sentences(flat) if flat else None
+            bounds = np.cumsum([0] + [len(per) for per in spans])
         out = []
-        for i, text in enumerate(texts):
+        for i in range(len(texts)):
             cand = self._shortlist(sent_sims[i], None if bm25 is None else bm25[i])
             if self.strategy == "word":
                 out.append((cand, self._word_scores(q_pieces[i], q_ids[i], cand)))
             else:
-                out.append((cand, self._span_scores(text, sent_sims[i], cand)))
+                q = encoded[bounds[i] : bounds[i + 1]] if bounds[i + 1] > bounds[i] else None
+                out.append((cand, self._span_scores(q, sent_sims[i], cand)))
         return out
 
     def _word_scores(self, q: np.ndarray, ids: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -192,12 +198,11 @@ class Retriever:
         weights = pool.idf_of(ids)
         return (weights @ best) / weights.sum()
 
-    def _span_scores(self, text: str, sent_sims: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def _span_scores(self, q: Optional[np.ndarray], sent_sims: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Relevance of the shortlisted pool sentences to a query whose candidate spans encode to ``q``."""
         pool = self.pool
-        spans = candidate_spans(text)
         span_part = np.zeros(len(cand), np.float32)
-        if spans and len(pool.spans):
-            q = self.encoder.sentences(spans)
+        if q is not None:
             best = _segment_max(q @ pool.spans.T, pool.span_offsets)  # [qs, N]
             span_part = best[:, cand].mean(axis=0)
         return self.span_weight * span_part + (1 - self.span_weight) * sent_sims[cand]
@@ -231,7 +236,7 @@ class Retriever:
 
     def retrieve(self, texts: Sequence[str], k: Optional[int] = None) -> List[List[Demonstration]]:
         """``k`` (default: the configured k) demonstrations for each text, in prompt order (most similar last)."""
-        if self.pool is None or not len(self.pool) or not texts:
+        if self.pool is None or not len(self.pool) or not texts or (self.k if k is None else k) == 0:
             return [[] for _ in texts]
         out = []
         for cand, rel in self.scores(texts):
