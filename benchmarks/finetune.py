@@ -94,6 +94,7 @@ def run_domain(args, domain, models):
             "sentences_per_second": len(gold) / sum(seconds[name]),
             "prompt_tokens_per_sentence": sum(u["prompt_tokens"] for u in usage) / len(gold),
             "completion_tokens_per_sentence": sum(u["completion_tokens"] for u in usage) / len(gold),
+            "calls_per_sentence": sum(u["calls"] for u in usage) / len(gold),
             **compute.get(name, {}),
         }
         print(f"  {domain} {name}: F1 {out[name]['f1']:.1f}, median {out[name]['median_seconds']:.2f} s", flush=True)
@@ -151,7 +152,8 @@ def main():
     for domain in args.domains.split(","):
         result["domains"][domain] = run_domain(args, domain, models)
     per = result["domains"].values()
-    result["average"] = {m: {key: sum(d[m][key] for d in per) / len(per) for key in next(iter(per))[m]} for m in models}
+    keys = {m: sorted({key for d in per for key in d[m]}) for m in models}  # counters a domain never hit are 0
+    result["average"] = {m: {key: sum(d[m].get(key, 0) for d in per) / len(per) for key in keys[m]} for m in models}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for m, avg in result["average"].items():

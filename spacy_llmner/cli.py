@@ -29,6 +29,9 @@ def annotate(
     adapter: str = typer.Option(
         "auto", help="LoRA adapter: auto (the shipped NER adapter for gemma3-270m), none, a name or a GGUF path"
     ),
+    decoder: str = typer.Option(
+        "llama.cpp", help="What decodes: llama.cpp, or torch (batched PyTorch, restricted output head: faster)"
+    ),
     output_format: str = typer.Option("lines", "--format", help="lines, bracket, xml or json"),
     constrained: bool = typer.Option(True, help="Grammar-constrained decoding"),
     output: Path = typer.Option(Path("demo_output"), help="Folder for entities.jsonl and displacy.html"),
@@ -85,6 +88,7 @@ def annotate(
                 "@llm_models": "spacy_llmner.LlamaCpp.v1",
                 "model": model,
                 "adapter": None if adapter == "none" else adapter,
+                "engine": decoder,
             },
             "demonstrations": str(demonstrations) if demonstrations else None,
             "constrained": constrained,
@@ -95,7 +99,7 @@ def annotate(
     docs = []
     first = None
     with (output / "entities.jsonl").open("w", encoding="utf8") as f:
-        for doc in nlp.pipe(texts):
+            for doc in nlp.pipe(texts, batch_size=256):
             if first is None:
                 first = time.perf_counter() - t0
             docs.append(doc)

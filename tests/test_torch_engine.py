@@ -147,3 +147,22 @@ def test_the_torch_engine_serves_the_pipeline():
     assert ("Paris", "location") in {(e.text, e.label_) for e in docs[0].ents}
     scores = docs[0].spans["llm_ner"].attrs["scores"]
     assert len(scores) == len(docs[0].spans["llm_ner"]) and all(0 < s <= 1 for s in scores)
+
+
+@pytest.mark.model
+def test_a_process_forked_after_the_torch_engine_ran_gets_a_clear_error():
+    import os
+
+    backend = LlamaCppBackend(engine="torch", dtype="float32")
+    backend.decoder  # noqa: B018  (loads the PyTorch model in this process)
+    pid = os.fork()
+    if pid == 0:  # the child: a new backend must refuse instead of hanging in OpenMP
+        code = 1
+        try:
+            LlamaCppBackend(engine="torch").decoder  # noqa: B018
+        except BackendError as e:
+            code = 0 if "n_process=1" in str(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -112,6 +112,9 @@ def _after_fork_in_child() -> None:
         backend._decoder, backend._scorer, backend._lock = None, None, threading.Lock()
     _INHERITED.extend(_LOADED)
     _load.cache_clear()
+    if _load_torch.cache_info().currsize:  # the parent ran PyTorch: its OpenMP threads did not come along
+        _FORKED_AFTER_TORCH.append(True)
+    _load_torch.cache_clear()
 
 
 _LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the models _load made that are alive
@@ -148,6 +151,17 @@ def _load(path: str, lora: Optional[str], n_ctx: int, n_threads: int, seed: int)
     _free_later(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
     _LOADED.add(llm)
     return llm
+
+
+_FORKED_AFTER_TORCH: List[bool] = []  # set in a child forked from a process that had run the torch engine
+
+
+@lru_cache(maxsize=2)
+def _load_torch(path: str, lora: Optional[str], dtype: str, n_threads: int):
+    """One PyTorch copy of a model per (file, adapter, dtype) in the process, shared by the backends using it."""
+    from .torch_gemma import GemmaTorch
+
+    return GemmaTorch(path, lora, dtype, n_threads)
 
 
 if os.name == "posix":  # where processes fork
@@ -307,10 +321,17 @@ class LlamaCppBackend(BackendBase):
         if self._decoder is None:
             if self.engine == "torch":
                 from .torch_decoder import TorchDecoder
-                from .torch_gemma import GemmaTorch
 
+                if _FORKED_AFTER_TORCH:
+                    # GNU OpenMP (PyTorch's CPU threads) does not survive fork(): the child would hang in its first
+                    # matrix product
+                    raise BackendError(
+                        "llama.cpp backend, engine torch: this process was forked from one that had run the torch "
+                        "engine, whose threads cannot run here; use nlp.pipe(..., n_process=1) (the engine "
+                        "batches on its own) or engine = 'llama.cpp'"
+                    )
                 try:
-                    model = GemmaTorch(resolve_model_path(self.model), self.adapter_file, self.dtype, self.n_threads)
+                    model = _load_torch(resolve_model_path(self.model), self.adapter_file, self.dtype, self.n_threads)
                 except ValueError as e:
                     raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
                 self._decoder = TorchDecoder(self.llm, model, n_seq=self.parallel, head=self.head)
