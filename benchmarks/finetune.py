@@ -73,7 +73,7 @@ def run_domain(args, domain, models):
             after = decoder_usage(nlp)
             if after is not None:  # the embedded decoders count what they evaluated
                 used = {k: after[k] - before.get(k, 0) for k in after}
-                compute[name] = {f"{k}_per_sentence": v / len(gold) for k, v in used.items()}
+                compute[name] = {f"engine_{k}_per_sentence": v / len(gold) for k, v in used.items()}
                 compute[name]["achieved_gflops"] = used.get("gflop", 0) / sum(seconds[name])
     for i, g in enumerate(gold if not args.batched else []):
         for name in list(systems) if i % 2 == 0 else list(reversed(systems)):
@@ -117,12 +117,15 @@ def peak_gflops(threads: int) -> dict:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, w = torch.randn(256, 640, dtype=dtype), torch.randn(2048 * 2, 640, dtype=dtype)
-        for _ in range(3):
+        for _ in range(10):
             a @ w.T
-        t0 = time.perf_counter()
-        for _ in range(50):
-            a @ w.T
-        out[str(dtype).split(".")[1]] = 2 * 256 * 640 * 4096 * 50 / (time.perf_counter() - t0) / 1e9
+        best = float("inf")
+        for _ in range(3):  # the best of three ~1 s runs
+            t0 = time.perf_counter()
+            for _ in range(200 if dtype == torch.float32 else 600):
+                a @ w.T
+            best = min(best, (time.perf_counter() - t0) / (200 if dtype == torch.float32 else 600))
+        out[str(dtype).split(".")[1]] = 2 * 256 * 640 * 4096 / best / 1e9
     return out
 
 

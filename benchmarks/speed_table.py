@@ -16,6 +16,9 @@ def rows(path):
     n = "all" if not args["n"] else f"first {args['n']}/domain"
     peak = data["peak_gflops"]["bfloat16"]
     for name, avg in data["average"].items():
+        # the engine's counters; files written before they were prefixed with engine_ hold them unprefixed (their
+        # prompt_tokens_per_sentence is then the torch engine's: the shared prefix once)
+        avg = {**{k[len("engine_") :]: v for k, v in avg.items() if k.startswith("engine_")}, **avg}
         gflops = avg.get("achieved_gflops")
         yield (
             f"| {name} | {args['split']} {n}{' lower-cased' if args.get('lower') else ''} | k = {args['k']} "
