@@ -99,7 +99,7 @@ def annotate(
     docs = []
     first = None
     with (output / "entities.jsonl").open("w", encoding="utf8") as f:
-            for doc in nlp.pipe(texts, batch_size=256):
+        for doc in nlp.pipe(texts, batch_size=256):
             if first is None:
                 first = time.perf_counter() - t0
             docs.append(doc)
