@@ -56,18 +56,24 @@ class GrammarFilter:
 
     def best_of(self, sampler, logits: np.ndarray, ids: np.ndarray) -> Optional[int]:
         """The best allowed id among the ``top_k`` best of ``logits`` (whose entries are ``ids``), or None."""
-        lc = self.lc
         k = min(self.top_k, len(ids))
         best = np.argpartition(logits, -k)[-k:]
         best = best[np.argsort(-logits[best])]
+        j = self.first_allowed(sampler, ids[best], logits[best])
+        return None if j is None else int(ids[best[j]])
+
+    def first_allowed(self, sampler, ids: np.ndarray, logits: np.ndarray) -> Optional[int]:
+        """The position of the first allowed entry of candidates sorted best first (at most ``top_k``), or None."""
+        lc = self.lc
         few = self._few
-        for i, j in enumerate(best):
-            few[i].id, few[i].logit, few[i].p = int(ids[j]), float(logits[j]), 0.0
+        k = len(ids)
+        for i in range(k):
+            few[i].id, few[i].logit, few[i].p = int(ids[i]), float(logits[i]), 0.0
         arr = lc.llama_token_data_array(few, k, -1, False)
         lc.llama_sampler_apply(sampler, ctypes.byref(arr))
         for i in range(k):  # still in logit order
             if few[i].logit != float("-inf"):
-                return int(few[i].id)
+                return i
         return None
 
     def best(self, sampler, logits: np.ndarray) -> Optional[int]:

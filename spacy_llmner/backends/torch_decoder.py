@@ -134,10 +134,11 @@ class TorchDecoder:
         return out
 
     def _head(self, hidden, rows=None):
+        """Logits (float32 tensor) for every vocabulary row, or for ``rows`` (a tensor of ids)."""
         n = self.n_vocab if rows is None else len(rows)
         self.usage["head_rows"] += n * hidden.shape[0]
         self.usage["gflop"] += self.model.row_flop * n * hidden.shape[0] / 1e9
-        return self.model.logits(hidden, None if rows is None else self.torch.as_tensor(rows)).numpy()
+        return self.model.logits(hidden, rows)
 
     def set_prefix(self, prefix: List[int]) -> None:
         if self.prefix_cache is not None and kept_prefix(self.prefix, prefix) == len(prefix) == len(self.prefix):
@@ -229,12 +230,17 @@ class TorchDecoder:
             cand = [self.candidates(s.tokens, s.grammar, common) if s.grammar else None for s in rows]
             union = np.unique(np.concatenate([c for c in cand if c is not None] or [np.zeros(0, np.int64)]))
             # per row: which of the union's entries its prompt allows
-            allowed = np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
+            allowed = torch.as_tensor(
+                np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
+            )
+            union_t = torch.as_tensor(union)
         while True:
-            restricted = None
+            top = None
             if allowed is not None and len(union):
-                restricted = self._head(hidden, union)
-                restricted[~allowed] = -np.inf
+                # the best top_k allowed rows of every sequence at once, and each row's normaliser
+                logits = self._head(hidden, union_t).masked_fill_(~allowed, float("-inf"))
+                vals, idx = logits.topk(min(self.grammar.top_k, len(union)), dim=1)
+                top = (union[idx.numpy()], vals.numpy(), torch.logsumexp(logits, dim=1).numpy())
             step_ids, step_pos = [], []
             for r, s in enumerate(rows):
                 if s.done:
@@ -242,15 +248,14 @@ class TorchDecoder:
                     step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
                     continue
                 token = None
-                if restricted is not None and s.sampler is not None:
-                    lg = restricted[r]
-                    token = self.grammar.best_of(s.sampler, lg, union)
-                    if token is not None:
-                        j = int(np.searchsorted(union, token))
-                        lp = lambda lg=lg, j=j: log_softmax_at(lg, j)  # noqa: E731
+                if top is not None and s.sampler is not None:
+                    j = self.grammar.first_allowed(s.sampler, top[0][r], top[1][r])
+                    if j is not None:
+                        token = int(top[0][r][j])
+                        lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
                 if token is None:
-                    full = self._head(hidden[r : r + 1])[0]
-                    self.usage["full_head_steps"] += int(restricted is not None and s.sampler is not None)
+                    full = self._head(hidden[r : r + 1])[0].numpy()
+                    self.usage["full_head_steps"] += int(top is not None and s.sampler is not None)
                     token = int(np.argmax(full)) if s.sampler is None else self.grammar.best(s.sampler, full)
                     lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
                 nxt = advance(self.llm, self.vocab, s, token, lp)
