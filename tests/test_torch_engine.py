@@ -166,3 +166,26 @@ def test_a_process_forked_after_the_torch_engine_ran_gets_a_clear_error():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("engine", ["llama.cpp", "torch"])
+def test_each_engine_accounts_for_what_it_evaluates(engine):
+    """The shared prefix is evaluated once, so fewer tokens go through the body than the prompts hold; the torch
+    engine's restricted head computes far fewer rows than one full head per generated token."""
+    backend = LlamaCppBackend(engine=engine, dtype="float32")
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
+    texts = ("Angela Merkel met Emmanuel Macron in Paris.", "Microsoft opened a lab in Nairobi, Kenya.")
+    reqs = [ner.request(nlp.make_doc(t)[:]) for t in texts]  # with the format's grammar
+    assert backend.compute_usage() == {}
+    gens = backend.generate(reqs)
+    usage = backend.compute_usage()
+    prompts = sum(g.prompt_tokens for g in gens)
+    generated = sum(g.completion_tokens for g in gens)
+    assert generated > 0 and usage["gflop"] > 0
+    if engine == "llama.cpp":
+        assert generated <= usage["evaluated_tokens"] < prompts + generated
+    else:
+        assert usage["prompt_tokens"] < prompts and usage["generated_tokens"] == generated
+        assert usage["head_rows"] < 262144 * generated / 10
