@@ -42,3 +42,13 @@ def kept_prefix(held: Sequence[int], wanted: Sequence[int]) -> int:
             break
         keep += 1
     return keep
+
+
+def grammar_sampler(vocab, grammar: str):
+    """A llama.cpp grammar sampler for a GBNF text (free it with llama_sampler_free)."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf8"), b"root")
+    if not sampler:
+        raise ValueError("the GBNF grammar did not compile")
+    return sampler

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._llama import kept_prefix, new_context, shared_prefix
+from ._llama import grammar_sampler, kept_prefix, new_context, shared_prefix
 
 
 @dataclass
@@ -213,9 +213,7 @@ class BatchedDecoder:
             # Between KV streams llama.cpp copies whole sequences only; sequence 0 holds exactly the prefix.
             lc.llama_memory_seq_cp(self.memory, 0, s.seq_id, -1, -1)
         if s.grammar:
-            s.sampler = lc.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf8"), b"root")
-            if not s.sampler:
-                raise ValueError("the GBNF grammar did not compile")
+            s.sampler = grammar_sampler(self.vocab, s.grammar)
         s.pos = len(s.tokens)
         last = len(s.tokens) - 1
         return [(t, common + i, s.seq_id, common + i == last) for i, t in enumerate(s.tokens[common:])]

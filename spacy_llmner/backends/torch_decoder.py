@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._llama import kept_prefix, shared_prefix
+from ._llama import grammar_sampler, kept_prefix, shared_prefix
 from .batched import GrammarFilter, _Seq, advance, log_softmax_at
 from .torch_gemma import GemmaTorch, KVCache
 
@@ -184,9 +184,7 @@ class TorchDecoder:
         try:
             for s in seqs:
                 if s.grammar:
-                    s.sampler = lc.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf8"), b"root")
-                    if not s.sampler:
-                        raise ValueError("the GBNF grammar did not compile")
+                    s.sampler = grammar_sampler(self.vocab, s.grammar)
                 s.pos = len(s.tokens)
             hidden = self._prefill(seqs, common, cache)
             self._decode(seqs, hidden, cache, common)
