@@ -87,6 +87,7 @@ def run_domain(args, domain, models):
         usage = [d._.llm_ner_usage["llm_lar_ner"] for d in preds[name]]
         prf = get_ner_prf([Example(p, g) for p, g in zip(preds[name], gold)])
         out[name] = {
+            "sentences": len(gold),
             "f1": 100 * prf["ents_f"],
             "p": 100 * prf["ents_p"],
             "r": 100 * prf["ents_r"],

@@ -16,6 +16,13 @@ def rows(path):
     n = "all" if not args["n"] else f"first {args['n']}/domain"
     peak = data["peak_gflops"]["bfloat16"]
     for name, avg in data["average"].items():
+        per = [d[name] for d in data["domains"].values()]
+        if all("sentences" in d for d in per):  # throughput over all sentences, not the mean of the domains' rates
+            avg = dict(
+                avg,
+                sentences_per_second=sum(d["sentences"] for d in per)
+                / sum(d["sentences"] / d["sentences_per_second"] for d in per),
+            )
         # the engine's counters; files written before they were prefixed with engine_ hold them unprefixed (their
         # prompt_tokens_per_sentence is then the torch engine's: the shared prefix once)
         avg = {**{k[len("engine_") :]: v for k, v in avg.items() if k.startswith("engine_")}, **avg}
