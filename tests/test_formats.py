@@ -67,3 +67,10 @@ def test_broken_answers_are_counted_not_raised():
 def test_lines_none_means_no_entities():
     assert LinesFormat().render("nothing here", []) == "none"
     assert LinesFormat().parse("none\n\n").mentions == []
+
+
+def test_gbnf_literals_are_decoded_in_order():
+    from spacy_llmner.formats.gbnf import literals
+
+    grammar = 'root ::= "a\\"b" ( "\\n" | " | " )? item\n# a comment "x"\nitem ::= "\\x41\\\\" item?'
+    assert literals(grammar) == ['a"b', "\n", " | ", "A\\"]

@@ -2,7 +2,7 @@
 restricted to the tokens an answer can use.
 
 Same contract as ``batched.BatchedDecoder.generate`` (and the same GBNF grammars, applied by llama.cpp's sampler on
-the model's vocabulary): the backend picks this decoder with ``decoder = "torch"``. What differs is where the
+the model's vocabulary): the backend picks this decoder with ``engine = "torch"``. What differs is where the
 arithmetic goes:
 
 - **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded in rounds of ``n_seq``: their
@@ -25,26 +25,15 @@ and the arithmetic it cost (``gflop``, matrix products of body and head; attenti
 counts every row through the body (padding and finished rows riding along included).
 """
 
-import re
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._llama import grammar_sampler, kept_prefix, shared_prefix
+from ..formats.gbnf import literals
+from ._llama import grammar_sampler, shared_prefix
 from .batched import GrammarFilter, _Seq, advance, log_softmax_at
 from .torch_gemma import GemmaTorch, KVCache
-
-_LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"')  # a GBNF string literal's body
-_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|.)")
-
-
-def _unescape(body: str) -> str:
-    def one(m):
-        c = m.group(1)
-        return chr(int(c[1:], 16)) if c[0] == "x" else {"n": "\n", "r": "\r", "t": "\t"}.get(c, c)
-
-    return _ESCAPE.sub(one, body)
 
 
 class TorchDecoder:
@@ -108,8 +97,8 @@ class TorchDecoder:
         found = self._prefix_candidates[1] | self._substrings(
             self.llm.detokenize(list(tokens[common:])).decode("utf8", errors="ignore")
         )
-        for literal in set(_LITERAL.findall(grammar)):
-            found |= self._substrings(_unescape(literal))
+        for literal in set(literals(grammar)):
+            found |= self._substrings(literal)
         found.update(tokens)
         found.update(self.eog)
         return np.fromiter(sorted(found), dtype=np.int64)
@@ -133,15 +122,15 @@ class TorchDecoder:
         self.usage["gflop"] += self.model.body_flop * out.shape[0] * out.shape[1] / 1e9
         return out
 
-    def _head(self, hidden, rows=None):
-        """Logits (float32 tensor) for every vocabulary row, or for ``rows`` (a tensor of ids)."""
-        n = self.n_vocab if rows is None else len(rows)
+    def _head(self, hidden, weight=None):
+        """Logits (float32 tensor) for every vocabulary row, or for the head rows ``weight`` (``head_rows``)."""
+        n = self.n_vocab if weight is None else weight.shape[0]
         self.usage["head_rows"] += n * hidden.shape[0]
         self.usage["gflop"] += self.model.row_flop * n * hidden.shape[0] / 1e9
-        return self.model.logits(hidden, rows)
+        return self.model.logits(hidden, weight)
 
     def set_prefix(self, prefix: List[int]) -> None:
-        if self.prefix_cache is not None and kept_prefix(self.prefix, prefix) == len(prefix) == len(self.prefix):
+        if self.prefix_cache is not None and self.prefix == prefix:
             return
         self.prefix_cache = None
         if prefix:
@@ -149,8 +138,7 @@ class TorchDecoder:
             for at in range(0, len(prefix), self.max_batch_tokens):
                 part = prefix[at : at + self.max_batch_tokens]
                 self._forward([part], [at], cache)
-            self.usage["prompt_tokens"] += len(prefix)
-            self.usage["evaluated_tokens"] += len(prefix)
+            self.usage["prompt_tokens"] += len(prefix)  # (_forward counts it among the evaluated tokens)
             self.prefix_cache = cache
         self.prefix = list(prefix)
 
@@ -231,40 +219,38 @@ class TorchDecoder:
             allowed = torch.as_tensor(
                 np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
             )
-            union_t = torch.as_tensor(union)
+            head = self.model.head_rows(torch.as_tensor(union))  # gathered once per round
         while True:
             top = None
             if allowed is not None and len(union):
                 # the best top_k allowed rows of every sequence at once, and each row's normaliser
-                logits = self._head(hidden, union_t).masked_fill_(~allowed, float("-inf"))
+                logits = self._head(hidden, head).masked_fill_(~allowed, float("-inf"))
                 vals, idx = logits.topk(min(self.grammar.top_k, len(union)), dim=1)
                 top = (union[idx.numpy()], vals.numpy(), torch.logsumexp(logits, dim=1).numpy())
             step_ids, step_pos = [], []
             for r, s in enumerate(rows):
-                if s.done:
-                    step_ids.append(0)
-                    step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
-                    continue
-                token = None
-                if top is not None and s.sampler is not None:
-                    j = self.grammar.first_allowed(s.sampler, top[0][r], top[1][r])
-                    if j is not None:
-                        token = int(top[0][r][j])
-                        lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
-                if token is None:
-                    full = self._head(hidden[r : r + 1])[0].numpy()
-                    self.usage["full_head_steps"] += int(top is not None and s.sampler is not None)
-                    token = int(np.argmax(full)) if s.sampler is None else self.grammar.best(s.sampler, full)
-                    lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
-                nxt = advance(self.llm, self.vocab, s, token, lp)
-                if nxt is None:
+                if not s.done:
+                    token = None
+                    if top is not None and s.sampler is not None:
+                        j = self.grammar.first_allowed(s.sampler, top[0][r], top[1][r])
+                        if j is not None:
+                            token = int(top[0][r][j])
+                            lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
+                    if token is None:
+                        full = self._head(hidden[r : r + 1])[0].numpy()
+                        self.usage["full_head_steps"] += int(top is not None and s.sampler is not None)
+                        token = int(np.argmax(full)) if s.sampler is None else self.grammar.best(s.sampler, full)
+                        lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
+                    nxt = advance(self.llm, self.vocab, s, token, lp)
+                    if nxt is not None:
+                        step_ids.append(nxt)
+                        step_pos.append(s.pos)
+                        s.pos += 1
+                        continue
                     s.done = True
-                    step_ids.append(0)
-                    step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
-                    continue
-                step_ids.append(nxt)
-                step_pos.append(s.pos)
-                s.pos += 1
+                # a finished row rides along until compaction: any token, at a position inside the cache
+                step_ids.append(0)
+                step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
             live = [r for r, s in enumerate(rows) if not s.done]
             if not live:
                 return

@@ -179,12 +179,6 @@ def merge_lora(weights: Dict[str, np.ndarray], lora: str) -> None:
         weights[name] = weights[name] + scale * (b @ a)
 
 
-def _cat(a, b):
-    import torch
-
-    return torch.cat([a, b], dim=-1)
-
-
 class GemmaTorch:
     """The model's weights as torch tensors and its forward pass over a ``KVCache``."""
 
@@ -228,12 +222,11 @@ class GemmaTorch:
         freqs = pos.float()[..., None] * self.inv_freq[is_global]
         return freqs.cos()[:, None], freqs.sin()[:, None]
 
-    @staticmethod
-    def _rope(x, rotation):
+    def _rope(self, x, rotation):
         """Rotary positions, rotate-half layout; x (B, heads, T, head_dim)."""
         cos, sin = rotation
         x1, x2 = x.chunk(2, dim=-1)
-        return _cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        return self.torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     def embed_tokens(self, ids):
         return self.embed[ids].float() * math.sqrt(self.shape.n_embd)
@@ -278,10 +271,14 @@ class GemmaTorch:
             x = x + self._norm(m, L["ln_post_ffn"])
         return self._norm(x, self.out_norm)
 
-    def logits(self, hidden, rows=None):
-        """Output logits float32 for hidden states (N, n_embd): every vocabulary entry, or only ``rows``."""
-        w = self.embed if rows is None else self.embed[rows]
-        return self.torch.nn.functional.linear(hidden.to(self.dtype), w).float()
+    def head_rows(self, ids):
+        """The output head's rows for token ids (a LongTensor): a restricted head for ``logits``."""
+        return self.embed[ids]
+
+    def logits(self, hidden, weight=None):
+        """Output logits float32 for hidden states (N, n_embd): every vocabulary entry, or the rows of ``weight``
+        (from ``head_rows``)."""
+        return self.torch.nn.functional.linear(hidden.to(self.dtype), self.embed if weight is None else weight).float()
 
 
 class KVCache:

@@ -114,6 +114,15 @@ def _tokenize_rhs(rhs: str) -> List[str]:
     return out
 
 
+def literals(text: str) -> List[str]:
+    """Every string literal of a GBNF grammar, decoded (escapes resolved), in order of appearance."""
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.extend(t[1:] for t in _tokenize_rhs(line.partition("::=")[2]) if t.startswith('"'))
+    return out
+
+
 class Grammar:
     """A GBNF grammar compiled to plain BNF (characters as terminals) for recognition."""
 
