@@ -15,6 +15,8 @@ Stages (each skips what it already wrote under --out/<domain>):
   students  for each data condition (a) damaged, (b) + refine, (c) + mixing, (d) + pre-annotated pool, (e) gold,
             and each student (tok2vec, trf): `spacy-llmner train-student`, then strict F1 on the test split and
             words/second over its texts
+  speed     re-measures every student's words/second (run it alone: training shares the CPU otherwise)
+  package   `spacy package --build wheel` of the condition-(d) students; wheel sizes
   report    metrics/annotation/study.json and a markdown table
 
     python benchmarks/annotation_study.py --data ../shared/data --domains politics,science --stages all
@@ -219,25 +221,57 @@ def student(args, domain, out, condition, kind):
     inputs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[bool(t.whitespace_) for t in g]) for g in gold]
     preds = list(nlp.pipe(inputs, batch_size=256))
     prf = get_ner_prf([Example(p, g) for p, g in zip(preds, gold)])
-    texts = [g.text for g in gold]
-    list(nlp.pipe(texts[:64]))  # warm-up
-    runs = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        list(nlp.pipe(texts, batch_size=256))
-        runs.append(time.perf_counter() - t0)
-    words = sum(len(g) for g in gold)
+    wps = words_per_second(folder, out)
     res = {
         "f1": 100 * prf["ents_f"],
         "p": 100 * prf["ents_p"],
         "r": 100 * prf["ents_r"],
-        "words_per_second": words / sorted(runs)[1],
+        "words_per_second": wps,
         "train_seconds": train_seconds,
         "test_sentences": len(gold),
     }
     srsly.write_json(result, res)
     print(f"  {domain} {kind} {condition}: F1 {res['f1']:.1f}, {res['words_per_second']:.0f} words/s", flush=True)
     return res
+
+
+def words_per_second(folder, out):
+    """The student's speed over the test split's texts (its own tokenizer included): the median of three runs."""
+    nlp = spacy.load(folder / "model-best")
+    texts = [g.text for g in DocBin().from_disk(out / "test.spacy").get_docs(nlp.vocab)]
+    words = sum(len(nlp.make_doc(t)) for t in texts)
+    list(nlp.pipe(texts[:64]))  # warm-up
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        list(nlp.pipe(texts, batch_size=256))
+        runs.append(time.perf_counter() - t0)
+    return words / sorted(runs)[1]
+
+
+def speed(args, domain, out):
+    """Re-measures every trained student's speed, one after the other on a quiet machine."""
+    for result in sorted((out / "students").glob("*/result.json")):
+        res = srsly.read_json(result)
+        res["words_per_second"] = words_per_second(result.parent, out)
+        srsly.write_json(result, res)
+        print(f"  {domain} {result.parent.name}: {res['words_per_second']:.0f} words/s", flush=True)
+
+
+def package(args, domain, out):
+    """`spacy package` (wheels) of the students trained on condition (d); their sizes go into the report."""
+    sizes = {}
+    for kind in args.students:
+        model = out / "students" / f"{kind}_d_mixed_pool" / "model-best"
+        name = f"student_{domain}_{kind}"
+        dest = Path("packages")
+        dest.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "spacy", "package", str(model), str(dest), "--name", name, "--version", "0.1.0"]
+        subprocess.run([*cmd, "--build", "wheel", "--force"], check=True)
+        (wheel,) = (dest / f"en_{name}-0.1.0" / "dist").glob("*.whl")
+        sizes[kind] = {"wheel": str(wheel), "megabytes": wheel.stat().st_size / 1e6}
+        print(f"  {domain} {kind}: {wheel} {sizes[kind]['megabytes']:.1f} MB", flush=True)
+    srsly.write_json(out / "wheels.json", sizes)
 
 
 def report(args, domains):
@@ -248,6 +282,7 @@ def report(args, domains):
             "teacher": srsly.read_json(out / "teacher.json"),
             "refine": refine_quality(out),
             "mix_counts": srsly.read_json(out / "mix_counts.json"),
+            "wheels": srsly.read_json(out / "wheels.json") if (out / "wheels.json").exists() else {},
             "students": {
                 f"{kind}_{c}": srsly.read_json(out / "students" / f"{kind}_{c}" / "result.json")
                 for kind in args.students
@@ -303,6 +338,10 @@ def main():
             for kind in args.students:
                 for condition in args.conditions.split(","):
                     student(args, domain, out, condition, kind)
+        if "speed" in stages:
+            speed(args, domain, out)
+        if "package" in stages:
+            package(args, domain, out)
     if "report" in stages:
         report(args, domains)
 
