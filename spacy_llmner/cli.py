@@ -181,34 +181,39 @@ def pre_annotate(
     output_path: Path = typer.Argument(..., help="The .spacy DocBin of annotated docs to write"),
     limit: int = typer.Option(0, help="Only the first N documents (0: all)"),
     batch_size: int = typer.Option(64, help="Docs per nlp.pipe batch (the torch engine decodes a batch at once)"),
+    cache_path: Optional[str] = typer.Option(
+        None, "--cache", help="sqlite answer cache for the pipeline's LLM components: a rerun resumes from it"
+    ),
 ):
     """Annotate texts with a pipeline and write them as a DocBin: silver data for a distilled student
     (configs/student.cfg) or pre-annotations for human review. Written as it goes: an interruption keeps the
     documents already annotated in ``<output>.partial``."""
-    import spacy
     from spacy.tokens import DocBin
 
     if not input_path.exists():
         raise typer.BadParameter(f"input file not found: {input_path}")
     from .scale import read_texts
 
-    nlp = spacy.load(pipeline)
+    nlp = _load_with_cache(pipeline, cache_path)
     texts = read_texts(input_path, nlp.vocab)
     texts = texts[:limit] if limit else texts
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(output_path.name + ".partial")
     out = DocBin(store_user_data=False)
-    t0 = time.perf_counter()
-    for i, doc in enumerate(nlp.pipe(texts, batch_size=batch_size), 1):
-        out.add(doc)
-        if i % 64 == 0:
-            out.to_disk(partial)
+    t0, usage = time.perf_counter(), {}
+    with _progress(len(texts), "pre-annotate") as bar:
+        for i, doc in enumerate(nlp.pipe(texts, batch_size=batch_size), 1):
+            out.add(doc)
+            _add_usage(usage, doc)
+            bar.update(1)
+            if i % 64 == 0:
+                out.to_disk(partial)
     out.to_disk(output_path)
     partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     typer.echo(
         f"{len(texts)} docs annotated by {pipeline} in {seconds:.1f}s "
-        f"({len(texts) / seconds if seconds else 0:.2f} docs/s) → {output_path}"
+        f"({len(texts) / seconds if seconds else 0:.2f} docs/s; {_usage_line(usage)}) → {output_path}"
     )
 
 
@@ -330,9 +335,7 @@ def refine(
             refined.append(doc)
             for p in proposals:
                 kinds[p.kind] = kinds.get(p.kind, 0) + 1
-            for u in used.values():
-                for k, v in u.items():
-                    usage[k] = usage.get(k, 0) + v
+            _sum_usage(usage, used)
             bar.update(1)
     out.to_disk(output_path)
     page = review or output_path.with_suffix(".html")
@@ -342,9 +345,25 @@ def refine(
     typer.echo(
         f"{len(docs)} docs in {time.perf_counter() - t0:.1f}s: {human} human entities -> {merged} after "
         f"{policy}; proposed {kinds.get('addition', 0)} additions, {kinds.get('type', 0)} type and "
-        f"{kinds.get('boundary', 0)} boundary conflicts; LLM calls {usage.get('calls', 0)} "
-        f"({usage.get('cached_calls', 0)} cached), {usage.get('prompt_tokens', 0)} prompt + "
-        f"{usage.get('completion_tokens', 0)} completion tokens -> {output_path}, {page}"
+        f"{kinds.get('boundary', 0)} boundary conflicts; {_usage_line(usage)} -> {output_path}, {page}"
+    )
+
+
+def _sum_usage(totals: dict, per_component: dict) -> None:
+    """Adds one doc's LLM usage ({component: {calls, tokens, ...}}) to ``totals``."""
+    for used in per_component.values():
+        for k, v in used.items():
+            totals[k] = totals.get(k, 0) + v
+
+
+def _add_usage(totals: dict, doc) -> None:
+    _sum_usage(totals, (doc._.llm_ner_usage or {}) if doc.has_extension("llm_ner_usage") else {})
+
+
+def _usage_line(u: dict) -> str:
+    return (
+        f"LLM calls {u.get('calls', 0)} ({u.get('cached_calls', 0)} cached), {u.get('prompt_tokens', 0)} prompt + "
+        f"{u.get('completion_tokens', 0)} completion tokens"
     )
 
 
