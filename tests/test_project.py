@@ -266,3 +266,38 @@ def test_mixed_corpus_yields_gold_then_silver(tmp_path):
         DocBin(docs=[nlp.make_doc(text)] * 2).to_disk(tmp_path / f"{name}.spacy")
     read = mixed_corpus(str(tmp_path / "gold.spacy"), str(tmp_path / "silver.spacy"), silver_limit=1)
     assert [eg.reference.text for eg in read(nlp)] == ["Gold sentence ."] * 2 + ["Silver sentence ."]
+
+
+@pytest.mark.model
+def test_transformer_student_trains_offline_on_the_packaged_minilm(tmp_path):
+    """configs/student_trf.cfg through `spacy-llmner train-student`: spacy-transformers over the packaged MiniLM
+    folder (HF_HUB_OFFLINE: nothing downloaded), a few steps on the fixture; the saved student loads without
+    that folder (the encoder travels inside the pipeline) and annotates."""
+    _cli("-m", "spacy_llmner.cli", "convert", str(FIXTURES / "crossner/politics/train.txt"), str(tmp_path / "g.spacy"))
+    _cli(
+        "-m",
+        "spacy_llmner.cli",
+        "train-student",
+        str(ROOT / "configs/student_trf.cfg"),
+        str(tmp_path / "trf"),
+        "--paths.train",
+        str(tmp_path / "g.spacy"),
+        "--paths.dev",
+        str(tmp_path / "g.spacy"),
+        "--vars.max_steps",
+        "12",
+        "--vars.eval_frequency",
+        "6",
+        "--vars.warmup_steps",
+        "2",
+    )
+    config = (tmp_path / "trf" / "model-best" / "config.cfg").read_text()
+    (tmp_path / "trf" / "model-best" / "config.cfg").write_text(
+        "\n".join(
+            'transformer = "/nonexistent/minilm"' if line.startswith("transformer = ") else line
+            for line in config.splitlines()
+        )
+    )
+    student = spacy.load(tmp_path / "trf" / "model-best")
+    assert student.pipe_names == ["transformer", "ner"] and "politician" in student.get_pipe("ner").labels
+    assert student("Angela Merkel visited Paris .").has_annotation("ENT_IOB")
