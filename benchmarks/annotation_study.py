@@ -292,15 +292,19 @@ def report(args, domains):
         }
     args.report.parent.mkdir(parents=True, exist_ok=True)
     srsly.write_json(args.report, {"settings": {k: str(v) for k, v in vars(args).items()}, "domains": rows})
-    lines = ["| domain | system | F1 (P / R) | words/s |", "|---|---|---|---|"]
+    lines = [
+        "| domain | system | F1 (P / R) | F1 − teacher | words/s | × teacher speed |",
+        "|---|---|---|---|---|---|",
+    ]
     for domain, r in rows.items():
         t = r["teacher"]
         lines.append(
-            f"| {domain} | teacher | {t['f1']:.1f} ({t['p']:.1f} / {t['r']:.1f}) | {t['words_per_second']:.0f} |"
+            f"| {domain} | teacher | {t['f1']:.1f} ({t['p']:.1f} / {t['r']:.1f}) | | {t['words_per_second']:.0f} | 1 |"
         )
         for name, s in r["students"].items():
             lines.append(
-                f"| {domain} | {name} | {s['f1']:.1f} ({s['p']:.1f} / {s['r']:.1f}) | {s['words_per_second']:.0f} |"
+                f"| {domain} | {name} | {s['f1']:.1f} ({s['p']:.1f} / {s['r']:.1f}) | {s['f1'] - t['f1']:+.1f} | "
+                f"{s['words_per_second']:.0f} | {s['words_per_second'] / t['words_per_second']:.0f} |"
             )
     print("\n".join(lines))
     print(json.dumps({d: r["refine"] for d, r in rows.items()}, indent=1))
@@ -320,11 +324,13 @@ def main():
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--adapter", default="training/adapter/loo-{domain}-r12.gguf")
+    ap.add_argument("--steps-tok2vec", type=int, default=1500, help="tok2vec student: training steps")
+    ap.add_argument("--steps-trf", type=int, default=120, help="transformer student: training steps (~2 s each)")
     args = ap.parse_args()
     args.students = args.students.split(",")
-    args.steps = {"tok2vec": 1500, "trf": 200}
-    args.eval_every = {"tok2vec": 100, "trf": 50}
-    args.patience = {"tok2vec": 600, "trf": 200}
+    args.steps = {"tok2vec": args.steps_tok2vec, "trf": args.steps_trf}
+    args.eval_every = {"tok2vec": 100, "trf": max(1, args.steps_trf // 3)}
+    args.patience = {"tok2vec": 600, "trf": args.steps_trf}
     stages = "prepare,teacher,students,report" if args.stages == "all" else args.stages
     domains = args.domains.split(",")
     for domain in domains:
