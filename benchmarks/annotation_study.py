@@ -32,11 +32,11 @@ from pathlib import Path
 
 import spacy
 import srsly
-from spacy.scorer import get_ner_prf
-from spacy.tokens import Doc, DocBin, Span
-from spacy.training import Example
+from spacy.tokens import DocBin, Span
 
-from common import CROSSNER_LABELS, load_split
+from spacy_llmner.corpora import read_docbin, unannotated
+
+from common import CROSSNER_LABELS, load_split, run_and_score
 
 CONDITIONS = {
     "a_damaged": ("human.spacy", None),
@@ -71,11 +71,11 @@ def prepare(args, domain, out):
                 dropped.append([i, e.start, e.end, e.label_])
             else:
                 keep.append(e)
-        copy = Doc(doc.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
+        copy = unannotated(doc)
         copy.set_ents([Span(copy, e.start, e.end, label=e.label_) for e in keep], default="outside")
         human.append(copy)
     half = len(dev) // 2
-    pool = [Doc(d.vocab, words=[t.text for t in d], spaces=[bool(t.whitespace_) for t in d]) for d in dev[:half]]
+    pool = [unannotated(d) for d in dev[:half]]
     DocBin(docs=human).to_disk(out / "human.spacy")
     DocBin(docs=train).to_disk(out / "gold.spacy")
     DocBin(docs=pool).to_disk(out / "pool.spacy")
@@ -87,8 +87,6 @@ def prepare(args, domain, out):
 
 
 def teacher(args, domain, out):
-    from spacy_llmner.corpora import read_docbin
-
     pipe_dir = out / "teacher"
     if not pipe_dir.exists():
         config = spacy.util.load_config("configs/retrieval.cfg")
@@ -133,22 +131,14 @@ def teacher(args, domain, out):
         nlp = spacy.load(pipe_dir)
         gold = read_docbin(out / "test.spacy", nlp.vocab)
         nlp("Warm-up sentence .")
-        inputs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[bool(t.whitespace_) for t in g]) for g in gold]
-        t0 = time.perf_counter()
-        preds = list(nlp.pipe(inputs, batch_size=256))
-        seconds = time.perf_counter() - t0
-        prf = get_ner_prf([Example(p, g) for p, g in zip(preds, gold)])
+        res = run_and_score(nlp, gold, batch_size=256)
         words = sum(len(g) for g in gold)
         srsly.write_json(
             out / "teacher.json",
             {
-                "f1": 100 * prf["ents_f"],
-                "p": 100 * prf["ents_p"],
-                "r": 100 * prf["ents_r"],
+                **{k: res[k] for k in ("f1", "p", "r", "seconds", "sentences_per_second")},
                 "sentences": len(gold),
-                "seconds": seconds,
-                "words_per_second": words / seconds,
-                "sentences_per_second": len(gold) / seconds,
+                "words_per_second": words / res["seconds"],
             },
         )
 
@@ -218,15 +208,10 @@ def student(args, domain, out, condition, kind):
     train_seconds = time.perf_counter() - t0
     nlp = spacy.load(folder / "model-best")
     gold = list(DocBin().from_disk(out / "test.spacy").get_docs(nlp.vocab))
-    inputs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[bool(t.whitespace_) for t in g]) for g in gold]
-    preds = list(nlp.pipe(inputs, batch_size=256))
-    prf = get_ner_prf([Example(p, g) for p, g in zip(preds, gold)])
-    wps = words_per_second(folder, out)
+    scores = run_and_score(nlp, gold, batch_size=256)
     res = {
-        "f1": 100 * prf["ents_f"],
-        "p": 100 * prf["ents_p"],
-        "r": 100 * prf["ents_r"],
-        "words_per_second": wps,
+        **{k: scores[k] for k in ("f1", "p", "r")},
+        "words_per_second": words_per_second(folder, out),
         "train_seconds": train_seconds,
         "test_sentences": len(gold),
     }

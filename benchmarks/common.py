@@ -10,7 +10,7 @@ from spacy.scorer import get_ner_prf
 from spacy.tokens import Doc
 from spacy.training import Example
 
-from spacy_llmner.corpora import read_bio
+from spacy_llmner.corpora import read_bio, unannotated
 
 CROSSNER_LABELS = {
     "politics": "country election event location misc organisation person politicalparty politician",
@@ -32,11 +32,11 @@ def fixed_demonstrations(train: List[Doc], k: int, seed: int = 0) -> List[Doc]:
     return random.Random(seed).sample(train, k)
 
 
-def run_and_score(nlp, gold: List[Doc]) -> Dict:
+def run_and_score(nlp, gold: List[Doc], batch_size: int = 16) -> Dict:
     """Annotates copies of the gold docs' words (the standard CrossNER protocol) and scores strict F1."""
-    inputs = [Doc(nlp.vocab, words=[t.text for t in d], spaces=[t.whitespace_ for t in d]) for d in gold]
+    inputs = [unannotated(d, nlp.vocab) for d in gold]
     t0 = time.perf_counter()
-    preds = list(nlp.pipe(inputs, batch_size=16))
+    preds = list(nlp.pipe(inputs, batch_size=batch_size))
     seconds = time.perf_counter() - t0
     examples = [Example(p, g) for p, g in zip(preds, gold)]
     prf = get_ner_prf(examples)

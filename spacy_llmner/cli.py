@@ -357,7 +357,9 @@ def _sum_usage(totals: dict, per_component: dict) -> None:
 
 
 def _add_usage(totals: dict, doc) -> None:
-    _sum_usage(totals, (doc._.llm_ner_usage or {}) if doc.has_extension("llm_ner_usage") else {})
+    from .usage import doc_usage
+
+    _sum_usage(totals, doc_usage(doc))
 
 
 def _usage_line(u: dict) -> str:
@@ -368,13 +370,18 @@ def _usage_line(u: dict) -> str:
 
 
 def _load_with_cache(pipeline: str, cache_path: Optional[str]):
-    """``spacy.load`` with ``cache_path`` set on every component that has that setting."""
+    """``spacy.load`` with ``cache_path`` set on every component that has that setting; a --cache that no
+    component could use is an error, not silently ignored."""
     import spacy
 
     if cache_path is None:
         return spacy.load(pipeline)
-    config = spacy.util.load_config(Path(pipeline) / "config.cfg") if Path(pipeline).is_dir() else None
-    names = [n for n, c in (config or {}).get("components", {}).items() if "cache_path" in c]
+    if not (Path(pipeline) / "config.cfg").exists():
+        raise typer.BadParameter(f"--cache needs a pipeline folder with a config.cfg; {pipeline!r} is not one")
+    config = spacy.util.load_config(Path(pipeline) / "config.cfg")
+    names = [n for n, c in config.get("components", {}).items() if "cache_path" in c]
+    if not names:
+        raise typer.BadParameter(f"--cache: no component of {pipeline} has a cache_path setting")
     return spacy.load(pipeline, config={f"components.{n}.cache_path": cache_path for n in names})
 
 

@@ -81,6 +81,12 @@ def _split_at(doc: Doc, offsets) -> Doc:
     return Doc(doc.vocab, words=words, spaces=spaces)
 
 
+def unannotated(doc: Doc, vocab: Optional[Vocab] = None) -> Doc:
+    """The doc's words and spaces without any annotation (in ``vocab``, default the doc's): the same tokenization,
+    for a pipeline to annotate afresh or for labels to be set anew."""
+    return Doc(vocab or doc.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
+
+
 def read_docbin(path: Union[str, Path], vocab: Optional[Vocab] = None) -> List[Doc]:
     return list(DocBin().from_disk(path).get_docs(vocab or Vocab()))
 

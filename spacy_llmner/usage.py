@@ -3,6 +3,8 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Dict
 
+from spacy.tokens import Doc
+
 
 @dataclass
 class Usage:
@@ -25,3 +27,8 @@ class Usage:
 
     def to_dict(self) -> Dict[str, float]:
         return asdict(self)
+
+
+def doc_usage(doc: Doc) -> Dict[str, Dict[str, float]]:
+    """A doc's LLM usage per component (``doc._.llm_ner_usage``; empty when no LLM component ran)."""
+    return dict((doc._.llm_ner_usage or {}) if doc.has_extension("llm_ner_usage") else {})

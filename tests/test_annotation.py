@@ -229,6 +229,10 @@ def test_refine_and_mix_commands(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode != 0 and "--policy must be one of" in bad.stderr
+    # a --cache no component can use is refused, not silently ignored
+    cmd = [*run, "refine", str(tmp_path / "teacher"), str(tmp_path / "human.spacy"), str(tmp_path / "y.spacy")]
+    nocache = subprocess.run([*cmd, "--cache", str(tmp_path / "c.sqlite")], capture_output=True, text=True, cwd=ROOT)
+    assert nocache.returncode != 0 and "no component" in nocache.stderr and "cache_path" in nocache.stderr
 
 
 @pytest.mark.model

@@ -37,6 +37,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from spacy.tokens import Doc, DocBin, Span
 from spacy.util import filter_spans, registry
 
+from ..corpora import unannotated
+from .refine import overlaps, predicted_spans
+
 
 @dataclass(frozen=True)
 class MixSettings:
@@ -50,17 +53,6 @@ class MixSettings:
     def __post_init__(self):
         if not 0.0 <= self.llm_weight <= 1.0:
             raise ValueError(f"mix: llm_weight is a probability in [0, 1], not {self.llm_weight}")
-
-
-def _llm_spans(doc: Doc, key: str) -> Tuple[List[Span], List[Optional[float]]]:
-    if key not in doc.spans:
-        raise ValueError(
-            f"mix: a doc has no doc.spans[{key!r}] (the LLM's labels); run `spacy-llmner refine` first, or name "
-            f"the group that holds them with --llm-key. Doc: {doc.text[:60]!r}"
-        )
-    group = doc.spans[key]
-    scores = list(group.attrs.get("scores", [None] * len(group)))
-    return list(group), scores if len(scores) == len(group) else [None] * len(group)
 
 
 def label_counts(docs: Iterable[Doc], key: Optional[str] = None) -> Counter:
@@ -83,8 +75,7 @@ def groups(reference: Sequence[Span], llm: Sequence[Span], conflicts: bool = Tru
     seeds = [
         i
         for i, s in enumerate(llm)
-        if (s.start, s.end, s.label_) not in ref_keys
-        and (conflicts or not any(s.start < r.end and r.start < s.end for r in reference))
+        if (s.start, s.end, s.label_) not in ref_keys and (conflicts or not any(overlaps(s, r) for r in reference))
     ]
     parent = {("l", i): ("l", i) for i in seeds}
 
@@ -94,16 +85,13 @@ def groups(reference: Sequence[Span], llm: Sequence[Span], conflicts: bool = Tru
             x = parent[x]
         return x
 
-    def overlap(a, b):
-        return a.start < b.end and b.start < a.end
-
     for i in seeds:
         for j, r in enumerate(reference):
-            if overlap(llm[i], r):
+            if overlaps(llm[i], r):
                 parent.setdefault(("r", j), ("r", j))
                 parent[find(("r", j))] = find(("l", i))
         for i2 in seeds:
-            if i2 > i and overlap(llm[i], llm[i2]):
+            if i2 > i and overlaps(llm[i], llm[i2]):
                 parent[find(("l", i2))] = find(("l", i))
     comps: Dict[tuple, Tuple[List[int], List[int]]] = {}
     for node in parent:
@@ -117,18 +105,24 @@ def mix_docs(docs: Sequence[Doc], settings: MixSettings = MixSettings()) -> Tupl
     every group; ``attrs["group"]``, ``attrs["p"]``) and ``doc.spans["mix_reference"]`` (the reference entities
     in a group; ``attrs["group"]``). ``doc.ents`` stays the reference. Returns the docs (changed in place) and
     per-label entity counts: ``reference``, ``llm`` and ``expected`` (the mixed target's expectation)."""
+    for doc in docs:
+        if settings.llm_key not in doc.spans:
+            raise ValueError(
+                f"mix: a doc has no doc.spans[{settings.llm_key!r}] (the LLM's labels); run `spacy-llmner refine` "
+                f"first, or name the group that holds them with --llm-key. Doc: {doc.text[:60]!r}"
+            )
     if settings.reference_key:
         for doc in docs:
             if settings.reference_key not in doc.spans:
                 raise ValueError(f"mix: a doc has no doc.spans[{settings.reference_key!r}]: {doc.text[:60]!r}")
             doc.set_ents(filter_spans(doc.spans[settings.reference_key]), default="outside")
     ref_counts = label_counts(docs)
-    llm_counts = Counter(s.label_ for d in docs for s in _llm_spans(d, settings.llm_key)[0])
+    llm_counts = label_counts(docs, settings.llm_key)
     factor = balance_factors(ref_counts, llm_counts) if settings.balance else {}
     expected: Counter = Counter({k: float(v) for k, v in ref_counts.items()})
     n_groups = 0
     for doc in docs:
-        llm, scores = _llm_spans(doc, settings.llm_key)
+        llm, scores = predicted_spans(doc, settings.llm_key)
         reference = list(doc.ents)
         mix_llm, mix_ref = [], []
         p_attr, g_llm, g_ref = [], [], []
@@ -170,7 +164,7 @@ def sample(doc: Doc, rng: random.Random, force: Optional[bool] = None) -> Doc:
     annotation stay without, unless an LLM version covers them."""
     if "mix_llm" not in doc.spans or not len(doc.spans["mix_llm"]):
         return doc  # nothing to mix: the reference as it is
-    out = Doc(doc.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
+    out = unannotated(doc)
     llm, ref = doc.spans["mix_llm"], doc.spans["mix_reference"]
     p_of = dict(zip(llm.attrs["group"], llm.attrs["p"]))
     take = {g for g, p in p_of.items() if (force if force is not None else rng.random() < p)}

@@ -21,11 +21,13 @@ Merge policies (what ``doc.ents`` becomes; human labels always win where they ex
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from spacy.tokens import Doc, Span
+from spacy.tokens import Doc, Span, SpanGroup
 from spacy.util import filter_spans
 
+from ..corpora import unannotated
+from ..usage import doc_usage
+
 POLICIES = ("keep-human", "add-llm-above-threshold", "flag-conflicts")
-GROUPS = ("refine_human", "refine_llm", "refine_additions", "refine_conflicts")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,22 @@ class Proposal:
     human: Tuple[Tuple[int, int, str], ...] = ()
 
 
+def overlaps(a, b) -> bool:
+    """Whether two token spans (anything with ``start`` / ``end``) share a token."""
+    return a.start < b.end and b.start < a.end
+
+
+def group(doc: Doc, key: str) -> SpanGroup:
+    """``doc.spans[key]``, or an empty group (with empty ``attrs``) when the doc has none."""
+    return doc.spans[key] if key in doc.spans else SpanGroup(doc, name=key)
+
+
+def scored(spans: SpanGroup) -> List[Tuple[Span, Optional[float]]]:
+    """A span group's spans with their ``attrs["scores"]`` (None each where the group carries no scores)."""
+    scores = list(spans.attrs.get("scores", []))
+    return list(zip(spans, scores if len(scores) == len(spans) else [None] * len(spans)))
+
+
 def compare(human: Sequence[Span], predicted: Sequence[Span], scores: Sequence[Optional[float]]) -> List[Proposal]:
     """The predicted spans that are not human entities, classified against the human entities (a pure function of
     token offsets and labels)."""
@@ -52,7 +70,7 @@ def compare(human: Sequence[Span], predicted: Sequence[Span], scores: Sequence[O
         key = (span.start, span.end, span.label_)
         if key in gold:
             continue
-        over = tuple(sorted((h.start, h.end, h.label_) for h in human if h.start < span.end and span.start < h.end))
+        over = tuple(sorted((h.start, h.end, h.label_) for h in human if overlaps(h, span)))
         if not over:
             kind = "addition"
         elif any((s, e) == (span.start, span.end) for s, e, _ in over):
@@ -92,17 +110,9 @@ def predicted_spans(doc: Doc, spans_key: Optional[str]) -> Tuple[List[Span], Lis
     """What a pipeline predicted: ``doc.spans[spans_key]`` with its ``attrs["scores"]`` when the group exists,
     else ``doc.ents`` without scores."""
     if spans_key and spans_key in doc.spans:
-        group = doc.spans[spans_key]
-        scores = list(group.attrs.get("scores", [None] * len(group)))
-        if len(scores) != len(group):
-            scores = [None] * len(group)
-        return list(group), scores
+        pairs = scored(doc.spans[spans_key])
+        return [s for s, _ in pairs], [c for _, c in pairs]
     return list(doc.ents), [None] * len(doc.ents)
-
-
-def _copy(doc: Doc, vocab) -> Doc:
-    """The doc's words, without annotation, in the pipeline's vocab (the human tokenization is kept)."""
-    return Doc(vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
 
 
 def refine_docs(
@@ -121,10 +131,10 @@ def refine_docs(
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"refine: threshold is a confidence in [0, 1], not {threshold}")
     docs = list(docs)
-    inputs = (_copy(d, nlp.vocab) for d in docs)
+    inputs = (unannotated(d, nlp.vocab) for d in docs)  # the human tokenization is kept
     for human_doc, pred in zip(docs, nlp.pipe(inputs, batch_size=batch_size)):
         predicted, scores = predicted_spans(pred, spans_key)
-        out = _copy(human_doc, nlp.vocab)
+        out = unannotated(human_doc, nlp.vocab)
         human = [Span(out, e.start, e.end, label=e.label_) for e in human_doc.ents]
         proposals = compare(human, predicted, scores)
         out.spans["refine_human"] = human
@@ -139,5 +149,4 @@ def refine_docs(
         out.spans["refine_conflicts"].attrs["kinds"] = [p.kind for p in conflicts]
         out.spans["refine_conflicts"].attrs["human"] = [" / ".join(lab for _, _, lab in p.human) for p in conflicts]
         merge(out, human, proposals, policy, threshold)
-        usage = dict((pred._.llm_ner_usage or {}) if pred.has_extension("llm_ner_usage") else {})
-        yield out, proposals, usage
+        yield out, proposals, doc_usage(pred)

@@ -13,6 +13,9 @@ from typing import Dict, Optional, Sequence, Tuple
 from spacy import displacy
 from spacy.tokens import Doc, Span
 
+from ..corpora import unannotated
+from .refine import group, scored
+
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 70em; }
 .doc { border-top: 1px solid #ccc; padding: .5em 0; }
@@ -61,21 +64,17 @@ def _fmt(score: Optional[float]) -> str:
 HUMAN, ADDITION, CONFLICT = "#a6cee3", "#b2df8a", "#fdbf6f"
 
 
-def _scored(group, attr="scores"):
-    return zip(group, group.attrs.get(attr, [None] * len(group))) if len(group) else []
-
-
 def review_doc(doc: Doc) -> Tuple[Doc, Dict[str, str]]:
     """A copy of a refined doc whose ``doc.spans["review"]`` holds what the page shows, and each label's colour."""
-    out = Doc(doc.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc])
+    out = unannotated(doc)
     spans, colors = [], {}
-    for s in doc.spans.get("refine_human", doc.ents):
+    for s in doc.spans["refine_human"] if "refine_human" in doc.spans else doc.ents:
         spans.append(Span(out, s.start, s.end, label=s.label_))
         colors[s.label_] = HUMAN
-    for s, score in _scored(doc.spans.get("refine_additions", [])):
+    for s, score in scored(group(doc, "refine_additions")):
         spans.append(Span(out, s.start, s.end, label=f"+{s.label_}{_fmt(score)}"))
         colors[spans[-1].label_] = ADDITION
-    for s, score in _scored(doc.spans.get("refine_conflicts", [])):
+    for s, score in scored(group(doc, "refine_conflicts")):
         spans.append(Span(out, s.start, s.end, label=f"?{s.label_}{_fmt(score)}"))
         colors[spans[-1].label_] = CONFLICT
     out.spans["review"] = spans
@@ -86,10 +85,10 @@ def _details(doc: Doc) -> str:
     """The doc's proposals as a list: text, label, confidence; for conflicts also the human label(s)."""
     items = [
         f"<li>+ <b>{html.escape(s.text)}</b> → {html.escape(s.label_)}{_fmt(score)}</li>"
-        for s, score in _scored(doc.spans.get("refine_additions", []))
+        for s, score in scored(group(doc, "refine_additions"))
     ]
-    conf = doc.spans.get("refine_conflicts", [])
-    for (s, score), human, kind in zip(_scored(conf), conf.attrs.get("human", []), conf.attrs.get("kinds", [])):
+    conf = group(doc, "refine_conflicts")
+    for (s, score), human, kind in zip(scored(conf), conf.attrs.get("human", []), conf.attrs.get("kinds", [])):
         items.append(
             f"<li>? <b>{html.escape(s.text)}</b>: LLM {html.escape(s.label_)}{_fmt(score)}, human "
             f"{html.escape(human)} ({html.escape(kind)})</li>"
@@ -103,8 +102,8 @@ def review_page(docs: Sequence[Doc], title: str = "spacy-llmner refine: review")
     parts = []
     labels = set()
     for i, doc in enumerate(docs):
-        human = doc.spans.get("refine_human", doc.ents)
-        adds, conf = doc.spans.get("refine_additions", []), doc.spans.get("refine_conflicts", [])
+        human = doc.spans["refine_human"] if "refine_human" in doc.spans else doc.ents
+        adds, conf = group(doc, "refine_additions"), group(doc, "refine_conflicts")
         doc_labels = {s.label_ for group in (human, adds, conf) for s in group}
         labels |= doc_labels
         counts["human"].update(s.label_ for s in human)
