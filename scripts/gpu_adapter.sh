@@ -6,6 +6,10 @@
 #   bash scripts/gpu_adapter.sh tune                       (carry stash/3, the .npz token files and the wheels)
 # `tune` joins and checks the model, then trains four adapters at once on the one GPU: ner-v1 (the shipped one),
 # leave-one-domain-out without politics and without science, and the local CoNLL-including variant; all under $OUT.
+#   bash scripts/gpu_adapter.sh tune2                      (same carry as tune)
+# `tune2` trains two adapters with schedules short enough to finish (the learning rate anneals): ner-v2, a candidate
+# successor of ner-v1 on the same data, and ner-conll; it brings back exactly eight files (a call returns at most
+# eight): per adapter the final LoRA's safetensors and config, tuning.json and the log.
 set -euo pipefail
 PY=$(command -v python || command -v python3)
 mkdir -p /tmp/stash /tmp/pylib
@@ -31,5 +35,25 @@ tune)
   sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -n 3 "$OUT"/*.log
   wait
   tail -n 4 "$OUT"/*.log
+  ;;
+tune2)
+  cp training/adapter/stash/3/part /tmp/stash/part-3
+  cat /tmp/stash/part-0 /tmp/stash/part-1 /tmp/stash/part-2 /tmp/stash/part-3 | gunzip > /tmp/stash/model.gguf
+  echo "9ee864697367f9b6839112968febaba2  /tmp/stash/model.gguf" | md5sum -c
+  "$PY" -m pip install -q --no-deps --target /tmp/pylib training/adapter/wheels/*.whl 2>&1 | tail -2 || true
+  export PYTHONPATH=/tmp/pylib
+  common=(--model /tmp/stash/model.gguf --bf16 --expect-loss 0.7932 --max-minutes "${MINUTES:-6}" --checkpoints 1.0 --seed 0)
+  d=training/adapter
+  "$PY" scripts/tune_adapter.py "${common[@]}" --epochs "${EPOCHS_V2:-0.9}" --data $d/ner-v1.npz --out /tmp/tune/ner-v2 > "$OUT/ner-v2.log" 2>&1 &
+  "$PY" scripts/tune_adapter.py "${common[@]}" --epochs "${EPOCHS_CONLL:-0.75}" --data $d/ner-v1.npz $d/conll.npz --out /tmp/tune/ner-conll > "$OUT/ner-conll.log" 2>&1 &
+  sleep 75; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -n 2 "$OUT"/*.log
+  wait
+  for name in ner-v2 ner-conll; do
+    mkdir -p "$OUT/$name"
+    ckpt=$(ls -d /tmp/tune/$name/ckpt-* | sort | tail -1)
+    echo "$name: $ckpt"
+    cp "$ckpt/adapter_model.safetensors" "$ckpt/adapter_config.json" /tmp/tune/$name/tuning.json "$OUT/$name/"
+  done
+  tail -n 3 "$OUT"/*.log
   ;;
 esac

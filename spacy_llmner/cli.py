@@ -282,15 +282,33 @@ def adapter_package(
         name=name,
         rank=rank,
         local=local,
-        commands=[
-            f"python -m spacy_llmner.cli finetune-data {config_path} training/adapter/{name}.npz",
-            f"python scripts/tune_adapter.py --model <{model} GGUF> --data training/adapter/{name}.npz --out "
-            f"training/adapter/{name}-lora --bf16",
-            f"python -m spacy_llmner.cli adapter-package training/adapter/{name}-lora {output} --config {config_path}"
-            f" --name {name}" + (f" --rank {rank}" if rank else ""),
-        ],
+        commands=_adapter_commands(lora, output, config_path, name, rank, model, local),
     )
     typer.echo(f"adapter-package: wrote {output} ({manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:12]})")
+
+
+def _adapter_commands(
+    lora: Path, output: Path, config_path: Path, name: str, rank: Optional[int], model: str, local: bool
+):
+    """The commands that rebuild an adapter, with the tuning run's own settings (from its tuning.json)."""
+    from .finetune.package import tuning_log
+
+    settings = tuning_log(lora).get("settings", {})
+    data = " ".join(settings.get("data") or [f"training/adapter/{name}.npz"])
+    tune = f"python scripts/tune_adapter.py --model <{model} GGUF> --data {data} --out training/adapter/{name}-lora"
+    for option in ("epochs", "seed", "r", "alpha", "lr", "checkpoints"):
+        if option in settings:
+            tune += f" --{option} {settings[option]}"
+    if settings.get("exclude"):
+        tune += " --exclude " + " ".join(settings["exclude"])
+    if settings.get("bf16", True):
+        tune += " --bf16"
+    return [
+        f"python -m spacy_llmner.cli finetune-data {config_path} {data.split()[-1]}",  # the config's own examples
+        tune,
+        f"python -m spacy_llmner.cli adapter-package training/adapter/{name}-lora/ckpt-1.00 {output} --config "
+        f"{config_path} --name {name}" + (f" --rank {rank}" if rank else "") + (" --local" if local else ""),
+    ]
 
 
 def _progress(total: int, desc: str):

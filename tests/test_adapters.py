@@ -13,9 +13,10 @@ from spacy_llmner.finetune.package import licence_of, package_adapter, sha256
 from spacy_llmner.ty import BackendError
 
 
-def test_the_shipped_adapter_matches_its_manifest():
-    manifest = adapters.manifest("ner-v1")
-    path = adapters.adapter_path("ner-v1")
+@pytest.mark.parametrize("name", ["ner-v1", "ner-v2"])
+def test_the_shipped_adapter_matches_its_manifest(name):
+    manifest = adapters.manifest(name)
+    path = adapters.adapter_path(name)
     assert path.stat().st_size == manifest["bytes"] <= 5_000_000
     assert sha256(path) == manifest["sha256"]
     assert manifest["base_model"] == "gemma3-270m" and not manifest["local_only"]
@@ -23,7 +24,7 @@ def test_the_shipped_adapter_matches_its_manifest():
     assert sources and all(s["redistributable"] for s in sources)
     assert not any("conll" in s["path"].lower() or "research" in s["licence"].lower() for s in sources)
     assert not any("conll" in name for name in manifest["data"]["examples_by_dataset"])
-    folder = adapters.folder("ner-v1")
+    folder = adapters.folder(name)
     attribution = (folder / "ATTRIBUTION.md").read_text()
     assert "CrossNER" in attribution and "GENIA" in attribution and "Creative Commons Attribution 3.0" in attribution
     assert "conll2003" not in (folder / "tuning.cfg").read_text().lower()
@@ -50,8 +51,8 @@ def test_research_only_data_is_refused_for_a_shipped_adapter(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_backend_applies_ner_v1_to_gemma_by_default_and_nothing_else():
-    assert LlamaCppBackend().adapter == "ner-v1"
+def test_the_backend_applies_ner_v2_to_gemma_by_default_and_nothing_else():
+    assert LlamaCppBackend().adapter == "ner-v2"
     assert LlamaCppBackend(adapter=None).adapter is None
     assert LlamaCppBackend(model="smollm2-135m").adapter is None  # auto: no adapter for another model
     assert resolve_adapter("gemma3-270m", "ner-v1") == "ner-v1"

@@ -10,7 +10,7 @@ from spacy_llmner.backends.llamacpp import LlamaCppBackend
 from spacy_llmner.backends.torch_gemma import gguf_tensors, merge_lora
 from spacy_llmner.ty import BackendError
 
-ADAPTER = str(adapter_path("ner-v1"))
+ADAPTER = str(adapter_path("ner-v2"))
 PROMPT = (
     "Find the named entities in each sentence and give the type of each one.\n"
     "Entity types:\n- person\n- location\n- organisation\n\n"
@@ -67,7 +67,7 @@ def load(adapter):
 
 @pytest.fixture(scope="module")
 def gemma():
-    return load("ner-v1")
+    return load("ner-v2")
 
 
 @pytest.mark.model

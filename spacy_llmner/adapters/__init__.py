@@ -1,10 +1,12 @@
 """LoRA adapters shipped with the package, applied by llama.cpp when it loads the base model.
 
-``ner-v1``: NER instruction tuning of the packaged Gemma 3 270M (``gemma3-270m``) on the component's own prompts
-(lines format, 0-8 retrieved demonstrations, a quarter lower-cased), trained only on data whose licence allows
-redistributing a derived model: the five CrossNER train splits (MIT; Wikipedia text) and GENIA (CC BY 3.0). Its
-folder holds the GGUF adapter, ``manifest.json`` (base model, training data with licences and hashes, settings,
-the adapter's own hash) and ``ATTRIBUTION.md``. The llama.cpp backend uses it by default for ``gemma3-270m``
+``ner-v2`` (the default) and ``ner-v1`` (its predecessor, kept so that earlier results reproduce: the same
+examples, tuned for part of a schedule whose learning rate never annealed): NER instruction tuning of the packaged
+Gemma 3 270M (``gemma3-270m``) on the component's own prompts (lines format, 0-8 retrieved demonstrations, a quarter
+lower-cased), trained only on data whose licence allows redistributing a derived model: the five CrossNER train
+splits (MIT; Wikipedia text) and GENIA (CC BY 3.0). Each folder holds the GGUF adapter, ``manifest.json`` (base
+model, training data with licences and hashes, settings, the commands that rebuild it, the adapter's own hash),
+``tuning.cfg`` and ``ATTRIBUTION.md``. The llama.cpp backend applies ``ner-v2`` by default for ``gemma3-270m``
 (``adapter = "auto"``); ``adapter = null`` serves the base model. Other packages add adapters through the
 entry-point group ``spacy_llmner_adapters`` (a function returning the adapter's folder).
 """
@@ -20,6 +22,7 @@ ADAPTER_FILE = "adapter.gguf"
 
 adapters = catalogue.create("spacy_llmner", "adapters", entry_points=True)
 adapters.register("ner-v1", func=lambda: HERE / "ner-v1")
+adapters.register("ner-v2", func=lambda: HERE / "ner-v2")
 
 
 def folder(name: str) -> Path:

@@ -87,7 +87,7 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
     return adapter
 
 
-DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v1"}  # what adapter = "auto" applies, by model name
+DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v2"}  # what adapter = "auto" applies, by model name
 ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
@@ -186,8 +186,9 @@ class LlamaCppBackend(BackendBase):
     fast_grammar (bool): apply the grammar to the best candidates first (same greedy output, faster); false uses
         llama-cpp-python's own grammar sampling.
     parallel (int): sequences decoded together; 1 decodes one at a time.
-    adapter (Optional[str]): a LoRA adapter llama.cpp applies at load: a shipped one by name ("ner-v1", the NER
-        adapter of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default: "ner-v1" for "gemma3-270m",
+    adapter (Optional[str]): a LoRA adapter llama.cpp applies at load: a shipped one by name ("ner-v2" or
+        its predecessor "ner-v1", NER adapters of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default:
+        "ner-v2" for "gemma3-270m",
         none for any other model) or null (the base model as published).
     engine (str): what runs greedy generation: "llama.cpp" (``batched.BatchedDecoder``) or "torch"
         (``torch_decoder.TorchDecoder``: the same GGUF weights and adapter in PyTorch, batches of ``parallel``

@@ -67,6 +67,15 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def tuning_log(lora_dir) -> Dict[str, Any]:
+    """The ``tuning.json`` of scripts/tune_adapter.py for a LoRA folder: beside the adapter, or one folder up (the
+    script saves checkpoints as ``<out>/ckpt-<fraction>/`` and the log as ``<out>/tuning.json``); {} if none."""
+    for folder in (Path(lora_dir), Path(lora_dir).parent):
+        if (folder / "tuning.json").exists():
+            return json.loads((folder / "tuning.json").read_text(encoding="utf8"))
+    return {}
+
+
 def package_adapter(
     lora_dir,
     out_dir,
@@ -95,9 +104,7 @@ def package_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exported = export_lora_gguf(lora_dir, base_path, out / "adapter.gguf", rank=rank)
-    tuning = (
-        json.loads((Path(lora_dir) / "tuning.json").read_text()) if (Path(lora_dir) / "tuning.json").exists() else {}
-    )
+    tuning = tuning_log(lora_dir)
     shutil.copyfile(config_path, out / "tuning.cfg")
     (out / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf8")
     settings = dict(tuning.get("settings", {}))
