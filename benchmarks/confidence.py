@@ -4,7 +4,15 @@ and precision / recall / F1 at a range of ``threshold`` settings (computed from 
 spans). The same retrieval pipeline as benchmarks/finetune.py (span retrieval, --k demonstrations, the domain's
 train split as the pool), on the first --n dev sentences of each domain.
 
-    python benchmarks/confidence.py --n 20 --k 3 --out metrics/adapter/reliability_dev.json
+The spans are scored raw (``calibrate = false``) and then through a calibration map: the backend's own (the
+shipped adapter's ``calibration.json``; ``--calibration auto``), a file, or one fitted here (``--fit PATH``: isotonic
+regression on these spans, written to PATH; its reliability on the same spans is in-sample, check it on other
+sentences with ``--calibration PATH``). Both reliabilities are reported; ``threshold`` acts on calibrated scores.
+
+    python benchmarks/confidence.py --n 60 --k 3 --fit spacy_llmner/adapters/ner-v2/calibration.json \
+        --system gemma3-270m+auto@torch --out metrics/adapter/reliability_dev60.json
+    python benchmarks/confidence.py --split test --n 40 --k 3 --system gemma3-270m+auto@torch \
+        --out metrics/adapter/reliability_test40.json
 """
 
 import argparse
@@ -15,10 +23,12 @@ import spacy
 from finetune import pipeline
 from spacy.tokens import Doc
 
+from spacy_llmner import calibration as calib
+
 from common import CROSSNER_LABELS, load_split
 
-BINS = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0001]
-THRESHOLDS = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95]
+BINS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0001]
+THRESHOLDS = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 
 
 def main():
@@ -30,14 +40,18 @@ def main():
     ap.add_argument("--system", default="gemma3-270m+auto", help="MODEL or MODEL+ADAPTER, as in finetune.py")
     ap.add_argument("--split", default="dev")
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--calibration", default="auto", help="auto (the backend's), none, or a calibration.json")
+    ap.add_argument("--fit", default=None, help="fit a calibration map on these spans and write it here")
     ap.add_argument("--out", default="metrics/adapter/reliability_dev.json")
     args = ap.parse_args()
-    pairs, n_gold = [], 0  # (confidence, correct) per predicted span
+    pairs, n_gold, own = [], 0, None  # (raw confidence, correct) per predicted span
     for domain in args.domains.split(","):
         blank = spacy.blank("en")
         train = load_split(args.data, domain, "train", blank)
         gold = load_split(args.data, domain, args.split, blank, limit=args.n)
         nlp = pipeline(args.system, CROSSNER_LABELS[domain].split(), train, args.k, cache=args.cache)
+        nlp.get_pipe("llm_lar_ner").calibrate = False  # raw scores; calibrated below
+        own = nlp.get_pipe("llm_lar_ner").backend.calibration
         docs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g]) for g in gold]
         for doc, g in zip(nlp.pipe(docs), gold):
             truth = {(e.start, e.end, e.label_) for e in g.ents}
@@ -46,6 +60,54 @@ def main():
             for span, score in zip(group, group.attrs["scores"]):
                 pairs.append((score, (span.start, span.end, span.label_) in truth))
         print(f"{domain}: {len(pairs)} spans so far", flush=True)
+    if args.fit:
+        cal = calib.fit([(s, c) for s, c in pairs if s is not None], fitted_on=fitted_on(args))
+        calib.save(cal, args.fit)
+        print(f"calibration: {len(cal.knots)} knots written to {args.fit} (in-sample below)")
+    elif args.calibration == "auto":
+        cal = own
+    elif args.calibration == "none":
+        cal = None
+    else:
+        cal = calib.load(args.calibration)
+    raw = reliability(pairs, n_gold)
+    calibrated = reliability([(cal(s), c) for s, c in pairs], n_gold) if cal is not None else None
+    out = {
+        "args": vars(args),
+        "spans": len(pairs),
+        "without_score": len(pairs) - sum(s is not None for s, _ in pairs),
+        "gold": n_gold,
+        **raw,
+        "calibration": cal.to_dict() if cal is not None else None,
+        "calibrated": calibrated,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    plot(raw["bins"], calibrated["bins"] if calibrated else None, Path(args.out).with_suffix(".png"), args)
+    for title, rel in (("raw", raw), ("calibrated", calibrated)):
+        if rel is None:
+            continue
+        print(f"{title}:")
+        for b in rel["bins"]:
+            print(
+                f"  [{b['range'][0]:.2f}, {b['range'][1]:.2f}): {b['spans']:4d} spans, confidence "
+                f"{b['mean_confidence']:.2f}, precision {b['precision']:.2f}"
+            )
+        print(
+            f"  ECE {rel['ece']:.3f}; "
+            + "; ".join(
+                f"t={a['threshold']}: P {a['p']:.1f} R {a['r']:.1f} F1 {a['f1']:.1f}" for a in rel["thresholds"]
+            )
+        )
+
+
+def fitted_on(args):
+    return f"CrossNER {args.split}, first {args.n} per domain of {args.domains}, k = {args.k}, {args.system}"
+
+
+def reliability(pairs, n_gold):
+    """Bins of (confidence, correct) pairs against their precision, the expected calibration error, and P / R / F1
+    at each threshold (spans without a confidence are always kept)."""
     scored = [(s, c) for s, c in pairs if s is not None]
     bins = []
     for lo, hi in zip(BINS, BINS[1:]):
@@ -68,30 +130,10 @@ def main():
         at.append(
             {"threshold": t, "p": 100 * p, "r": 100 * r, "f1": 200 * p * r / max(p + r, 1e-9), "spans": len(kept)}
         )
-    out = {
-        "args": vars(args),
-        "spans": len(pairs),
-        "without_score": len(pairs) - len(scored),
-        "gold": n_gold,
-        "bins": bins,
-        "ece": ece,
-        "thresholds": at,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    plot(bins, Path(args.out).with_suffix(".png"), args)
-    for b in bins:
-        print(
-            f"  [{b['range'][0]:.2f}, {b['range'][1]:.2f}): {b['spans']:4d} spans, confidence "
-            f"{b['mean_confidence']:.2f}, precision {b['precision']:.2f}"
-        )
-    print(
-        f"ECE {ece:.3f}; "
-        + "; ".join(f"t={a['threshold']}: P {a['p']:.1f} R {a['r']:.1f} F1 {a['f1']:.1f}" for a in at)
-    )
+    return {"bins": bins, "ece": ece, "thresholds": at}
 
 
-def plot(bins, path, args):
+def plot(bins, calibrated, path, args):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,10 +141,14 @@ def plot(bins, path, args):
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    xs = [b["mean_confidence"] for b in bins]
-    ax.plot(xs, [b["precision"] for b in bins], marker="o")
-    for b, x in zip(bins, xs):
-        ax.annotate(str(b["spans"]), (x, b["precision"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for label, series in (("raw", bins), ("calibrated", calibrated)):
+        if not series:
+            continue
+        xs = [b["mean_confidence"] for b in series]
+        ax.plot(xs, [b["precision"] for b in series], marker="o", label=label)
+        for b, x in zip(series, xs):
+            ax.annotate(str(b["spans"]), (x, b["precision"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("mean confidence in bin")
     ax.set_ylabel("precision (strict)")
     ax.set_title(f"CrossNER {args.split}, first {args.n}/domain, k={args.k}", fontsize=9)

@@ -72,6 +72,7 @@ DEFAULT_CONFIG = {
     "save_io": False,
     "on_error": "raise",
     "threshold": 0.0,
+    "calibrate": True,
     "show_progress": False,
     "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     "lar": None,
@@ -101,6 +102,7 @@ def make_llm_lar_ner(
     save_io: bool,
     on_error: Literal["raise", "skip"],
     threshold: float,
+    calibrate: bool,
     show_progress: bool,
     scorer: Optional[Callable],
     lar: Optional[LARStages],
@@ -132,8 +134,12 @@ def make_llm_lar_ner(
         come back without entities, the error noted in ``doc.user_data["llm_ner_errors"]``).
     threshold (float): drop generated spans whose confidence is below it (0 keeps all; raise it for precision).
         A span's confidence, in ``doc.spans[spans_key].attrs["scores"]``, is the geometric-mean probability of
-        the answer tokens that stated it (its line in the lines format, the whole answer in the others); spans
-        without one (a backend without log-probabilities, LAR source spans) are kept.
+        the answer tokens that stated it (its line in the lines format, the whole answer in the others),
+        calibrated (see ``calibrate``); spans without one (a backend without log-probabilities, LAR source
+        spans) are kept.
+    calibrate (bool): map raw confidences through the backend's calibration (``Backend.calibration``: the
+        precision spans of that confidence had on held-out data; the shipped adapters carry one) before
+        ``threshold``; false, or a backend without one, keeps the raw probabilities.
     show_progress (bool): a progress bar per ``pipe``.
     scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
     lar (Optional[LARStages]): the LAR / EL4NER stages (``spacy_llmner.LAR.v1``); null: one pass.
@@ -173,6 +179,7 @@ def make_llm_lar_ner(
         save_io=save_io,
         on_error=on_error,
         threshold=threshold,
+        calibrate=calibrate,
         show_progress=show_progress,
         scorer=scorer,
         lar=lar,
@@ -202,6 +209,7 @@ class LLMNER(Pipe):
         save_io: bool = False,
         on_error: str = "raise",
         threshold: float = 0.0,
+        calibrate: bool = True,
         show_progress: bool = False,
         scorer: Optional[Callable] = None,
         lar: Optional[LARStages] = None,
@@ -224,7 +232,7 @@ class LLMNER(Pipe):
         self.spans_key, self.alignment_mode = spans_key, alignment_mode
         self.max_chunk_tokens, self.max_new_tokens = max_chunk_tokens, max_new_tokens
         self.save_io, self.on_error, self.show_progress, self.scorer = save_io, on_error, show_progress, scorer
-        self.threshold = threshold
+        self.threshold, self.calibrate = threshold, calibrate
         self.usage = Usage()  # this run's totals; reset with reset_usage()
         self.lar = lar  # None: one pass
         self.alignment: Optional[LabelAlignment] = None  # learned in initialize() or set
@@ -443,6 +451,7 @@ class LLMNER(Pipe):
 
     def _propose(self, chunks: List[Chunk], demos, candidates, run: Run, extract: bool) -> None:
         requests = [self.request(c.span, d, extract=extract) for c, d in zip(chunks, demos)]
+        calibration = self.backend.calibration if self.calibrate else None
         for chunk, found, answer in zip(chunks, candidates, run.generate([c.doc_index for c in chunks], requests)):
             if answer is not None:
                 usage = run.usage[chunk.doc_index]
@@ -450,6 +459,7 @@ class LLMNER(Pipe):
                     self.format, answer.text, chunk.shown, self.label_set, usage, extract, answer.token_logprobs
                 )
                 for start, end, label, conf in spans:
+                    conf = calibration(conf) if calibration is not None else conf
                     found.setdefault((start, end), Candidate(start, end, label=label, confidence=conf))
 
     def set_annotations(self, doc: Doc, spans: List[Span]) -> None:

@@ -62,6 +62,8 @@ class Backend(Protocol):
     supports_scoring: bool  # ``score`` ranks fixed continuations in one forward pass; else choices are generated
     parallel: int  # requests decoded together: the answers of such a group arrive together
     remote: bool  # waits on a server, not this machine's cores: an ensemble runs it beside in-process members
+    # raw span confidence -> calibrated (``calibration.Calibration``), or None: the component applies it
+    calibration: Optional[Callable[[Optional[float]], Optional[float]]]
 
     def identity(self) -> Dict[str, Any]:
         """Everything that changes an answer (model, sampling): the answer cache's key."""

@@ -82,3 +82,59 @@ def test_the_cache_keeps_token_logprobs_and_opens_older_files(tmp_path):
     assert back.cached and back.text == ANSWER
     assert [e for e, _ in back.token_logprobs] == [e for e, _ in LOGPROBS]
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(back.token_logprobs, LOGPROBS))
+
+
+def test_isotonic_calibration_is_monotone_smoothed_and_maps_over_confidence_down():
+    from spacy_llmner.calibration import Calibration, fit
+
+    # over-confident raw scores: 0.6 of the spans at raw 0.95 are right, 0.9 of those at 0.999, 0.3 at 0.7
+    pairs = [(0.7, i < 30) for i in range(100)] + [(0.95, i < 60) for i in range(100)]
+    pairs += [(0.999, i < 90) for i in range(100)]
+    cal = fit(pairs, fitted_on="synthetic", min_block=20)
+    xs, ys = [x for x, _ in cal.knots], [y for _, y in cal.knots]
+    assert xs == sorted(xs) and ys == sorted(ys) and 0.0 < ys[0] and ys[-1] < 1.0  # never certain or impossible
+    assert cal(0.95) == pytest.approx(61 / 102, abs=1e-5) and cal(0.999) == pytest.approx(91 / 102, abs=1e-5)
+    assert cal(0.7) == pytest.approx(31 / 102, abs=1e-5) and cal(0.1) == cal(0.7) and cal(None) is None
+    assert cal(0.8) < cal(0.9) < cal(0.95)  # between knots: linear, so ranking is kept
+    # a violation is pooled: raw 0.9 less precise than raw 0.8 → one block
+    pooled = fit([(0.8, i < 30) for i in range(40)] + [(0.9, i < 10) for i in range(40)], min_block=20)
+    assert len(pooled.knots) == 1 and pooled(0.8) == pooled(0.9) == pytest.approx(41 / 82, abs=1e-5)
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Calibration(((0.5, 0.6), (0.9, 0.4)))
+    with pytest.raises(ValueError, match="too few"):
+        fit([(0.5, True)] * 5)
+
+
+def test_the_component_calibrates_before_threshold_unless_told_not_to():
+    from spacy_llmner.calibration import Calibration
+
+    class CalibratedBackend(LogprobBackend):
+        calibration = Calibration(((0.2, 0.1), (0.9, 0.6)))  # raw 0.9 → 0.6, raw 0.2 → 0.1
+
+    for calibrate, threshold, expected in [
+        (True, 0.0, {("Angela Merkel", 0.6), ("Paris", 0.1)}),
+        (True, 0.5, {("Angela Merkel", 0.6)}),
+        (False, 0.0, {("Angela Merkel", 0.9), ("Paris", 0.2)}),
+        (True, 0.7, set()),  # calibrated 0.6 is below 0.7 although raw 0.9 is above
+    ]:
+        nlp = spacy.blank("en")
+        ner = add_fake_ner(nlp, lambda q: ANSWER, threshold=threshold, calibrate=calibrate)
+        ner.backend = CalibratedBackend(lambda q: ANSWER)
+        doc = nlp("Angela Merkel flew to Paris.")
+        group = doc.spans["llm_ner"]
+        assert {(s.text, round(score, 3)) for s, score in zip(group, group.attrs["scores"])} == expected
+
+
+def test_the_shipped_adapter_carries_a_calibration_its_backend_offers():
+    from spacy_llmner import adapters
+    from spacy_llmner.backends.cache import CachedBackend
+    from spacy_llmner.backends.llamacpp import LlamaCppBackend
+
+    assert (adapters.folder("ner-v2") / "calibration.json").exists()
+    cal = LlamaCppBackend().calibration  # read from the file: nothing loaded
+    assert cal is not None and len(cal.knots) >= 3 and "dev" in cal.fitted_on
+    assert cal(0.999) > cal(0.8)  # confident answers stay more confident
+    assert LlamaCppBackend(adapter=None).calibration is None
+    assert LlamaCppBackend(adapter="ner-v1").calibration is None
+    assert CachedBackend(LlamaCppBackend(), ":memory:").calibration == cal

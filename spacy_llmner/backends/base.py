@@ -2,8 +2,9 @@
 convention, so our backends also serve spacy-llm's own ``llm`` component (a spacy-llm model maps an iterable of
 per-doc prompt lists to per-doc response lists)."""
 
-from typing import Any, Callable, Dict, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from ..calibration import Calibration
 from ..ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
@@ -30,6 +31,7 @@ class BackendBase:
     supports_scoring = False
     parallel = 1
     remote = False
+    calibration: Optional[Calibration] = None
     max_tokens_for_spacy_llm = 512
 
     def identity(self) -> Dict[str, Any]:

@@ -207,6 +207,10 @@ class CachedBackend(BackendBase):
     def remote(self) -> bool:
         return self.backend.remote
 
+    @property
+    def calibration(self):
+        return self.backend.calibration
+
     def identity(self) -> Dict[str, Any]:
         return self.backend.identity()
 

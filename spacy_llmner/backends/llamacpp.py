@@ -22,6 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import catalogue
 
 from ..adapters import adapter_path, adapters, manifest
+from ..calibration import FILE as CALIBRATION_FILE
+from ..calibration import Calibration
+from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
 
@@ -236,6 +239,7 @@ class LlamaCppBackend(BackendBase):
         self.parallel = max(1, parallel or ENGINES[engine])
         self._decoder = None
         self._scorer = None
+        self._calibration = None  # read on first use; False: the adapter has none
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
         _BACKENDS.add(self)
 
@@ -253,6 +257,15 @@ class LlamaCppBackend(BackendBase):
         if self.adapter is None or os.path.isfile(self.adapter):
             return self.adapter
         return str(adapter_path(self.adapter))
+
+    @property
+    def calibration(self) -> Optional[Calibration]:
+        """The adapter's calibration map (``calibration.json`` beside its GGUF file), read on first use; None
+        for the base model or an adapter without one."""
+        if self._calibration is None and self.adapter is not None:
+            path = Path(self.adapter_file).parent / CALIBRATION_FILE
+            self._calibration = load_calibration(path) if path.exists() else False
+        return self._calibration or None
 
     def identity(self) -> Dict[str, Any]:
         name = self.model
