@@ -21,9 +21,9 @@ from pathlib import Path
 
 import spacy
 from finetune import pipeline
-from spacy.tokens import Doc
 
 from spacy_llmner import calibration as calib
+from spacy_llmner.corpora import unannotated
 
 from common import CROSSNER_LABELS, load_split
 
@@ -52,7 +52,7 @@ def main():
         nlp = pipeline(args.system, CROSSNER_LABELS[domain].split(), train, args.k, cache=args.cache)
         nlp.get_pipe("llm_lar_ner").calibrate = False  # raw scores; calibrated below
         own = nlp.get_pipe("llm_lar_ner").backend.calibration
-        docs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g]) for g in gold]
+        docs = [unannotated(g, nlp.vocab) for g in gold]
         for doc, g in zip(nlp.pipe(docs), gold):
             truth = {(e.start, e.end, e.label_) for e in g.ents}
             n_gold += len(truth)

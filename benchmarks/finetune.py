@@ -25,6 +25,7 @@ from spacy.training import Example
 
 from spacy_llmner.backends.cache import CachedBackend
 from spacy_llmner.backends.llamacpp import LlamaCppBackend
+from spacy_llmner.corpora import unannotated
 
 from common import CROSSNER_LABELS, load_split
 
@@ -65,7 +66,7 @@ def run_domain(args, domain, models):
     compute = {}
     if args.batched:  # throughput: nlp.pipe over the split, one system after the other
         for name, nlp in systems.items():
-            docs = [Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g]) for g in gold]
+            docs = [unannotated(g, nlp.vocab) for g in gold]
             before = decoder_usage(nlp)
             t0 = time.perf_counter()
             preds[name] = list(nlp.pipe(docs, batch_size=args.batch_size))
@@ -78,7 +79,7 @@ def run_domain(args, domain, models):
     for i, g in enumerate(gold if not args.batched else []):
         for name in list(systems) if i % 2 == 0 else list(reversed(systems)):
             nlp = systems[name]
-            doc = Doc(nlp.vocab, words=[t.text for t in g], spaces=[t.whitespace_ for t in g])
+            doc = unannotated(g, nlp.vocab)
             t0 = time.perf_counter()
             preds[name].append(nlp(doc))
             seconds[name].append(time.perf_counter() - t0)

@@ -60,15 +60,19 @@ def fit(pairs: Iterable[Tuple[float, bool]], fitted_on: str = "", min_block: int
         while len(blocks) > 1 and (
             blocks[-2][1] / blocks[-2][2] >= blocks[-1][1] / blocks[-1][2] or blocks[-2][2] < min_block
         ):
-            s2, c2, n2 = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + s2, blocks[-1][1] + c2, blocks[-1][2] + n2]
+            _pool_last(blocks)
     if len(blocks) > 1 and blocks[-1][2] < min_block:  # a short last block joins its neighbour
-        s2, c2, n2 = blocks.pop()
-        blocks[-1] = [blocks[-1][0] + s2, blocks[-1][1] + c2, blocks[-1][2] + n2]
+        _pool_last(blocks)
     knots = [(round(s / n, 6), round((c + 1) / (n + 2), 6)) for s, c, n in blocks]
     for i in range(1, len(knots)):  # smoothing can undo the order of neighbouring precisions: keep it monotone
         knots[i] = (knots[i][0], max(knots[i][1], knots[i - 1][1]))
     return Calibration(tuple(knots), fitted_on)
+
+
+def _pool_last(blocks: list) -> None:
+    """Pools the last two ``[sum raw, correct, n]`` blocks into one."""
+    s, c, n = blocks.pop()
+    blocks[-1] = [blocks[-1][0] + s, blocks[-1][1] + c, blocks[-1][2] + n]
 
 
 def load(path: Union[str, Path]) -> Calibration:

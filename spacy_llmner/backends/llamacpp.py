@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -239,7 +239,6 @@ class LlamaCppBackend(BackendBase):
         self.parallel = max(1, parallel or ENGINES[engine])
         self._decoder = None
         self._scorer = None
-        self._calibration = None  # read on first use; False: the adapter has none
         self._lock = threading.Lock()  # one llama.cpp context serves one request at a time
         _BACKENDS.add(self)
 
@@ -258,14 +257,14 @@ class LlamaCppBackend(BackendBase):
             return self.adapter
         return str(adapter_path(self.adapter))
 
-    @property
+    @cached_property
     def calibration(self) -> Optional[Calibration]:
         """The adapter's calibration map (``calibration.json`` beside its GGUF file), read on first use; None
         for the base model or an adapter without one."""
-        if self._calibration is None and self.adapter is not None:
-            path = Path(self.adapter_file).parent / CALIBRATION_FILE
-            self._calibration = load_calibration(path) if path.exists() else False
-        return self._calibration or None
+        if self.adapter is None:
+            return None
+        path = Path(self.adapter_file).parent / CALIBRATION_FILE
+        return load_calibration(path) if path.exists() else None
 
     def identity(self) -> Dict[str, Any]:
         name = self.model
