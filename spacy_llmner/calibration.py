@@ -75,8 +75,11 @@ def _pool_last(blocks: list) -> None:
     blocks[-1] = [blocks[-1][0] + s, blocks[-1][1] + c, blocks[-1][2] + n]
 
 
-def load(path: Union[str, Path]) -> Calibration:
-    return Calibration.from_dict(json.loads(Path(path).read_text(encoding="utf8")))
+def load(path: Union[str, Path], owner: str = "calibration") -> Calibration:
+    """A saved map; a damaged file is a ``reading.FileReadError`` naming ``owner`` and the file."""
+    from .reading import read_json
+
+    return read_json(owner, path, Calibration.from_dict)
 
 
 def save(calibration: Calibration, path: Union[str, Path]) -> None:

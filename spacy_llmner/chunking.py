@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from spacy.tokens import Doc, Span
 
-from .prompt import display
+from .prompt import CONTROL, display
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ def doc_spans(
     doc: Doc, chunks: Sequence[Chunk], candidates: Sequence[Dict], doc_index: int, alignment_mode: str
 ) -> List[Tuple[Span, object]]:
     """The labelled candidates of doc ``doc_index``'s chunks (``candidates[j]``: chunk j's, by key) as doc spans
-    snapped to tokens by ``alignment_mode``, each with the candidate it came from; the last of equal spans wins."""
+    snapped to tokens by ``alignment_mode``, each with the candidate it came from; the last of equal spans wins.
+    No span holds a control character: the model saw a space there (``prompt.display``), so a span snapped onto a
+    token holding one is contracted to the tokens within the answer, or dropped when that leaves none clean."""
     found = {}
     for chunk, cands in zip(chunks, candidates):
         if chunk.doc_index != doc_index:
@@ -71,6 +73,9 @@ def doc_spans(
                 continue
             start, end = chunk.char_range(c.start, c.end)
             span = doc.char_span(start, end, label=c.label, alignment_mode=alignment_mode)
+            if span is not None and CONTROL.search(span.text):
+                span = doc.char_span(start, end, label=c.label, alignment_mode="contract")
+                span = None if span is None or CONTROL.search(span.text) else span
             if span is not None and len(span):
                 found[(span.start, span.end, span.label_)] = (span, c)
     return list(found.values())

@@ -39,7 +39,8 @@ from .lar.stages import (
     type_candidates,
     verification_scores,
 )
-from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display
+from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display, shown_tokens
+from .reading import FileReadError
 from .retrieval import Retriever
 from .session import Run
 from .ty import Backend, GenerationRequest, OutputFormat
@@ -52,6 +53,19 @@ if not Doc.has_extension("llm_ner_io"):
     Doc.set_extension("llm_ner_io", default=None)  # {component name: [{"prompt", "response"}]} with save_io
 
 __all__ = ["LLMNER", "load_demonstrations", "make_llm_lar_ner"]
+LONG_TOKEN = 100  # characters: a longer token is not a word (see LLMNER._warn_long_tokens)
+
+
+def script_language(text: str) -> str:
+    """The spaCy language whose tokenizer splits ``text``'s script (written without spaces between words), where
+    most of it is in one: Japanese where there is kana, Chinese for Han alone, Thai; else ``"<lang>"``."""
+    kana = sum("\u3040" <= ch <= "\u30ff" for ch in text)
+    han = sum("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+    thai = sum("\u0e00" <= ch <= "\u0e7f" for ch in text)
+    lang, n = max([("ja" if kana else "zh", kana + han), ("th", thai)], key=lambda x: x[1])
+    return lang if n >= len(text) / 3 else "<lang>"
+
+
 DEFAULT_CONFIG = {
     "labels": [],
     "label_definitions": {},
@@ -63,11 +77,11 @@ DEFAULT_CONFIG = {
     "retriever": None,
     "max_demo_tokens": None,
     "instructions": DEFAULT_INSTRUCTIONS,
-    "constrained": True,
+    "constrained": None,
     "spans_key": "llm_ner",
     "alignment_mode": "expand",
     "max_chunk_tokens": 200,
-    "max_new_tokens": 256,
+    "max_new_tokens": None,
     "cache_path": None,
     "save_io": False,
     "on_error": "raise",
@@ -93,11 +107,11 @@ def make_llm_lar_ner(
     retriever: Optional[Retriever],
     max_demo_tokens: Optional[int],
     instructions: str,
-    constrained: bool,
+    constrained: Optional[bool],
     spans_key: str,
     alignment_mode: Literal["strict", "contract", "expand"],
     max_chunk_tokens: int,
-    max_new_tokens: int,
+    max_new_tokens: Optional[int],
     cache_path: Optional[str],
     save_io: bool,
     on_error: Literal["raise", "skip"],
@@ -123,11 +137,15 @@ def make_llm_lar_ner(
         the pool is built by ``initialize()``.
     max_demo_tokens (Optional[int]): token budget of a prompt's demonstrations; the least similar are dropped.
     instructions (str): the first line of every prompt.
-    constrained (bool): decode under the format's grammar where the backend supports grammars.
+    constrained (Optional[bool]): decode under the format's grammar: null (the default) where the backend applies
+        grammars; true requires it (a backend that cannot, such as an OpenAI-compatible server without a
+        ``grammar_field``, is refused here); false never.
     spans_key (str): the ``doc.spans`` group that receives every predicted span.
     alignment_mode (str): how answer offsets snap to tokens: "strict", "contract" or "expand".
     max_chunk_tokens (int): the most tokens sent at once (whole sentences packed; none truncated).
-    max_new_tokens (int): the most tokens an answer may have.
+    max_new_tokens (Optional[int]): the most tokens an answer may have; null (the default): what its chunk can
+        need, 32 + 3 per word (``prompt.answer_budget``). Answers cut by the limit are counted
+        (``usage["truncated"]``) and warned about once.
     cache_path (Optional[str]): an sqlite answer cache: reruns and interrupted runs resume from it.
     save_io (bool): keep every prompt and answer in ``doc._.llm_ner_io``.
     on_error (str): "raise" (through the error handler, ``nlp.set_error_handler``) or "skip" (the batch's docs
@@ -200,11 +218,11 @@ class LLMNER(Pipe):
         retriever: Optional[Retriever] = None,
         max_demo_tokens: Optional[int] = None,
         instructions: str = DEFAULT_INSTRUCTIONS,
-        constrained: bool = True,
+        constrained: Optional[bool] = None,
         spans_key: str = "llm_ner",
         alignment_mode: str = "expand",
         max_chunk_tokens: int = 200,
-        max_new_tokens: int = 256,
+        max_new_tokens: Optional[int] = None,
         cache_path: Optional[str] = None,
         save_io: bool = False,
         on_error: str = "raise",
@@ -216,6 +234,8 @@ class LLMNER(Pipe):
     ):
         if max_chunk_tokens < 1:
             raise ValueError(f"{name}: max_chunk_tokens must be positive")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"{name}: max_new_tokens must be positive, or null for what each chunk can need")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"{name}: threshold is a confidence in [0, 1], not {threshold}")
         self.vocab, self.name = vocab, name
@@ -226,9 +246,16 @@ class LLMNER(Pipe):
 
             backend = CachedBackend(backend, cache_path, owner=name)
         self.backend = backend
-        self.constrained = constrained and self.backend.supports_grammar
-        self.demos = Demonstrations(demonstrations, retriever, max_demo_tokens, vocab, spans_key)
+        if constrained and not self.backend.supports_grammar:
+            raise ValueError(
+                f"{name}: constrained = true, but the backend ({type(self.backend).__name__}) applies no grammar "
+                '(an OpenAI-compatible server: set its grammar_field to "llama.cpp" or "vllm"). Set constrained '
+                "= null to decode under the grammar where the backend can, or false."
+            )
+        self.constrained = self.backend.supports_grammar if constrained is None else constrained
+        self.demos = Demonstrations(demonstrations, retriever, max_demo_tokens, vocab, spans_key, owner=name)
         self.zero_shot, self._warned_no_demos = zero_shot, False
+        self._warned_truncated = self._warned_tokens = False
         self.spans_key, self.alignment_mode = spans_key, alignment_mode
         self.max_chunk_tokens, self.max_new_tokens = max_chunk_tokens, max_new_tokens
         self.save_io, self.on_error, self.show_progress, self.scorer = save_io, on_error, show_progress, scorer
@@ -394,7 +421,8 @@ class LLMNER(Pipe):
         """The one-pass request for a chunk; ``extract``: the same with every type shown as ``entity`` (spans only)."""
         shown = display(chunk.text).rstrip()  # what the prompt shows; offsets are the chunk's own
         start = chunk.start_char
-        offsets = [(t.idx - start, t.idx - start + len(t)) for t in chunk if not t.is_space] if self.constrained else []
+        offsets = [(t.idx - start, t.idx - start + len(t)) for t in chunk] if self.constrained else []
+        offsets = shown_tokens(shown, offsets)
         demos = self.demonstrations_for([shown])[0] if demonstrations is None else demonstrations
         prompts = self.prompts.for_extraction() if extract else self.prompts
         return prompts.request(
@@ -413,7 +441,28 @@ class LLMNER(Pipe):
             save_io=self.save_io,
         )
 
+    def _warn_long_tokens(self, docs: Sequence[Doc]) -> None:
+        """Once: a token longer than any word means the tokenizer is not the text's language's (a blank English
+        pipeline makes one token of a Chinese sentence), and every entity would be snapped out to whole tokens."""
+        if self._warned_tokens:
+            return
+        for doc in docs:
+            long = next((t for t in doc if len(t) > LONG_TOKEN), None)
+            if long is not None:
+                self._warned_tokens = True
+                lang = script_language(long.text)
+                code = "" if lang != "<lang>" else " (<lang>: the code of the text's language)"
+                warnings.warn(
+                    f"{self.name}: a token of {len(long)} characters ({long.text[:24]!r}...) cannot be a word of "
+                    f"this pipeline's language ({self.vocab.lang!r}): its tokenizer does not split this text into "
+                    f"words, so entities come back as whole tokens. Make the docs with a tokenizer for the text's "
+                    f'language, e.g. spacy.blank("{lang}"){code}.',
+                    stacklevel=3,
+                )
+                return
+
     def _process(self, docs: List[Doc]) -> List[Doc]:
+        self._warn_long_tokens(docs)
         source = [self.lar.source_spans(doc) for doc in docs] if self.uses("source") else None  # before we write
         chunks = split(docs, self.max_chunk_tokens)
         demos = self.demonstrations_for([c.shown for c in chunks])
@@ -447,11 +496,31 @@ class LLMNER(Pipe):
                 group.attrs["typing_margin"] = [measured[(s.start, s.end, s.label_)].score for s in group]
                 group.attrs["p_yes"] = [measured[(s.start, s.end, s.label_)].p_yes for s in group]
             self.usage.add(run.report(doc, i))
+        self._warn_truncated(run)
         return docs
+
+    def _warn_truncated(self, run: Run) -> None:
+        cut = sum(u.truncated for u in run.usage)
+        if cut and not self._warned_truncated:
+            self._warned_truncated = True
+            limit = (
+                f"max_new_tokens = {self.max_new_tokens}"
+                if self.max_new_tokens is not None
+                else "max_new_tokens (null: 32 + 3 per word of the chunk, reached by an answer that repeats itself)"
+            )
+            warnings.warn(
+                f"{self.name}: {cut} answer(s) in this batch were cut at their token limit, {limit}; entities after "
+                f"the cut are missing. Raise max_new_tokens in [components.{self.name}] (or lower "
+                "max_chunk_tokens). Counted as usage['truncated'] (doc._.llm_ner_usage); warned once.",
+                stacklevel=3,
+            )
 
     def _propose(self, chunks: List[Chunk], demos, candidates, run: Run, extract: bool) -> None:
         requests = [self.request(c.span, d, extract=extract) for c, d in zip(chunks, demos)]
-        calibration = self.backend.calibration if self.calibrate else None
+        try:
+            calibration = self.backend.calibration if self.calibrate else None
+        except FileReadError as e:
+            raise e.for_owner(self.name) from e
         for chunk, found, answer in zip(chunks, candidates, run.generate([c.doc_index for c in chunks], requests)):
             if answer is not None:
                 usage = run.usage[chunk.doc_index]

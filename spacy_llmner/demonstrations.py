@@ -9,21 +9,25 @@ import srsly
 from spacy.tokens import Doc
 
 from .prompt import Demonstration
+from .reading import read_jsonl
 from .retrieval import Retriever
 
 Source = Union[str, Path, Sequence]
 
 
-def load_demonstrations(source: Source, nlp_vocab=None, spans_key: Optional[str] = None) -> List[Demonstration]:
+def load_demonstrations(
+    source: Source, nlp_vocab=None, spans_key: Optional[str] = None, owner: str = "llm_lar_ner"
+) -> List[Demonstration]:
     """Demonstrations from a jsonl file (``text`` + ``spans``/``entities``), a ``.spacy`` DocBin, a BIO file,
     or a list of Docs / dicts / Demonstrations. A Doc's spans are ``doc.spans[spans_key]`` where it has that
-    group (nested entities, e.g. GENIA), else its ``doc.ents``."""
+    group (nested entities, e.g. GENIA), else its ``doc.ents``. Errors name ``owner`` (the component), the file
+    and the line."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"llm_lar_ner: demonstrations file not found: {path}")
+            raise FileNotFoundError(f"{owner}: demonstrations file not found: {path}")
         if path.suffix in (".jsonl", ".json"):
-            return [Demonstration.from_dict(row) for row in srsly.read_jsonl(path)]
+            return read_jsonl(owner, path, Demonstration.from_dict)
         from .corpora import read_bio, read_docbin
 
         docs = read_docbin(path, nlp_vocab) if path.suffix == ".spacy" else read_bio(path, nlp_vocab)
@@ -51,7 +55,9 @@ class Demonstrations:
         max_tokens: Optional[int],
         vocab,
         spans_key: Optional[str],
+        owner: str = "llm_lar_ner",
     ):
+        self.owner = owner  # the component: named in errors
         self.source = source
         self.retriever = retriever
         self.max_tokens = max_tokens
@@ -67,7 +73,7 @@ class Demonstrations:
         return self._static
 
     def load(self, source: Source) -> List[Demonstration]:
-        return load_demonstrations(source, self.vocab, self.spans_key)
+        return load_demonstrations(source, self.vocab, self.spans_key, self.owner)
 
     def set(self, source: Source) -> None:
         self._static = self.load(source)
@@ -105,7 +111,7 @@ class Demonstrations:
         srsly.write_jsonl(path, [d.to_dict() for d in self.static])
 
     def from_disk(self, path: Path) -> None:
-        self._static = [Demonstration.from_dict(d) for d in srsly.read_jsonl(path)]
+        self._static = read_jsonl(self.owner, path, Demonstration.from_dict)
 
     def to_bytes(self) -> bytes:
         return srsly.msgpack_dumps([d.to_dict() for d in self.static])

@@ -7,7 +7,7 @@ demonstration shows the exact answer format the parser reads.
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .labels import LabelSet
 from .ty import GenerationRequest, OutputFormat
@@ -37,9 +37,43 @@ class Demonstration:
         return cls(data["text"], spans)
 
 
+# What the model is never shown, each character replaced by one space so that offsets into the shown text are
+# offsets into the source: whitespace (a prompt keeps one line per sentence), C0/C1 control characters (a NUL ends
+# a C string: llama.cpp would see the prompt cut there; escape sequences and bells would end up inside entities)
+# and lone surrogates (not encodable as UTF-8). Format characters (zero-width joiners, RTL marks) and combining
+# marks are text: they stay.
+_HIDDEN = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters and lone surrogates that are not whitespace: never part of an entity span.
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+
+
 def display(text: str) -> str:
-    """The text as the prompt shows it: every whitespace character becomes a space (keeps offsets, keeps one line)."""
-    return re.sub(r"\s", " ", text)
+    """The text as the prompt shows it: every whitespace or control character becomes a space (offsets kept)."""
+    return _HIDDEN.sub(" ", text)
+
+
+def shown_tokens(shown: str, offsets: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The tokens' ranges as the model sees them in ``shown``: without the spaces ``display`` put at their edges
+    (a control character glued to a word), and none for a token that shows as spaces only."""
+    out = []
+    for start, end in offsets:
+        piece = shown[start:end]
+        if piece.strip():
+            out.append((start + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip())))
+    return out
+
+
+def visible(text: str) -> str:
+    """``text`` with control characters (not whitespace) replaced by spaces: for prompt parts that keep their
+    line breaks (instructions, label definitions)."""
+    return CONTROL.sub(" ", text)
+
+
+def answer_budget(n_tokens: int) -> int:
+    """The default token limit of an answer about a chunk of ``n_tokens`` words: what a full answer can need (a
+    whole inline copy with markup; a list naming most of its words) with room to spare, so it scales with the chunk
+    and is reached only by an answer that loops on a repeated mention."""
+    return 32 + 3 * n_tokens
 
 
 class PromptBuilder:
@@ -49,10 +83,10 @@ class PromptBuilder:
         self.instructions = instructions
 
     def header(self) -> str:
-        lines = [self.instructions.strip(), "Entity types:"]
+        lines = [visible(self.instructions.strip()), "Entity types:"]
         for label in self.labels:
             name = self.labels.prompt_names[label]
-            definition = self.labels.definitions.get(label)
+            definition = display(self.labels.definitions.get(label) or "").strip()
             lines.append(f"- {name}: {definition}" if definition else f"- {name}")
         return "\n".join(lines) + "\n\n"
 
@@ -76,15 +110,14 @@ class PromptBuilder:
         demonstrations: Sequence[Demonstration],
         *,
         n_tokens: int,
-        max_new_tokens: int,
+        max_new_tokens: Optional[int],
         constrained: bool,
     ) -> GenerationRequest:
         """The one-pass request for ``shown`` (a chunk's text of ``n_tokens`` tokens; ``token_offsets``: its
-        non-space tokens), with the format's grammar over those tokens when ``constrained``."""
+        non-space tokens), with the format's grammar over those tokens when ``constrained``; its answer may have
+        ``max_new_tokens`` tokens, or (None) what the chunk can need (``answer_budget``)."""
         grammar = self.format.grammar(shown, token_offsets, self.labels.names()) if constrained else None
-        # An answer needs at most about two tokens per input token (a full inline copy plus markup); the budget
-        # stops greedy decoding that loops on a repeated mention from running to the hard cap.
-        budget = min(max_new_tokens, 24 + 2 * n_tokens)
+        budget = answer_budget(n_tokens) if max_new_tokens is None else max_new_tokens
         return GenerationRequest(self.build(shown, demonstrations), budget, tuple(self.format.stop), grammar)
 
     def for_extraction(self) -> "PromptBuilder":

@@ -12,6 +12,7 @@ import srsly
 
 from .labels.alignment import LabelAlignment
 from .lar import SpanMemory
+from .reading import list_of_strings, read_json, reading
 from .retrieval import Pool
 from .retrieval.pool import ARRAYS
 
@@ -72,29 +73,38 @@ def disk_writers(ner, exclude) -> Dict[str, Callable[[Path], None]]:
 
 
 def disk_readers(ner) -> Dict[str, Callable[[Path], None]]:
+    """Each piece's reader; a damaged file is a ``reading.FileReadError`` naming the component and the file."""
+
     def optional(load):  # pieces a component saves only when it has them
         return lambda path: load(path) if path.exists() or path.with_suffix(".npy").exists() else None
 
+    def named(load):  # errors raised inside a piece's own reader name the component and the file
+        def read(path: Path) -> None:
+            with reading(ner.name, path):
+                load(path)
+
+        return read
+
     return {
-        "labels.json": optional(lambda path: _load_labels(ner, srsly.read_json(path))),
+        "labels.json": optional(lambda path: _load_labels(ner, read_json(ner.name, path, list_of_strings))),
         "demonstrations.jsonl": ner.demos.from_disk,
-        "alignment.json": optional(_set(ner, "alignment", LabelAlignment.from_disk)),
-        "span_memory": optional(_set(ner, "span_memory", SpanMemory.from_disk)),
-        "pool": lambda path: ner.retriever.from_disk(path) if ner.retriever is not None else None,
+        "alignment.json": optional(named(_set(ner, "alignment", LabelAlignment.from_disk))),
+        "span_memory": optional(_set(ner, "span_memory", lambda stem: SpanMemory.from_disk(stem, ner.name))),
+        "pool": lambda path: ner.retriever.from_disk(path, owner=ner.name) if ner.retriever is not None else None,
     }
 
 
-def required_files(path: Path) -> List[str]:
+def required_files(name: str, path: Path) -> List[str]:
     """The files a saved copy must hold: those ``to_disk`` listed in ``files.json``. Copies saved before that file
     existed need their demonstrations (without them a pool-less component would run silently without examples;
     a missing pool or span memory raises when first needed)."""
-    return srsly.read_json(path / FILES) if (path / FILES).exists() else ["demonstrations.jsonl"]
+    return read_json(name, path / FILES, list_of_strings) if (path / FILES).exists() else ["demonstrations.jsonl"]
 
 
 def check_files(name: str, path: Path, exclude) -> None:
     missing = [
         file
-        for file in required_files(path)
+        for file in required_files(name, path)
         if not (path / file).exists() and file.split("/")[0].split(".")[0] not in exclude
     ]
     if missing:

@@ -82,6 +82,7 @@ class Run:
             u.completion_tokens += answer.completion_tokens
             u.seconds += answer.seconds
             u.grammar_ignored += answer.grammar_ignored
+            u.truncated += answer.truncated
             if self.save_io:
                 self.io[i].append({"prompt": req.prompt, "response": answer.text})
         return list(answers)

@@ -31,6 +31,7 @@ class Generation:
     seconds: float = 0.0
     cached: bool = False
     grammar_ignored: bool = False  # the answer breaks the request's grammar: the server did not apply it
+    truncated: bool = False  # cut by the request's max_tokens, not ended by the model: mentions may be missing
     # per generated token: (end offset in ``text``, the model's log-probability of it over the whole vocabulary);
     # empty where the backend does not report them. Per-entity confidences come from these.
     token_logprobs: Tuple[Tuple[int, float], ...] = ()

@@ -19,6 +19,7 @@ class Usage:
     malformed: int = 0  # answer fragments that could not be read as a mention
     errors: int = 0  # chunks left unannotated because the backend failed (on_error="skip")
     grammar_ignored: int = 0  # answers that break the grammar sent with them (a server that ignores the field)
+    truncated: int = 0  # answers cut by their token limit (max_new_tokens): mentions after the cut are missing
 
     def add(self, other: "Usage") -> "Usage":
         for f in fields(self):

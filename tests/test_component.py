@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import spacy
@@ -241,11 +242,41 @@ def test_initialize_takes_labels_from_examples(nlp):
 
 
 def test_generation_budget_scales_with_input(nlp):
-    ner = add_fake_ner(nlp, lambda q: "none", max_new_tokens=256)
+    """By default an answer may hold what its chunk can need (32 + 3 per word); a set max_new_tokens is the cap."""
+    ner = add_fake_ner(nlp, lambda q: "none")
     nlp("Short one.")
     nlp(" ".join(["word"] * 150))
-    budgets = [r.max_tokens for r in ner.backend.requests]
-    assert budgets[0] < 40 and budgets[1] == 256
+    assert [r.max_tokens for r in ner.backend.requests] == [32 + 3 * 3, 32 + 3 * 150]
+    nlp2 = spacy.blank("en")
+    ner2 = add_fake_ner(nlp2, lambda q: "none", max_new_tokens=64)
+    nlp2("Short one.")
+    nlp2(" ".join(["word"] * 150))
+    assert [r.max_tokens for r in ner2.backend.requests] == [64, 64]
+
+
+def test_cut_answers_are_counted_and_warned_once(nlp):
+    """An answer cut by its token limit loses the mentions after the cut: counted per doc and warned about once,
+    naming the setting."""
+
+    class Cut(FakeBackend):
+        def generate(self, requests):
+            out = super().generate(requests)
+            for gen, req in zip(out, requests):
+                gen.truncated = "cut" in req.prompt.rsplit("Sentence: ", 1)[1]
+            return out
+
+    ner = add_fake_ner(nlp, lambda q: "Paris | location", max_new_tokens=5)
+    ner.backend = Cut(lambda q: "Paris | location")
+    with pytest.warns(UserWarning, match=r"cut at their token limit, max_new_tokens = 5") as caught:
+        docs = list(nlp.pipe(["Paris is cut here.", "Paris is whole.", "Paris is cut again."]))
+    assert [d._.llm_ner_usage["llm_lar_ner"]["truncated"] for d in docs] == [1, 0, 1]
+    assert ner.usage.truncated == 2
+    assert sum("token limit" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per component
+        nlp("Paris is cut once more.")
+    assert ner.usage.truncated == 3
+    assert [e.text for e in docs[0].ents] == ["Paris"]  # what the answer held before the cut is kept
 
 
 def test_progress_bar_counts_docs(nlp, capsys):

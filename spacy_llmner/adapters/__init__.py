@@ -11,7 +11,6 @@ model, training data with licences and hashes, settings, the commands that rebui
 entry-point group ``spacy_llmner_adapters`` (a function returning the adapter's folder).
 """
 
-import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -34,7 +33,10 @@ def folder(name: str) -> Path:
 
 
 def manifest(name: str) -> Dict[str, Any]:
-    return json.loads((folder(name) / "manifest.json").read_text(encoding="utf8"))
+    """The adapter's manifest; a damaged one is a ``reading.FileReadError`` naming the adapter and the file."""
+    from ..reading import read_json
+
+    return read_json(f"adapter {name!r}", folder(name) / "manifest.json")
 
 
 def adapter_path(name: str) -> Path:

@@ -39,6 +39,7 @@ class _Seq:
     out: bytes = b""
     text: str = ""
     done: bool = False
+    truncated: bool = False  # stopped by max_tokens, not by an end token or a stop string
 
 
 class GrammarFilter:
@@ -124,7 +125,10 @@ def advance(llm, vocab, s: _Seq, token: Optional[int], logprob) -> Optional[int]
     if hit is not None:
         s.text = s.text[:hit]
         return None
-    return None if len(s.generated) >= s.max_tokens else token
+    if len(s.generated) >= s.max_tokens:
+        s.truncated = True
+        return None
+    return token
 
 
 class BatchedDecoder:
@@ -236,8 +240,9 @@ class BatchedDecoder:
         max_tokens: Sequence[int],
         stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
-    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...]]]:
-        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities) each.
+    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...], bool]]:
+        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities, cut by
+        its max_tokens) each.
 
         Continuous batching: up to ``n_seq`` sequences decode together, and a finished one's slot is refilled
         at once, its prompt tokens riding in the same batch as the others' next tokens.
@@ -286,4 +291,4 @@ class BatchedDecoder:
             for s in seqs:
                 if not s.done and s.seq_id:
                     self._finish(s)
-        return [(s.text, len(s.generated), tuple(s.logprobs)) for s in seqs]
+        return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]

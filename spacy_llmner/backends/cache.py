@@ -221,6 +221,9 @@ class CachedBackend(BackendBase):
         ident = self.identity()
         keys = [request_key(ident, r) for r in requests]
         out: List[Generation] = [self.cache.get(k) for k in keys]  # type: ignore[misc]
+        for gen, req in zip(out, requests):
+            if gen is not None:  # not stored: a stored answer that used its whole budget was cut there
+                gen.truncated = gen.completion_tokens >= req.max_tokens
         todo = [i for i, g in enumerate(out) if g is None]
         if not todo:
             return out

@@ -27,6 +27,7 @@ from ..calibration import Calibration
 from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
+from .gguf_check import GGUFFileError, architecture, check_adapter, check_model
 
 
 def _gemma3_270m() -> str:
@@ -91,6 +92,40 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
 
 
 DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v2"}  # what adapter = "auto" applies, by model name
+# the packaged models' architectures, known without opening them (others: read from the GGUF header)
+MODEL_ARCHITECTURES = {"gemma3-270m": "gemma3", "smollm2-135m": "llama"}
+TORCH_ARCHITECTURES = ("gemma3",)  # what the torch engine's forward pass implements
+
+
+def model_architecture(model: str) -> Optional[str]:
+    """A model's architecture from its short name or its GGUF header (no weights read); None for a model another
+    package registers (checked when it loads)."""
+    if model in MODEL_ARCHITECTURES:
+        return MODEL_ARCHITECTURES[model]
+    return architecture(model) if os.path.isfile(model) else None
+
+
+def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
+    """What a backend of these settings could not serve, refused before anything loads: the torch engine on an
+    architecture it does not implement, an adapter file made for another architecture (its tensors' shapes are
+    checked against the model's when the model loads)."""
+    try:
+        arch = model_architecture(model)
+        adapter_arch = architecture(adapter) if adapter is not None and os.path.isfile(adapter) else None
+    except GGUFFileError as e:
+        raise BackendError(f"llama.cpp backend: {e}") from e
+    if engine == "torch" and arch is not None and arch not in TORCH_ARCHITECTURES:
+        raise BackendError(
+            f"llama.cpp backend: engine 'torch' runs {', '.join(TORCH_ARCHITECTURES)} models; {model!r} is a {arch} "
+            "model: use engine = 'llama.cpp'"
+        )
+    if arch is not None and adapter_arch is not None and adapter_arch != arch:
+        raise BackendError(
+            f"llama.cpp backend: the adapter {adapter} was made for a {adapter_arch} model; {model!r} is a {arch} "
+            "model: use the model the adapter was trained for, or set adapter = null"
+        )
+
+
 ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
@@ -145,12 +180,23 @@ def _load(path: str, lora: Optional[str], n_ctx: int, n_threads: int, seed: int)
     """One loaded model per (file, adapter, context) in the process: members sharing a model share its weights."""
     from llama_cpp import Llama
 
+    try:  # llama.cpp trusts its files (a corrupt adapter would kill the process): their headers are checked first
+        check_model(path)
+        if lora is not None:
+            check_adapter(lora, path)
+    except GGUFFileError as e:
+        raise BackendError(f"llama.cpp backend: {e}") from e
     # llama.cpp prints a line per adapter tensor it keeps out of the repacked weight buffers (harmless, and not
     # silenced by verbose=False): its C-level stderr is held back while an adapter loads; failures still raise.
     with quiet_stderr(lora is not None):
         llm = Llama(
             model_path=path, lora_path=lora, n_ctx=n_ctx, n_threads=n_threads, n_batch=512, seed=seed, verbose=False
         )
+    if lora is not None and not llm._lora_adapter:
+        # llama.cpp refused the adapter, but llama-cpp-python tests its NULL pointer with `is None` and carries on;
+        # the first evaluation would then crash the process (SIGSEGV)
+        llm.close()
+        raise BackendError(f"llama.cpp backend: llama.cpp could not load the LoRA adapter {lora} for the model {path}")
     _free_later(llm, llm.close)  # at exit at the latest: llama.cpp's own __del__ fails late in shutdown
     _LOADED.add(llm)
     return llm
@@ -164,6 +210,12 @@ def _load_torch(path: str, lora: Optional[str], dtype: str, n_threads: int):
     """One PyTorch copy of a model per (file, adapter, dtype) in the process, shared by the backends using it."""
     from .torch_gemma import GemmaTorch
 
+    try:  # the same checks as _load's (a clear error rather than numpy's on a corrupt file)
+        check_model(path)
+        if lora is not None:
+            check_adapter(lora, path)
+    except GGUFFileError as e:
+        raise BackendError(f"llama.cpp backend, engine torch: {e}") from e
     return GemmaTorch(path, lora, dtype, n_threads)
 
 
@@ -232,6 +284,7 @@ class LlamaCppBackend(BackendBase):
             raise BackendError(f"llama.cpp backend: engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if head not in ("restricted", "full"):
             raise BackendError(f"llama.cpp backend: head must be 'restricted' or 'full', not {head!r}")
+        check_settings(model, self.adapter_file_of(self.adapter), engine)
         self.engine = engine
         self.head = head
         self.dtype = dtype
@@ -253,9 +306,14 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def adapter_file(self) -> Optional[str]:
-        if self.adapter is None or os.path.isfile(self.adapter):
-            return self.adapter
-        return str(adapter_path(self.adapter))
+        return self.adapter_file_of(self.adapter)
+
+    @staticmethod
+    def adapter_file_of(adapter: Optional[str]) -> Optional[str]:
+        """The GGUF file of an adapter (a shipped one's by name, or the path given)."""
+        if adapter is None or os.path.isfile(adapter):
+            return adapter
+        return str(adapter_path(adapter))
 
     @cached_property
     def calibration(self) -> Optional[Calibration]:
@@ -264,7 +322,7 @@ class LlamaCppBackend(BackendBase):
         if self.adapter is None:
             return None
         path = Path(self.adapter_file).parent / CALIBRATION_FILE
-        return load_calibration(path) if path.exists() else None
+        return load_calibration(path, f"llama.cpp backend, adapter {self.adapter!r}") if path.exists() else None
 
     def identity(self) -> Dict[str, Any]:
         name = self.model
@@ -366,7 +424,10 @@ class LlamaCppBackend(BackendBase):
             tokens, [r.max_tokens for r in requests], [r.stop for r in requests], [r.grammar for r in requests]
         )
         per = (time.perf_counter() - t0) / len(requests)  # sequences decode together: they share the time
-        return [Generation(text, len(toks), n, per, token_logprobs=lp) for (text, n, lp), toks in zip(results, tokens)]
+        return [
+            Generation(text, len(toks), n, per, token_logprobs=lp, truncated=cut)
+            for (text, n, lp, cut), toks in zip(results, tokens)
+        ]
 
     def _generate_sampled(self, req: GenerationRequest) -> Generation:
         llm = self.llm
@@ -386,4 +447,5 @@ class LlamaCppBackend(BackendBase):
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
             seconds=time.perf_counter() - t0,
+            truncated=res["choices"][0].get("finish_reason") == "length",
         )

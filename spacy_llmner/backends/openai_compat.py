@@ -215,6 +215,7 @@ class OpenAICompatBackend(BackendBase):
             completion_tokens=usage.get("completion_tokens", 0),
             seconds=seconds,
             grammar_ignored=ignored,
+            truncated=choice.get("finish_reason") == "length",
         )
 
     @staticmethod

@@ -148,8 +148,9 @@ class TorchDecoder:
         max_tokens: Sequence[int],
         stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
-    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...]]]:
-        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities) each."""
+    ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...], bool]]:
+        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities, cut by
+        its max_tokens) each."""
         if not prompts:
             return []
         common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
@@ -159,7 +160,7 @@ class TorchDecoder:
             order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
             for at in range(0, len(order), self.n_seq):
                 self._round([seqs[i] for i in order[at : at + self.n_seq]], common)
-        return [(s.text, len(s.generated), tuple(s.logprobs)) for s in seqs]
+        return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]
 
     def _round(self, seqs: List[_Seq], common: int) -> None:
         import llama_cpp as lc

@@ -51,10 +51,20 @@ class SpanMemory:
         srsly.write_json(stem.with_suffix(".json"), self.labels)
 
     @classmethod
-    def from_disk(cls, stem: Path) -> "SpanMemory":
+    def from_disk(cls, stem: Path, owner: str = "span memory") -> "SpanMemory":
+        """The saved memory (``stem``.npy and .json); a damaged file is a ``reading.FileReadError`` naming
+        ``owner`` and the file."""
         import numpy as np
 
-        return cls(np.load(stem.with_suffix(".npy"), allow_pickle=False), srsly.read_json(stem.with_suffix(".json")))
+        from ..reading import list_of_strings, read_json, reading
+
+        with reading(owner, stem.with_suffix(".npy")):
+            vectors = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+        labels = read_json(owner, stem.with_suffix(".json"), list_of_strings)
+        with reading(owner, stem.with_suffix(".json")):
+            if vectors.ndim != 2 or len(labels) != len(vectors):
+                raise ValueError(f"{len(labels)} labels for vectors of shape {vectors.shape}: saved apart?")
+        return cls(vectors, labels)
 
     def to_bytes(self) -> bytes:
         return srsly.msgpack_dumps(

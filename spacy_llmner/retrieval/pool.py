@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from ..prompt import Demonstration
+from ..reading import read_jsonl, reading
 from .encoder import MiniLMEncoder
 
 ARRAYS = ("sentence", "pieces", "piece_ids", "piece_offsets", "spans", "span_offsets")
@@ -90,14 +91,22 @@ class Pool:
         return cls([Demonstration.from_dict(d) for d in msg["demonstrations"]], **{n: msg[n] for n in ARRAYS})
 
     @classmethod
-    def from_disk(cls, path: Union[str, Path]) -> "Pool":
+    def from_disk(cls, path: Union[str, Path], owner: str = "retriever") -> "Pool":
+        """A saved pool; a damaged file is a ``reading.FileReadError`` naming ``owner`` and the file."""
         path = Path(path)
-        with (path / "demonstrations.jsonl").open(encoding="utf8") as f:
-            demos = [Demonstration.from_dict(json.loads(line)) for line in f if line.strip()]
-        arrays = {
-            name: np.load(path / f"{name}.npy", allow_pickle=False, mmap_mode="r" if name == "pieces" else None)
-            for name in ARRAYS
-        }
+        demos = read_jsonl(owner, path / "demonstrations.jsonl", Demonstration.from_dict)
+        arrays = {}
+        for name in ARRAYS:
+            with reading(owner, path / f"{name}.npy"):
+                arrays[name] = np.load(
+                    path / f"{name}.npy", allow_pickle=False, mmap_mode="r" if name == "pieces" else None
+                )
+        with reading(owner, path / "sentence.npy"):
+            if len(arrays["sentence"]) != len(demos) or len(arrays["piece_offsets"]) != len(demos) + 1:
+                raise ValueError(
+                    f"it holds {len(arrays['sentence'])} rows and demonstrations.jsonl {len(demos)} demonstrations: "
+                    "the pool's files come from different saves"
+                )
         return cls(demos, **arrays)
 
     def labels_of(self, i: int) -> List[str]:

@@ -128,9 +128,9 @@ class Retriever:
         if self.pool is not None:
             self.pool.to_disk(path)
 
-    def from_disk(self, path: Union[str, Path]) -> None:
+    def from_disk(self, path: Union[str, Path], owner: str = "retriever") -> None:
         if (Path(path) / "sentence.npy").exists():
-            self.use_pool(Pool.from_disk(path))
+            self.use_pool(Pool.from_disk(path, owner))
 
     def _bm25_scores(self, texts: Sequence[str]) -> np.ndarray:
         import bm25s
