@@ -58,9 +58,9 @@ def prepare(args, domain, out):
     if (out / "dropped.json").exists():
         return
     nlp = spacy.blank("en")
-    train = load_split(args.data, domain, "train", nlp)
-    dev = load_split(args.data, domain, "dev", nlp)
-    test = load_split(args.data, domain, "test", nlp)
+    train = load_split(args.data, domain, "train", nlp, limit=args.limit or None)
+    dev = load_split(args.data, domain, "dev", nlp, limit=args.limit or None)
+    test = load_split(args.data, domain, "test", nlp, limit=args.limit or None)
     rng = random.Random(args.seed)
     dropped = []
     human = []
@@ -91,7 +91,9 @@ def teacher(args, domain, out):
     if not pipe_dir.exists():
         config = spacy.util.load_config("configs/retrieval.cfg")
         backend = config["components"]["llm_lar_ner"]["backend"]
-        backend.update({"engine": "torch", "parallel": None, "adapter": args.adapter.format(domain=domain)})
+        backend.update({"engine": args.engine, "adapter": args.adapter.format(domain=domain)})
+        if args.engine == "torch":
+            backend["parallel"] = None  # the torch engine's own batch
         config["components"]["llm_lar_ner"]["retriever"].update({"k": args.k, "exclude_identical": True})
         config["components"]["llm_lar_ner"]["labels"] = CROSSNER_LABELS[domain].split()
         config["nlp"]["batch_size"] = 256
@@ -309,6 +311,8 @@ def main():
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--adapter", default="training/adapter/loo-{domain}-r12.gguf")
+    ap.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"], help="the teacher's engine")
+    ap.add_argument("--limit", type=int, default=0, help="the first N sentences of each split (0: all)")
     ap.add_argument("--steps-tok2vec", type=int, default=1500, help="tok2vec student: training steps")
     ap.add_argument("--steps-trf", type=int, default=200, help="transformer student: training steps (~1 s each here)")
     args = ap.parse_args()

@@ -191,6 +191,7 @@ def main():
     )
     args = ap.parse_args()
     raw_path = Path(args.out).with_suffix(".outputs.json")
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
     if args.revote:
         saved = json.loads(Path(args.out).read_text())
         raw = json.loads(raw_path.read_text())

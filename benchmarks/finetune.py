@@ -6,7 +6,7 @@ demonstrations, the domain's train split as the pool) is built per system; each 
 a quieter CPU. A system is NAME=MODEL or NAME=MODEL+ADAPTER (ADAPTER: a shipped name, a GGUF LoRA path, or none),
 optionally followed by @ENGINE (llama.cpp or torch: the backend's greedy decoder, with its default batch).
 --lower lower-cases the sentences and the pool (offsets unchanged). Reports per domain and averaged: strict F1,
-P, R, median seconds per sentence, prompt / generated tokens per sentence.
+P, R, median seconds per sentence, prompt / generated tokens per sentence, answers cut by their token limit.
 
     python benchmarks/finetune.py --system base=gemma3-270m+none --system ner-v1=gemma3-270m+ner-v1 --n 100
     python benchmarks/finetune.py --system tuned=training/finetuned/model.gguf --k 8 --split dev --lower
@@ -97,6 +97,8 @@ def run_domain(args, domain, models):
             "prompt_tokens_per_sentence": sum(u["prompt_tokens"] for u in usage) / len(gold),
             "completion_tokens_per_sentence": sum(u["completion_tokens"] for u in usage) / len(gold),
             "calls_per_sentence": sum(u["calls"] for u in usage) / len(gold),
+            # answers cut by their token limit (max_new_tokens; the default scales with the chunk): must be 0
+            "truncated_answers": sum(u.get("truncated", 0) for u in usage),
             **compute.get(name, {}),
         }
         print(f"  {domain} {name}: F1 {out[name]['f1']:.1f}, median {out[name]['median_seconds']:.2f} s", flush=True)

@@ -11,8 +11,6 @@ import datetime
 import json
 from pathlib import Path
 
-from spacy_llmner.retrieval import Retriever
-
 from common import CROSSNER_LABELS, blank, load_split, run_and_score
 
 
@@ -42,13 +40,12 @@ def main():
         if encoder is not None:
             ner.retriever.encoder = encoder
         ner.build_pool(load_split(args.data, domain, "train", nlp))
-        encoder, pool = ner.retriever.encoder, ner.retriever.pool
+        encoder = ner.retriever.encoder
         gold = load_split(args.data, domain, "test", nlp, limit=args.n or None)
         nlp(nlp.make_doc("Warm-up sentence."))
         for strategy in args.strategies.split(","):
             for k in (int(x) for x in args.ks.split(",")):
-                ner.retriever = Retriever(strategy, k=k)
-                ner.retriever.encoder, ner.retriever.pool = encoder, pool
+                ner.retriever.strategy, ner.retriever.k = strategy, k  # the one retriever: its pool and encoder kept
                 ner.reset_usage()
                 res = run_and_score(nlp, gold)
                 u = ner.usage

@@ -41,7 +41,10 @@ def main():
     ap.add_argument("--shard", type=int, default=25)
     ap.add_argument("--out", default="metrics/scale.json")
     ap.add_argument("--servers-only", action="store_true", help="only the server setups; rows already in --out stay")
+    ap.add_argument("--engines", default="local:1,ray:1,ray:2", help="ENGINE:ACTORS setups run (a subset: a quick run)")
+    ap.add_argument("--servers", type=int, default=2, help="llama-cpp-python servers started (0: no server setups)")
     args = ap.parse_args()
+    engines = [(e, int(c)) for e, c in (x.split(":") for x in args.engines.split(","))]
     import servers
 
     work = Path(tempfile.mkdtemp(prefix="scale-"))
@@ -74,13 +77,13 @@ def main():
         list(nlp.pipe(texts, batch_size=16))
         record("nlp.pipe, embedded model", time.perf_counter() - t0)
         del nlp
-    for engine, concurrency in () if args.servers_only else (("local", 1), ("ray", 1), ("ray", 2)):
+    for engine, concurrency in () if args.servers_only else engines:
         out = work / f"out-embedded-{engine}-{concurrency}"
         m = annotate_corpus(embedded, [corpus], out, engine=engine, concurrency=concurrency)
         record(f"{engine} engine, {concurrency} actor(s), embedded model", m["seconds"], manifest_docs=m["docs"])
     procs, urls = [], []
     try:
-        for i in range(2):
+        for i in range(args.servers):
             (work / f"server{i}").mkdir()
             threads = str(max(1, (os.cpu_count() or 2) // 2))
             proc, url = servers.start_llama_server(
@@ -89,6 +92,8 @@ def main():
             procs.append(proc)
             urls.append(url)
         for n_servers, engine, concurrency in ((1, "local", 1), (1, "ray", 1), (1, "ray", 2), (2, "ray", 2)):
+            if n_servers > args.servers or (engine, concurrency) not in engines:
+                continue
             backend = {
                 "@llm_models": "spacy_llmner.OpenAICompat.v1",
                 "base_url": urls[:n_servers],
@@ -120,6 +125,7 @@ def main():
         "pipeline": "llm_lar_ner, Gemma 3 270M, 3 fixed demonstrations",
         "rows": rows,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -9,6 +9,7 @@ what came out.
 """
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -19,14 +20,13 @@ from pathlib import Path
 
 import spacy
 
+from spacy_llmner.backends.base import BackendBase
 from spacy_llmner.formats import FORMATS
 from spacy_llmner.prompt import display
 from spacy_llmner.ty import Generation
 
 
-class Canned:
-    supports_grammar = False
-
+class Canned(BackendBase):
     def __init__(self, answer):
         self.answer = answer
 
@@ -65,7 +65,8 @@ def run(case):
             out = case()
             status = "ok"
         except Exception as e:  # noqa: BLE001  (the point is to report it)
-            out, status = None, f"error ({type(e).__name__}): {str(e)[:160]}"
+            message = re.sub(r"/tmp/[\w/.-]*/p/", "<tmp>/", str(e))  # the saved copy's folder, shortened
+            out, status = None, f"error ({type(e).__name__}): {message[:160]}"
     warned = [str(w.message)[:120] for w in caught if issubclass(w.category, UserWarning)]
     return status, out, warned
 
@@ -165,6 +166,108 @@ def http_case(body: bytes, grammar_field=None):
     return case
 
 
+ENTITIES = {"Barack Obama": "person", "Angela Merkel": "person", "Paris": "location"}
+
+
+class CString(Canned):
+    """A faithful model behind a C API, as llama.cpp is: the prompt ends at its first NUL; it names the entities
+    it sees in what is left of the query."""
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            query = r.prompt.split("\x00", 1)[0].rsplit("Sentence: ", 1)[1].split("\n", 1)[0]
+            found = [f"{name} | {label}" for name, label in ENTITIES.items() if name in query]
+            out.append(Generation("\n".join(found) or query.split()[0] + " | person"))
+        return out
+
+
+def c_string_case(text):
+    def case():
+        nlp, ner = pipeline()
+        ner.backend = CString(None)
+        return ents(nlp(text))
+
+    return case
+
+
+def cut_answer():
+    """A model whose answer is cut at max_tokens words (as a decoder stops at its token limit)."""
+
+    class Cut(Canned):
+        def generate(self, requests):
+            full = "Angela Merkel | person\nParis | location"
+            out = []
+            for r in requests:
+                gen = Generation(" ".join(full.split(" ")[: r.max_tokens]))
+                if hasattr(gen, "truncated"):  # trees that count cut answers
+                    gen.truncated = r.max_tokens < len(full.split(" "))
+                out.append(gen)
+            return out
+
+    nlp, ner = pipeline(max_new_tokens=1)
+    ner.backend = Cut(None)
+    doc = nlp("Angela Merkel visited Paris.")
+    return ents(doc), {"truncated": doc._.llm_ner_usage["llm_lar_ner"].get("truncated", "not counted")}
+
+
+def corrupt_adapter():
+    import subprocess
+
+    from spacy_llmner.adapters import adapter_path
+
+    d = Path(tempfile.mkdtemp())
+    cut = d / "adapter.gguf"
+    cut.write_bytes(adapter_path("ner-v2").read_bytes()[:300_000])
+    code = (
+        "import spacy; nlp = spacy.blank('en'); nlp.add_pipe('llm_lar_ner', config={'labels': ['person'], "
+        f"'zero_shot': True, 'backend': {{'@llm_models': 'spacy_llmner.LlamaCpp.v1', 'adapter': {str(cut)!r}}}}}); "
+        "print(nlp('Angela Merkel spoke.').ents)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    shutil.rmtree(d)
+    last = (res.stderr.strip().splitlines() or [""])[-1]
+    return f"exit {res.returncode}: {last.replace(str(d), '<tmp>')[:150]}"
+
+
+def cut_line_2(path):
+    lines = path.read_text(encoding="utf8").splitlines()
+    lines[1] = lines[1][:15]
+    path.write_text("\n".join(lines) + "\n", encoding="utf8")
+
+
+def damaged_file(name, damage):
+    def case():
+        nlp, ner = pipeline()
+        ner.set_demonstrations(
+            [{"text": f"Ada met Bob {i}.", "spans": [{"start": 0, "end": 3, "label": "person"}]} for i in range(3)]
+        )
+        d = Path(tempfile.mkdtemp())
+        nlp.to_disk(d / "p")
+        damage(d / "p" / "llm_lar_ner" / name)
+        try:
+            spacy.load(d / "p")
+        finally:
+            shutil.rmtree(d)
+        return "loaded"
+
+    return case
+
+
+def torch_smollm2():
+    nlp = spacy.blank("en")
+    backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "smollm2-135m", "engine": "torch"}
+    nlp.add_pipe("llm_lar_ner", config={"labels": ["person"], "zero_shot": True, "backend": backend})
+    return "constructed (refused only at the first batch, after loading)"
+
+
+def chinese_in_english():
+    nlp, ner = pipeline(answer=lambda q: "北京 | location")
+    text = "我昨天去了北京，见到了很多朋友，然后我们一起去吃了烤鸭，晚上还看了一场非常精彩的京剧表演。"
+    doc = nlp(text * 3)
+    return ents(doc)
+
+
 CASES = [
     ("empty text", lambda: ents(pipeline()[0](""))),
     ("whitespace only", lambda: ents(pipeline()[0]("  \n\t "))),
@@ -211,6 +314,14 @@ CASES = [
             json.dumps({"choices": [{"text": "Sure, Paris is a city."}]}).encode(), grammar_field="guided_grammar"
         ),
     ),
+    ("NUL byte in the text", c_string_case("Barack\x00 Obama met Angela Merkel in Paris.")),
+    ("escape sequence and bell around an entity", c_string_case("They saw \x1b[31mAngela Merkel\x07 in Paris.")),
+    ("answer cut by max_new_tokens = 1", cut_answer),
+    ("corrupt adapter GGUF (truncated; a subprocess)", corrupt_adapter),
+    ("saved pipeline: labels.json damaged", damaged_file("labels.json", lambda p: p.write_text('["person", nul'))),
+    ("saved pipeline: demonstrations.jsonl line 2 broken", damaged_file("demonstrations.jsonl", cut_line_2)),
+    ("engine = 'torch' with SmolLM2 (construction only)", torch_smollm2),
+    ("Chinese text in a blank English pipeline", chinese_in_english),
 ]
 
 

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) when training takes longer")
     ap.add_argument("--check-only", action="store_true", help="print the reference loss and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print the examples and the plan and exit (no model)")
     ap.add_argument("--expect-loss", type=float, default=None, help="stop unless the reference loss is this")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -185,8 +186,33 @@ def save(model, folder: Path) -> None:
     model.peft_config["default"].save_pretrained(str(folder))
 
 
+def dry_run(args) -> None:
+    """The examples and the training plan as JSON, without torch or the model (checks arguments and data)."""
+    examples = load_examples(args.data, set(args.exclude), args.max_tokens)
+    plan = steps(examples, args.batch, args.epochs, args.seed)[: args.max_steps or None]
+    saves = sorted({max(1, math.ceil(float(f) * len(plan))) for f in args.checkpoints.split(",")})
+    by_dataset = {}
+    for _, _, name in examples:
+        by_dataset[name] = by_dataset.get(name, 0) + 1
+    micro = [len(micro_batches(batch, args.micro_tokens)) for batch in plan]
+    print(
+        json.dumps(
+            {
+                "examples": len(examples),
+                "examples_by_dataset": by_dataset,
+                "steps": len(plan),
+                "forward_passes": sum(micro),
+                "checkpoints": [f"ckpt-{step / len(plan):.2f}" for step in saves] if plan else [],
+                "out": args.out,
+            }
+        )
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup

@@ -81,6 +81,7 @@ DEFAULT_CONFIG = {
     "spans_key": "llm_ner",
     "alignment_mode": "expand",
     "max_chunk_tokens": 200,
+    "max_chunk_sentences": 1,
     "max_new_tokens": None,
     "cache_path": None,
     "save_io": False,
@@ -111,6 +112,7 @@ def make_llm_lar_ner(
     spans_key: str,
     alignment_mode: Literal["strict", "contract", "expand"],
     max_chunk_tokens: int,
+    max_chunk_sentences: Optional[int],
     max_new_tokens: Optional[int],
     cache_path: Optional[str],
     save_io: bool,
@@ -142,7 +144,11 @@ def make_llm_lar_ner(
         ``grammar_field``, is refused here); false never.
     spans_key (str): the ``doc.spans`` group that receives every predicted span.
     alignment_mode (str): how answer offsets snap to tokens: "strict", "contract" or "expand".
-    max_chunk_tokens (int): the most tokens sent at once (whole sentences packed; none truncated).
+    max_chunk_tokens (int): the most tokens sent at once (a longer sentence is cut there; no text is dropped).
+    max_chunk_sentences (Optional[int]): the most sentences sent at once: 1 (the default) asks about each sentence
+        of a document on its own (the pipeline's sentence boundaries, else spaCy's sentencizer), as the shipped
+        adapter was tuned; the prompts are batched and share their prefix. Null packs as many as fit
+        ``max_chunk_tokens`` (fewer, longer prompts: a model tuned on single sentences finds fewer entities).
     max_new_tokens (Optional[int]): the most tokens an answer may have; null (the default): what its chunk can
         need, 32 + 3 per word (``prompt.answer_budget``). Answers cut by the limit are counted
         (``usage["truncated"]``) and warned about once.
@@ -192,6 +198,7 @@ def make_llm_lar_ner(
         spans_key=spans_key,
         alignment_mode=alignment_mode,
         max_chunk_tokens=max_chunk_tokens,
+        max_chunk_sentences=max_chunk_sentences,
         max_new_tokens=max_new_tokens,
         cache_path=cache_path,
         save_io=save_io,
@@ -222,6 +229,7 @@ class LLMNER(Pipe):
         spans_key: str = "llm_ner",
         alignment_mode: str = "expand",
         max_chunk_tokens: int = 200,
+        max_chunk_sentences: Optional[int] = 1,
         max_new_tokens: Optional[int] = None,
         cache_path: Optional[str] = None,
         save_io: bool = False,
@@ -234,6 +242,8 @@ class LLMNER(Pipe):
     ):
         if max_chunk_tokens < 1:
             raise ValueError(f"{name}: max_chunk_tokens must be positive")
+        if max_chunk_sentences is not None and max_chunk_sentences < 1:
+            raise ValueError(f"{name}: max_chunk_sentences must be positive, or null to pack as many as fit")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"{name}: max_new_tokens must be positive, or null for what each chunk can need")
         if not 0.0 <= threshold <= 1.0:
@@ -258,6 +268,7 @@ class LLMNER(Pipe):
         self._warned_truncated = self._warned_tokens = False
         self.spans_key, self.alignment_mode = spans_key, alignment_mode
         self.max_chunk_tokens, self.max_new_tokens = max_chunk_tokens, max_new_tokens
+        self.max_chunk_sentences = max_chunk_sentences
         self.save_io, self.on_error, self.show_progress, self.scorer = save_io, on_error, show_progress, scorer
         self.threshold, self.calibrate = threshold, calibrate
         self.usage = Usage()  # this run's totals; reset with reset_usage()
@@ -413,7 +424,7 @@ class LLMNER(Pipe):
         return old
 
     def chunks(self, doc: Doc) -> List[Tuple[int, int]]:
-        return chunk_ranges(doc, self.max_chunk_tokens)
+        return chunk_ranges(doc, self.max_chunk_tokens, self.max_chunk_sentences)
 
     def request(
         self, chunk: Span, demonstrations: Optional[Sequence[Demonstration]] = None, extract: bool = False
@@ -464,7 +475,7 @@ class LLMNER(Pipe):
     def _process(self, docs: List[Doc]) -> List[Doc]:
         self._warn_long_tokens(docs)
         source = [self.lar.source_spans(doc) for doc in docs] if self.uses("source") else None  # before we write
-        chunks = split(docs, self.max_chunk_tokens)
+        chunks = split(docs, self.max_chunk_tokens, self.max_chunk_sentences)
         demos = self.demonstrations_for([c.shown for c in chunks])
         run = self._run(docs)
         candidates: List[Dict[Tuple, Candidate]] = [{} for _ in chunks]
@@ -542,7 +553,7 @@ class LLMNER(Pipe):
         """Self-validation for callers such as the ensemble: the calibrated P(yes) of each given (labelled) span,
         asked with this component's verification prompt, backend and demonstrations, and what it cost per doc.
         None where the backend failed (``on_error="skip"``) or the span crosses a chunk boundary."""
-        chunks = split(docs, self.max_chunk_tokens)
+        chunks = split(docs, self.max_chunk_tokens, self.max_chunk_sentences)
         candidates, placed = place_spans(chunks, spans)
         run = self._run(docs)
         demos = self.demonstrations_for([c.shown for c in chunks])

@@ -15,11 +15,14 @@ class FileReadError(ValueError):
     """A file of a saved pipeline or an adapter could not be read."""
 
     def __init__(self, owner: str, path: Union[str, Path], problem: object, line: Optional[int] = None):
-        self.owner, self.path, self.problem, self.line = owner, Path(path), problem, line
-        where = f"{path}, line {line}" if line is not None else str(path)
-        super().__init__(
-            f"{owner}: cannot read {where}: {problem}. The file is damaged or was edited by hand: restore it, or "
-            "save the pipeline (or rebuild the file) again."
+        super().__init__(owner, str(path), str(problem), line)  # the args it is made from: it pickles
+        self.owner, self.path, self.problem, self.line = owner, Path(path), str(problem), line
+
+    def __str__(self) -> str:
+        where = f"{self.path}, line {self.line}" if self.line is not None else str(self.path)
+        return (
+            f"{self.owner}: cannot read {where}: {self.problem}. The file is damaged or was edited by hand: restore "
+            "it, or save the pipeline (or rebuild the file) again."
         )
 
     def for_owner(self, owner: str) -> "FileReadError":

@@ -80,6 +80,35 @@ def test_long_doc_is_split_by_sentence_never_truncated(nlp):
     assert len(fake.requests) == len(chunks)
 
 
+def test_a_document_is_asked_about_one_sentence_at_a_time(nlp):
+    """A model tuned on single sentences stops early on a paragraph: each sentence gets its own prompt (the
+    sentencizer's boundaries where the pipeline sets none, else the pipeline's), batched; offsets stay exact."""
+    ner = add_fake_ner(nlp, lines_for({"Ana": "person", "Oslo": "location", "Acme": "organisation"}))
+    text = "Ana flew to Oslo. She met Acme there!  Then Ana went home? Yes."
+    doc = nlp(text)
+    shown = [r.prompt.rsplit("Sentence: ", 1)[1].split("\n", 1)[0] for r in ner.backend.requests]
+    assert shown == ["Ana flew to Oslo.", "She met Acme there!", "Then Ana went home?", "Yes."]
+    assert [(e.text, e.label_, e.start_char) for e in doc.ents] == [
+        ("Ana", "person", 0),
+        ("Oslo", "location", 12),
+        ("Acme", "organisation", 26),
+        ("Ana", "person", 44),
+    ]
+    assert doc.text == text
+    # boundaries a pipeline sets are the ones used
+    nlp2 = spacy.blank("en")
+    nlp2.add_pipe("sentencizer", config={"punct_chars": ["!"]})
+    ner2 = add_fake_ner(nlp2, lines_for({"Ana": "person"}))
+    nlp2(text)
+    assert len(ner2.backend.requests) == 2
+    # packing: as many sentences as fit one prompt
+    nlp3 = spacy.blank("en")
+    ner3 = add_fake_ner(nlp3, lines_for({"Ana": "person"}), max_chunk_sentences=None)
+    assert len(nlp3(text).ents) == 2 and len(ner3.backend.requests) == 1
+    ner4 = add_fake_ner(spacy.blank("en"), lines_for({"Ana": "person"}), name="two", max_chunk_sentences=2)
+    assert [len(ner4.chunks(nlp.make_doc(text)))] == [2]
+
+
 def test_a_sentence_longer_than_the_limit_is_cut_not_dropped(nlp):
     fake = FakeBackend(lines_for({"Quux": "location"}))
     ner = add_fake_ner(nlp, lambda q: "", max_chunk_tokens=10)

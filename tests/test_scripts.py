@@ -1,0 +1,623 @@
+"""Smoke runs of every script in benchmarks/ and scripts/ on the test fixtures, seconds each: an interface change
+breaks a test here rather than a user's run. Each runs as a user runs it (a subprocess, from the repository root,
+offline) on tests/fixtures/data and checks what it wrote or printed. Scripts that need the embedded LLM run it on one
+or two fixture sentences (marked ``model``); those that need a GPU or hours run a dry-run or argument-parsing path
+(said at each)."""
+
+import json
+import os
+import re
+import shlex
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import spacy
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "fixtures" / "data"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+NOT_SCRIPTS = {"benchmarks/common.py"}  # imported by the benchmarks, run by none
+
+
+def run(script, *args, cwd=ROOT, env=None):
+    """Runs ``script`` (relative to the repository root) with this interpreter; its stdout, once it exited 0."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=600)
+    assert res.returncode == 0, (script, res.stdout[-3000:], res.stderr[-3000:])
+    return res.stdout
+
+
+def test_every_script_has_a_smoke_run():
+    source = Path(__file__).read_text()
+    scripts = sorted(
+        str(p.relative_to(ROOT))
+        for d in ("benchmarks", "scripts")
+        for p in (ROOT / d).iterdir()
+        if p.suffix in (".py", ".sh")
+    )
+    missing = [s for s in scripts if s not in NOT_SCRIPTS and f'"{s}"' not in source]
+    assert not missing, f"scripts without a smoke run in tests/test_scripts.py: {missing}"
+
+
+@pytest.fixture(scope="module")
+def spacy_models(tmp_path_factory):
+    """Untrained (initialized) tok2vec NER pipelines from configs/tok2vec_ner.cfg, as `spacy train` would write
+    them: the CoNLL source model (labels of the conll2003 fixture) and the politics target model."""
+    from spacy.training import Example
+
+    from spacy_llmner.corpora import read_bio
+
+    out = tmp_path_factory.mktemp("spacy_models")
+    for name, domain in (("source", "conll2003"), ("target", "politics")):
+        nlp = spacy.util.load_model_from_config(spacy.util.load_config(ROOT / "configs/tok2vec_ner.cfg"))
+        gold = read_bio(DATA / "crossner" / domain / "train.txt", nlp.vocab)
+        nlp.initialize(lambda gold=gold, nlp=nlp: [Example(nlp.make_doc(d.text), d) for d in gold])
+        nlp.to_disk(out / name)
+    return out / "source", out / "target"
+
+
+# -- without the LLM ------------------------------------------------------------------------------------------------
+
+
+def test_code_metrics():
+    out = run("scripts/code_metrics.py")
+    assert int(re.search(r"^package modules: (\d+)$", out, re.M).group(1)) > 10
+    for line in ("largest module: spacy_llmner/", "largest class: spacy_llmner/", "import cycles: "):
+        assert line in out
+    assert re.search(r"^private-member uses outside their module: \d+$", out, re.M)
+
+
+def test_for_domains_runs_per_domain_and_skips_what_exists(tmp_path):
+    (tmp_path / "b.done").write_text("")
+    touch = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    out = run(
+        "scripts/for_domains.py",
+        "a,b,c",
+        "--creates",
+        tmp_path / "{domain}.done",
+        "--",
+        "python",
+        "-c",
+        touch,
+        tmp_path / "{domain}.done",
+        "{domain}",
+    )
+    assert (tmp_path / "a.done").read_text() == "a" and (tmp_path / "c.done").read_text() == "c"
+    assert (tmp_path / "b.done").read_text() == "" and "[b]" in out and "exists: skipped" in out
+
+
+def test_probe_bad_input():
+    """Each case prints one line (its outcome: ok / error / warning) and the script exits 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_bad_input", ROOT / "scripts/probe_bad_input.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = run("scripts/probe_bad_input.py")
+    for name, _ in probe.CASES:
+        assert re.search(rf"^- {re.escape(name)}: (ok|error)", out, re.M), f"no line for case {name!r}:\n{out}"
+    assert "is not a backend" not in out  # the canned backend keeps up with the Backend protocol
+
+
+def test_retrieval_pool(tmp_path):
+    run(
+        "benchmarks/retrieval_pool.py",
+        "--data",
+        DATA,
+        "--size",
+        20,
+        "--queries",
+        2,
+        "--out",
+        tmp_path / "pool.json",
+        "--tmp",
+        tmp_path / "pool",
+    )
+    res = json.loads((tmp_path / "pool.json").read_text())
+    assert res["real_sentences_encoded"] == 8 and res["pool_size"] == 20  # the conll2003 fixture, tiled
+    assert set(res["strategies"]) == {"sentence", "bm25", "word", "span", "random"}
+    assert {"load_seconds", "peak_rss_mb_after_word_queries"} <= set(res["query_process"])
+
+
+FORMATS_RESULT = {
+    "args": {"domain": "politics", "n": 2, "k": 2, "model": "gemma3-270m"},
+    "date": "2026-01-01",
+    "machine": "x86_64",
+    "rows": [
+        {
+            "parallel": 2,
+            "format": fmt,
+            "constrained": constrained,
+            "f1": 50.0,
+            "p": 40.0,
+            "r": 66.7,
+            "sentences_per_second": 1.5,
+            "prompt_tokens_per_sentence": 130.0,
+            "completion_tokens_per_sentence": 12.0,
+            "hallucinated": 0,
+        }
+        for fmt in ("lines", "json")
+        for constrained in (False, True)
+    ],
+}
+
+
+def test_report_formats_table(tmp_path):
+    """(The crossner report: tests/test_project.py, and below on the benchmark's own output.)"""
+    (tmp_path / "formats.json").write_text(json.dumps(FORMATS_RESULT))
+    readme = tmp_path / "results.md"
+    readme.write_text("# Results\n")
+    out = run(
+        "benchmarks/report.py",
+        "formats",
+        tmp_path / "formats.json",
+        "--markdown",
+        tmp_path / "formats.md",
+        "--readme",
+        readme,
+    )
+    assert "| lines | grammar | 2 | 50.0 | 40.0 | 66.7 | 1.50 | 130 | 12.0 | 0 |" in out
+    assert (tmp_path / "formats.md").read_text() == out
+    assert "<!-- results:start -->\nCrossNER politics test, first 2 sentences" in readme.read_text()
+
+
+SPEED_RESULT = {
+    "args": {"split": "test", "n": 2, "k": 3, "lower": False},
+    "peak_gflops": {"float32": 300.0, "bfloat16": 1000.0},
+    "domains": {"politics": {"base": {"sentences": 2, "sentences_per_second": 1.0}}},
+    "average": {
+        "base": {
+            "f1": 50.0,
+            "p": 40.0,
+            "r": 66.7,
+            "sentences_per_second": 1.0,
+            "prompt_tokens_per_sentence": 140.0,
+            "completion_tokens_per_sentence": 20.0,
+            "engine_evaluated_tokens_per_sentence": 110.0,
+            "engine_gflop_per_sentence": 30.0,
+            "achieved_gflops": 100.0,
+        }
+    },
+}
+
+
+def test_speed_table(tmp_path):
+    (tmp_path / "speed.json").write_text(json.dumps(SPEED_RESULT))
+    out = run("benchmarks/speed_table.py", tmp_path / "speed.json")
+    assert "| base | test first 2/domain | k = 3 | 50.0 (40.0 / 66.7) | 1.00 | 140 / 110 / 20 | 30 " in out
+    assert "| 100 (10 % of 1000) |" in out
+
+
+def test_check_package_installs_wheels_into_a_fresh_venv(tmp_path):
+    """A pipeline wheel (an entity ruler: no LLM) and the spacy-llmner wheel, both built offline here, installed
+    with --deps reusing this environment's site-packages, as tests/test_project.py's full workflow does."""
+    import shutil
+
+    from spacy.cli.package import package
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": "location", "pattern": "Paris"}])
+    nlp.to_disk(tmp_path / "pipe")
+    (tmp_path / "packages").mkdir()
+    package(tmp_path / "pipe", tmp_path / "packages", name="smoke", version="0.0.1", create_sdist=False, force=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "spacy_llmner", src / "spacy_llmner", ignore=shutil.ignore_patterns("__pycache__"))
+    wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "--wheel-dir"]
+    for folder, dist in ((tmp_path / "packages/en_smoke-0.0.1", "dist"), (src, tmp_path / "dist")):
+        subprocess.run([*wheel, str(folder / dist), str(folder)], check=True, capture_output=True)
+    run(
+        "scripts/check_package.py",
+        tmp_path / "packages",
+        "--name",
+        "en_smoke",
+        "--dist",
+        tmp_path / "dist",
+        "--deps",
+        site.getsitepackages()[0],
+        "--out",
+        tmp_path / "check.json",
+    )
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["wheel"] == "en_smoke-0.0.1-py3-none-any.whl" and check["dependencies"] == "reused"
+    assert check["pipeline"] == ["entity_ruler"] and ["Paris", "location"] in check["entities"]
+
+
+def test_cross_kernel_tests_dry_run():
+    """The script runs the whole real-model suite per kernel variant (minutes each): `bash -n`, then --dry-run,
+    which prints each run's environment and pytest command; what they name must exist."""
+    script = ROOT / "scripts/cross_kernel_tests.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    res = subprocess.run(
+        ["bash", str(script), "--dry-run", "/some/build"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "VARIANTS": "1 8;2 3"},
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "build=/some/build threads=1 parallel=8",
+        "build=/some/build threads=2 parallel=3",
+    ]
+    words = shlex.split(lines[0].split(": ", 1)[1])
+    conftest = (ROOT / "tests/conftest.py").read_text()
+    for var in (w.split("=")[0] for w in words if w.startswith("SPACY_LLMNER_")):
+        assert f'"{var}"' in conftest  # the variables conftest reads to change the backend's defaults
+    assert (ROOT / words[words.index("-m") - 1]).name == "python" and "model" in words
+    for path in (words[i + 1] for i, w in enumerate(words) if w == "--deselect"):
+        assert (ROOT / path).exists(), path
+
+
+def token_file(path: Path, datasets, per: int = 3) -> None:
+    """A tiny `spacy-llmner finetune-data` .npz: ``per`` examples of made-up token ids per dataset."""
+    rng = np.random.default_rng(0)
+    tokens, start, n_prompt, n_answer, dataset = [], [], [], [], []
+    for i, _ in enumerate(datasets):
+        for _ in range(per):
+            p, a = int(rng.integers(8, 16)), int(rng.integers(2, 5))
+            start.append(len(tokens))
+            tokens.extend(rng.integers(100, 5000, p + a).tolist())
+            n_prompt.append(p)
+            n_answer.append(a)
+            dataset.append(i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        tokens=np.asarray(tokens, dtype=np.int32),
+        start=np.asarray(start, dtype=np.int64),
+        n_prompt=np.asarray(n_prompt, dtype=np.int32),
+        n_answer=np.asarray(n_answer, dtype=np.int32),
+        dataset=np.asarray(dataset, dtype=np.int16),
+        datasets=np.asarray(list(datasets)),
+    )
+
+
+NER_V1 = ["ai", "genia", "literature", "music", "politics", "science"]  # finetune-data names them so
+
+
+def test_tune_adapter_dry_run(tmp_path):
+    token_file(tmp_path / "ner-v1.npz", NER_V1)
+    out = run(
+        "scripts/tune_adapter.py",
+        "--model",
+        "gemma3-270m",
+        "--data",
+        tmp_path / "ner-v1.npz",
+        "--exclude",
+        "politics",
+        "--out",
+        tmp_path / "lora",
+        "--batch",
+        4,
+        "--checkpoints",
+        "0.5,1.0",
+        "--dry-run",
+    )
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert plan["examples"] == 15 and "politics" not in plan["examples_by_dataset"]
+    assert plan["steps"] == 4 and plan["checkpoints"] == ["ckpt-0.50", "ckpt-1.00"]
+    assert not (tmp_path / "lora").exists()
+
+
+def gpu_adapter_tune_calls():
+    """Each `scripts/tune_adapter.py` call of scripts/gpu_adapter.sh, its arguments expanded by bash (with the
+    script's own `common=(...)` and `d=` lines before it)."""
+    text = (ROOT / "scripts/gpu_adapter.sh").read_text()
+    calls, common, d = [], "", ""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("common=("):
+            common = s
+        elif s.startswith("d="):
+            d = s
+        elif "scripts/tune_adapter.py" in s and not s.startswith("#"):
+            args = s.split("scripts/tune_adapter.py", 1)[1].split(" > ")[0].rstrip(" &")
+            expand = f'OUT=/out; {d}; {common}; printf "%s\\n" {args}'
+            res = subprocess.run(["bash", "-c", expand], capture_output=True, text=True, check=True)
+            calls.append(res.stdout.splitlines())
+    return calls
+
+
+def test_gpu_adapter_sh_calls_tune_adapter_with_arguments_it_takes(tmp_path):
+    """The script needs a lent GPU machine and the stashed base model: `bash -n`, then every tune_adapter.py call
+    it makes, with its arguments, as a --dry-run on token files of the names it reads (no model, no GPU)."""
+    subprocess.run(["bash", "-n", str(ROOT / "scripts/gpu_adapter.sh")], check=True)
+    token_file(tmp_path / "training/adapter/ner-v1.npz", NER_V1)
+    token_file(tmp_path / "training/adapter/conll.npz", ["conll2003"])
+    calls = gpu_adapter_tune_calls()
+    assert len(calls) >= 2
+    for args in calls:
+        plan = json.loads(run("scripts/tune_adapter.py", *args, "--dry-run", cwd=tmp_path).strip().splitlines()[-1])
+        after = args[args.index("--exclude") + 1 :] if "--exclude" in args else []
+        excluded = after[: next((i for i, a in enumerate(after) if a.startswith("--")), len(after))]
+        assert plan["steps"] > 0 and plan["checkpoints"], args
+        for name in excluded:
+            assert name in NER_V1 and name not in plan["examples_by_dataset"], args
+
+
+# -- with the embedded LLM (one or two fixture sentences) -----------------------------------------------------------
+
+
+@pytest.mark.model
+def test_decode_steps():
+    out = run("benchmarks/decode_steps.py", "--steps", 2, "--widths", "1,2")
+    rows = re.findall(r"^\| (\d+) \| [\d.]+ \| \d+ \|$", out, re.M)
+    assert rows == ["1", "2"], out
+
+
+@pytest.mark.model
+def test_backend_memory():
+    out = run("scripts/backend_memory.py", "--backends", 2)
+    assert re.findall(r"^backend (\d): RSS [\d.]+ GB$", out, re.M) == ["1", "2"], out
+
+
+@pytest.mark.model
+def test_answer_snapshot(tmp_path):
+    run("scripts/answer_snapshot.py", "--data", DATA, "--n", 1, "--out", tmp_path / "answers.json")
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert set(answers) == {"one_pass", "retrieval"}
+    for rows in answers.values():
+        assert len(rows) == 1 and rows[0]["text"].startswith("Margaret Thatcher")
+        assert {"io", "spans"} <= set(rows[0]) and rows[0]["io"]
+
+
+@pytest.mark.model
+def test_formats_then_report(tmp_path):
+    run(
+        "benchmarks/formats.py",
+        "--data",
+        DATA,
+        "--n",
+        2,
+        "--k",
+        2,
+        "--formats",
+        "lines",
+        "--parallel",
+        2,
+        "--out",
+        tmp_path / "formats.json",
+    )
+    res = json.loads((tmp_path / "formats.json").read_text())
+    assert [(r["format"], r["constrained"]) for r in res["rows"]] == [("lines", False), ("lines", True)]
+    assert {"f1", "sentences_per_second", "prompt_tokens_per_sentence", "hallucinated"} <= set(res["rows"][0])
+    readme = tmp_path / "results.md"
+    readme.write_text("# Results\n")
+    out = run("benchmarks/report.py", "formats", tmp_path / "formats.json", "--readme", readme)
+    assert "| lines | free | 2 |" in out and "| lines | grammar | 2 |" in out
+
+
+@pytest.mark.model
+def test_retrieval(tmp_path):
+    out = run(
+        "benchmarks/retrieval.py",
+        "--data",
+        DATA,
+        "--domains",
+        "politics",
+        "--strategies",
+        "span,bm25",
+        "--ks",
+        2,
+        "--n",
+        1,
+        "--parallel",
+        2,
+        "--out",
+        tmp_path / "retrieval.json",
+    )
+    rows = json.loads((tmp_path / "retrieval.json").read_text())["rows"]
+    assert [(r["strategy"], r["k"], r["n"]) for r in rows] == [("span", 2, 1), ("bm25", 2, 1)]
+    assert "| span | 2 | " in out and "| bm25 | 2 | " in out
+
+
+@pytest.mark.model
+def test_lar(tmp_path, spacy_models):
+    source, _ = spacy_models
+    run(
+        "benchmarks/lar.py",
+        "--data",
+        DATA,
+        "--source",
+        source,
+        "--domains",
+        "politics",
+        "--variants",
+        "onepass,source>knn",
+        "--n",
+        1,
+        "--k",
+        2,
+        "--out",
+        tmp_path / "lar.json",
+    )
+    res = json.loads((tmp_path / "lar.json").read_text())
+    assert [(r["variant"], r["n"]) for r in res["rows"]] == [("onepass", 1), ("source>knn", 1)]
+    assert res["rows"][0]["calls_per_sentence"] == 1 and res["rows"][1]["calls_per_sentence"] == 0
+    assert "politics" in res["alignments"]
+
+
+@pytest.mark.model
+def test_crossner_then_revote_and_report(tmp_path, spacy_models):
+    """Three systems (one LLM member) and the ensemble of the three; then --revote from the saved outputs, and
+    the report on the result."""
+    source, target = spacy_models
+    out = tmp_path / "crossner.json"
+    args = ["--data", DATA, "--domains", "politics", "--n", 1, "--dev-n", 1, "--source", source, "--out", out]
+    run("benchmarks/crossner.py", *args, "--target-models", target, "--systems", "spacy_ner,knn,gemma_span")
+    res = json.loads(out.read_text())
+    f1 = {r["system"]: r["f1"] for r in res["rows"]}
+    assert set(f1) == {
+        "spacy_ner",
+        "knn",
+        "gemma_span",
+        "ens_spacy+knn+gemma:majority",
+        "ens_spacy+knn+gemma:weighted",
+    }
+    raw = json.loads(out.with_suffix(".outputs.json").read_text())
+    assert {"truth", "test", "dev", "usage", "seconds"} <= set(raw["politics"]) and len(raw["politics"]["truth"]) == 1
+    run("benchmarks/crossner.py", "--out", out, "--revote")
+    assert {r["system"]: r["f1"] for r in json.loads(out.read_text())["rows"]} == f1
+    readme = tmp_path / "results.md"
+    readme.write_text("# Results\n")
+    table = run("benchmarks/report.py", "crossner", out, "--plot", tmp_path / "c.png", "--readme", readme)
+    assert "| gemma_span | " in table and "| **ens_spacy+knn+gemma:weighted** | " in table
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+@pytest.mark.model
+def test_finetune_then_speed_table(tmp_path):
+    run(
+        "benchmarks/finetune.py",
+        "--data",
+        DATA,
+        "--system",
+        "base=gemma3-270m+none",
+        "--domains",
+        "politics",
+        "--n",
+        1,
+        "--k",
+        2,
+        "--batched",
+        "--out",
+        tmp_path / "speed.json",
+    )
+    res = json.loads((tmp_path / "speed.json").read_text())
+    base = res["domains"]["politics"]["base"]
+    assert base["sentences"] == 1 and base["calls_per_sentence"] == 1 and base["engine_evaluated_tokens_per_sentence"]
+    assert set(res["peak_gflops"]) == {"float32", "bfloat16"} and set(res["average"]) == {"base"}
+    out = run("benchmarks/speed_table.py", tmp_path / "speed.json")
+    assert out.splitlines()[-1].startswith("| base | test first 1/domain | k = 2 | ")
+
+
+@pytest.mark.model
+def test_confidence(tmp_path):
+    """With the shipped adapter's calibration (--fit needs 20 scored spans: more than the fixture gives quickly)."""
+    run(
+        "benchmarks/confidence.py",
+        "--data",
+        DATA,
+        "--domains",
+        "politics",
+        "--n",
+        2,
+        "--k",
+        2,
+        "--out",
+        tmp_path / "reliability.json",
+    )
+    res = json.loads((tmp_path / "reliability.json").read_text())
+    assert res["spans"] > 0 and res["gold"] > 0 and res["bins"] and len(res["thresholds"]) == 8
+    assert res["calibration"]["knots"] and res["calibrated"]["bins"]
+    assert (tmp_path / "reliability.png").exists()
+
+
+@pytest.mark.model
+def test_annotation_study(tmp_path):
+    """Every stage but `package` (wheels into ./packages) and `speed` (a re-measure), on the first 3 sentences of
+    each split: the teacher on the llama.cpp engine with the shipped adapter (the study's torch engine and
+    leave-one-domain-out adapters take minutes), one tok2vec student trained 2 steps."""
+    run(
+        "benchmarks/annotation_study.py",
+        "--data",
+        DATA,
+        "--domains",
+        "politics",
+        "--stages",
+        "prepare,teacher,students,report",
+        "--students",
+        "tok2vec",
+        "--conditions",
+        "d_mixed_pool",
+        "--steps-tok2vec",
+        2,
+        "--engine",
+        "llama.cpp",
+        "--adapter",
+        "ner-v2",
+        "--limit",
+        3,
+        "--out",
+        tmp_path / "study",
+        "--report",
+        tmp_path / "study.json",
+    )
+    res = json.loads((tmp_path / "study.json").read_text())["domains"]["politics"]
+    assert res["teacher"]["sentences"] == 3 and "f1" in res["teacher"]
+    assert {"all_additions", "merged_additions", "threshold_sweep"} <= set(res["refine"])
+    assert set(res["students"]) == {"tok2vec_d_mixed_pool"} and "f1" in res["students"]["tok2vec_d_mixed_pool"]
+
+
+@pytest.mark.model
+def test_scale(tmp_path):
+    """The local engine only (Ray's start-up costs tens of seconds) and one llama-cpp-python server."""
+    run(
+        "benchmarks/scale.py",
+        "--data",
+        DATA,
+        "--n",
+        2,
+        "--shard",
+        1,
+        "--engines",
+        "local:1",
+        "--servers",
+        1,
+        "--out",
+        tmp_path / "scale.json",
+    )
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [r["setup"] for r in rows] == [
+        "nlp.pipe, embedded model",
+        "local engine, 1 actor(s), embedded model",
+        "local engine, 1 actor(s), 1 server(s)",
+    ]
+    assert all(r["docs"] == 2 for r in rows) and rows[1]["manifest_docs"] == 2
+
+
+@pytest.mark.model
+def test_tune_adapter_one_step(tmp_path):
+    """One optimizer step of LoRA on two made-up examples, on the CPU (loading the dequantized model dominates)."""
+    token_file(tmp_path / "data.npz", ["politics"], per=2)
+    args = ["--model", "gemma3-270m", "--data", tmp_path / "data.npz", "--out", tmp_path / "lora", "--device", "cpu"]
+    out = run("scripts/tune_adapter.py", *args, "--max-steps", 1, "--batch", 2, "--r", 2)
+    assert "tune_adapter: done, 1 steps" in out
+    log = json.loads((tmp_path / "lora/tuning.json").read_text())
+    assert log["steps_done"] == 1 and log["checkpoints"] == ["ckpt-1.00"] and log["examples"] == 2
+    assert (tmp_path / "lora/ckpt-1.00/adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.model
+def test_documents(tmp_path):
+    """Two test sentences as one two-sentence document, every condition; the answer cache in tmp_path."""
+    run(
+        "benchmarks/documents.py",
+        "--data",
+        DATA,
+        "--domains",
+        "politics",
+        "--n",
+        2,
+        "--per",
+        2,
+        "--k",
+        2,
+        "--cache",
+        tmp_path / "cache.sqlite",
+        "--out",
+        tmp_path / "documents.json",
+    )
+    res = json.loads((tmp_path / "documents.json").read_text())
+    got = res["domains"]["politics"]
+    assert list(got) == ["sentences", "packed", "sentencizer", "doc_sents"]
+    assert got["sentences"]["docs"] == 2 and got["packed"]["docs"] == 1 and got["packed"]["sentences"] == 2
+    assert all({"f1", "prompts", "decoded", "truncated"} <= set(r) for r in got.values())
+    assert set(res["f1_gap_to_sentences"]) == {"packed", "sentencizer", "doc_sents"}
