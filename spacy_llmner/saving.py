@@ -12,7 +12,7 @@ import srsly
 
 from .labels.alignment import LabelAlignment
 from .lar import SpanMemory
-from .reading import list_of_strings, read_json, reading
+from .reading import list_of_strings, read_json
 from .retrieval import Pool
 from .retrieval.pool import ARRAYS
 
@@ -78,17 +78,12 @@ def disk_readers(ner) -> Dict[str, Callable[[Path], None]]:
     def optional(load):  # pieces a component saves only when it has them
         return lambda path: load(path) if path.exists() or path.with_suffix(".npy").exists() else None
 
-    def named(load):  # errors raised inside a piece's own reader name the component and the file
-        def read(path: Path) -> None:
-            with reading(ner.name, path):
-                load(path)
-
-        return read
-
     return {
         "labels.json": optional(lambda path: _load_labels(ner, read_json(ner.name, path, list_of_strings))),
         "demonstrations.jsonl": ner.demos.from_disk,
-        "alignment.json": optional(named(_set(ner, "alignment", LabelAlignment.from_disk))),
+        "alignment.json": optional(
+            _set(ner, "alignment", lambda path: read_json(ner.name, path, LabelAlignment.from_dict))
+        ),
         "span_memory": optional(_set(ner, "span_memory", lambda stem: SpanMemory.from_disk(stem, ner.name))),
         "pool": lambda path: ner.retriever.from_disk(path, owner=ner.name) if ner.retriever is not None else None,
     }

@@ -290,11 +290,14 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
     what = "the metadata"
     u32, u64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
 
-    def text(start: int, n: int, of: str) -> str:
+    def text(at: int, of: str) -> Tuple[str, int]:
+        """The length-prefixed UTF-8 string at ``at`` and the position after it."""
+        (n,) = u64(mm, at)
+        start = at + 8
         if start + n > size:
             raise _Cut()
         try:
-            return bytes(mm[start : start + n]).decode("utf8")
+            return bytes(mm[start : start + n]).decode("utf8"), start + n
         except UnicodeDecodeError:
             raise GGUFFileError(f"{path} is corrupt: {of} at byte {start} is not UTF-8 text") from None
 
@@ -305,9 +308,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
     try:
         for i in range(n_kv):
             what = f"metadata entry {i}"
-            (n,) = u64(mm, at)
-            key = text(at + 8, n, f"the key of metadata entry {i}")
-            at += 8 + n
+            key, at = text(at, f"the key of metadata entry {i}")
             what = f"metadata {key!r}"
             (vtype,) = u32(mm, at)
             at += 4
@@ -315,9 +316,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
                 (metadata[key],) = struct.unpack_from(_SCALARS[vtype], mm, at)
                 at += struct.calcsize(_SCALARS[vtype])
             elif vtype == _STRING:
-                (n,) = u64(mm, at)
-                metadata[key] = text(at + 8, n, f"the value of {key!r}")
-                at += 8 + n
+                metadata[key], at = text(at, f"the value of {key!r}")
             elif vtype == _ARRAY:
                 itype, count = u32(mm, at)[0], u64(mm, at + 4)[0]
                 at += 12
@@ -340,9 +339,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
 
         for i in range(n_tensors):
             what = f"the tensor table (entry {i} of {n_tensors})"
-            (n,) = u64(mm, at)
-            name = text(at + 8, n, f"the name of tensor {i}")
-            at += 8 + n
+            name, at = text(at, f"the name of tensor {i}")
             what = f"the tensor table (entry {i}: {name})"
             (n_dims,) = u32(mm, at)
             at += 4

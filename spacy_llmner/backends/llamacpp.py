@@ -175,17 +175,23 @@ def quiet_stderr(active: bool = True):
         os.close(null)
 
 
+def check_files(path: str, lora: Optional[str], who: str) -> None:
+    """The model's and the adapter's GGUF headers, checked before native code reads them: llama.cpp trusts its
+    files (a corrupt adapter killed the process); a bad one is a ``BackendError`` naming the file."""
+    try:
+        check_model(path)
+        if lora is not None:
+            check_adapter(lora, path)
+    except GGUFFileError as e:
+        raise BackendError(f"{who}: {e}") from e
+
+
 @lru_cache(maxsize=8)
 def _load(path: str, lora: Optional[str], n_ctx: int, n_threads: int, seed: int):
     """One loaded model per (file, adapter, context) in the process: members sharing a model share its weights."""
     from llama_cpp import Llama
 
-    try:  # llama.cpp trusts its files (a corrupt adapter would kill the process): their headers are checked first
-        check_model(path)
-        if lora is not None:
-            check_adapter(lora, path)
-    except GGUFFileError as e:
-        raise BackendError(f"llama.cpp backend: {e}") from e
+    check_files(path, lora, "llama.cpp backend")
     # llama.cpp prints a line per adapter tensor it keeps out of the repacked weight buffers (harmless, and not
     # silenced by verbose=False): its C-level stderr is held back while an adapter loads; failures still raise.
     with quiet_stderr(lora is not None):
@@ -210,12 +216,7 @@ def _load_torch(path: str, lora: Optional[str], dtype: str, n_threads: int):
     """One PyTorch copy of a model per (file, adapter, dtype) in the process, shared by the backends using it."""
     from .torch_gemma import GemmaTorch
 
-    try:  # the same checks as _load's (a clear error rather than numpy's on a corrupt file)
-        check_model(path)
-        if lora is not None:
-            check_adapter(lora, path)
-    except GGUFFileError as e:
-        raise BackendError(f"llama.cpp backend, engine torch: {e}") from e
+    check_files(path, lora, "llama.cpp backend, engine torch")
     return GemmaTorch(path, lora, dtype, n_threads)
 
 
