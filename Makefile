@@ -26,8 +26,16 @@ $(WHEELS)/.llama-$(LLAMA_BUILD):
 		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_BUILD)
+# The package alone: wheels only, no compiler (the default torch engine needs no llama.cpp). `make demo` needs this.
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(PY) -m pip install -q $(FIND_LINKS) -e .
+	touch $@
+
+# Everything the tests use: llama-cpp-python (built as above: engine = "llama.cpp", scoring, servers), test tools.
+$(VENV)/.installed: pyproject.toml $(VENV)/.base $(WHEELS)/.llama-$(LLAMA_BUILD)
 	# replaces a llama-cpp-python of the same version built another way (an older .venv's native build)
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PY) -m pip install -q $(FIND_LINKS) --find-links $(WHEELS) --only-binary llama-cpp-python \
@@ -36,7 +44,7 @@ $(VENV)/.installed: pyproject.toml $(WHEELS)/.llama-$(LLAMA_BUILD)
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.base
 	$(PY) -m spacy_llmner.cli annotate assets/sample_texts.txt --demonstrations assets/demonstrations.jsonl \
 		--labels person,organisation,location,event --output demo_output
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gemma3_270m_hf.json"
 
 
 def parse_args(argv=None):
@@ -74,41 +73,10 @@ def load_examples(paths, exclude=(), max_tokens=None):
 
 
 def load_model(gguf_path: str):
-    """The GGUF's tensors dequantized into a float32 transformers Gemma 3 model."""
-    import gguf
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The GGUF's tensors dequantized into a float32 transformers model, through the package's one loader."""
+    from spacy_llmner.backends.weights import load_causal_lm
 
-    config = AutoConfig.for_model(**json.loads(CONFIG.read_text()))
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    state = model.state_dict()
-    reader = gguf.GGUFReader(gguf_path)
-    arch = str(reader.fields["general.architecture"].contents())
-    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
-    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    table = gguf.get_tensor_name_map(archs[arch], n_blocks)
-    by_gguf = {}
-    for name in state:
-        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
-        if mapped is not None:
-            by_gguf.setdefault(mapped, []).append(name)
-    loaded = set()
-    for t in reader.tensors:
-        if t.name not in by_gguf:
-            raise ValueError(f"tune_adapter: GGUF tensor {t.name} has no place in the model")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        for name in by_gguf[t.name]:
-            target = state[name]
-            w2 = w.reshape(target.shape)
-            if t.name.endswith("norm.weight"):
-                w2 = w2 - 1.0  # llama.cpp's Gemma converter stores 1 + w (Gemma's RMSNorm scales by 1 + w)
-            target.copy_(torch.from_numpy(np.ascontiguousarray(w2)))
-            loaded.add(name)
-    pointers = {state[n].data_ptr() for n in loaded}
-    missing = [n for n in state if n not in loaded and state[n].data_ptr() not in pointers]  # tied: the embedding
-    if missing:
-        raise ValueError(f"tune_adapter: no GGUF tensor for {missing[:5]}")
-    return model
+    return load_causal_lm(gguf_path, None, "float32")
 
 
 def batch_loss(model, batch, device, softcap):
@@ -177,13 +145,9 @@ def reference_loss(model, examples, device, softcap, n=8):
 
 def save(model, folder: Path) -> None:
     """The LoRA weights in float16 (safetensors, peft's names) and peft's adapter_config.json."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from spacy_llmner.backends.weights import save_peft
 
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").half().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, str(folder / "adapter_model.safetensors"))
-    model.peft_config["default"].save_pretrained(str(folder))
+    save_peft(model, folder)
 
 
 def dry_run(args) -> None:

@@ -30,7 +30,7 @@ def annotate(
         "auto", help="LoRA adapter: auto (the shipped NER adapter for gemma3-270m), none, a name or a GGUF path"
     ),
     decoder: str = typer.Option(
-        "llama.cpp", help="What decodes: llama.cpp, or torch (batched PyTorch, restricted output head: faster)"
+        "torch", help="What decodes: torch (transformers' model code, batched, restricted output head) or llama.cpp"
     ),
     output_format: str = typer.Option("lines", "--format", help="lines, bracket, xml or json"),
     constrained: bool = typer.Option(True, help="Grammar-constrained decoding"),

@@ -124,3 +124,20 @@ def test_concurrent_requests_are_bounded(flaky_server):
     gens = backend.generate([GenerationRequest(f"p{i}") for i in range(7)])
     assert [g.text for g in gens] == ["Paris | location"] * 7
     assert sorted(b["prompt"] for _, b in FlakyHandler.seen) == sorted(f"p{i}" for i in range(7))
+
+
+def test_the_vllm_config_names_the_adapter_and_sends_the_grammar_where_vllm_reads_it(flaky_server):
+    """configs/vllm_ner_v2.cfg against the project's fake server: every request names the LoRA module vLLM serves
+    (the adapter's peft copy, --lora-modules ner-v2=...) and carries the grammar in structured_outputs."""
+    from pathlib import Path
+
+    server, url = flaky_server
+    config = spacy.util.load_config(Path(__file__).parent.parent / "configs" / "vllm_ner_v2.cfg")
+    config["components"]["llm_lar_ner"]["backend"]["base_url"] = url
+    nlp = spacy.util.load_model_from_config(config, auto_fill=True)
+    nlp.initialize()
+    doc = nlp("We flew to Paris.")
+    assert [(e.text, e.label_) for e in doc.ents] == [("Paris", "location")]
+    bodies = [body for _, body in FlakyHandler.seen]
+    assert bodies and all(b["model"] == "ner-v2" for b in bodies)
+    assert all("location" in b["structured_outputs"]["grammar"] for b in bodies)

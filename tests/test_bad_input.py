@@ -285,12 +285,17 @@ def test_real_model_control_characters_and_cut_answers():
 
 def test_engine_and_adapter_the_model_cannot_take_are_refused_at_construction(tmp_path):
     """Refused when the backend is made (names and GGUF headers only, nothing loaded), not at the first batch."""
+    import gguf
+
     from spacy_llmner import adapters
     from spacy_llmner.backends.llamacpp import LlamaCppBackend
     from spacy_llmner.ty import BackendError
 
-    with pytest.raises(BackendError, match=r"engine 'torch' runs gemma3 models; 'smollm2-135m' is a llama model"):
-        LlamaCppBackend(model="smollm2-135m", engine="torch", adapter=None)
+    mamba = tmp_path / "mamba.gguf"  # a header alone: the architecture is all the check reads
+    w = gguf.GGUFWriter(str(mamba), arch="mamba")
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(BackendError, match=r"engine 'torch' runs gemma3, llama.*mamba\.gguf'? is a mamba model"):
+        LlamaCppBackend(model=str(mamba), engine="torch", adapter=None)
     with pytest.raises(BackendError, match=r"made for a gemma3 model; 'smollm2-135m' is a llama model"):
         LlamaCppBackend(model="smollm2-135m", adapter=str(adapters.adapter_path("ner-v2")))
     cut = tmp_path / "cut.gguf"
@@ -298,7 +303,23 @@ def test_engine_and_adapter_the_model_cannot_take_are_refused_at_construction(tm
     with pytest.raises(BackendError, match=str(cut)):
         LlamaCppBackend(adapter=str(cut))
     nlp = spacy.blank("en")
-    backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": "smollm2-135m", "engine": "torch"}
-    with pytest.raises(BackendError, match="engine 'torch'"):
+    backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": str(mamba)}
+    with pytest.raises(BackendError, match="engine 'torch'"):  # the default engine
         nlp.add_pipe("llm_lar_ner", config={"labels": ["x"], "backend": backend})
     LlamaCppBackend(model="smollm2-135m", adapter=None)  # what it can serve is made as before
+    LlamaCppBackend(model=str(mamba), engine="llama.cpp", adapter=None)
+
+
+def test_a_line_repeated_past_three_copies_ends_the_answer_not_the_token_limit():
+    """Greedy loops (one line written until max_new_tokens) end at the fourth copy of a line; the answer before it
+    is kept. Three copies are allowed: a text may name the same entity three times."""
+    from spacy_llmner.backends.batched import _Seq, extend, looping
+
+    assert not looping("Paris | location\nParis | location\nParis | location\n")
+    assert looping("Paris | location\nRome | location\nParis | location\nParis | location\nParis | location\n")
+    assert not looping("\n\n\n\n\n") and not looping("a | x\nb | y\n")
+    s = _Seq([], 1000, ("\n\n",), None)
+    for ch in "A | x\n" * 10:  # one character per token
+        if extend(s, ord(ch), ch.encode(), lambda: 0.0) is None:
+            break
+    assert s.looped and not s.truncated and s.text == "A | x\n" * 3

@@ -273,7 +273,7 @@ def test_loaders_check_before_native_code(tmp_path, model):
     with pytest.raises(BackendError, match="^llama.cpp backend: .*cut.gguf is cut short"):
         _load(model, cut, 512, 1, 0)
     with pytest.raises(BackendError, match="^llama.cpp backend, engine torch: .*cut.gguf is cut short"):
-        _load_torch(model, cut, "float32", 1)
+        _load_torch(model, cut, "float32", 1, "cpu")
     with pytest.raises(BackendError, match="model.gguf is not a LoRA adapter"):
         _load(model, model, 512, 1, 0)
     with pytest.raises(BackendError, match="cut.gguf is cut short"):
@@ -293,6 +293,8 @@ SCRIPT = textwrap.dedent(
         llamacpp.check_adapter = lambda *a: None
         llamacpp.check_settings = lambda *a: None
     backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": model}
+    if bypass:  # llama.cpp's own loader, which the torch engine does not use
+        backend["engine"] = "llama.cpp"
     if adapter != "-":
         backend["adapter"] = adapter
     nlp = spacy.blank("en")

@@ -621,3 +621,20 @@ def test_documents(tmp_path):
     assert got["sentences"]["docs"] == 2 and got["packed"]["docs"] == 1 and got["packed"]["sentences"] == 2
     assert all({"f1", "prompts", "decoded", "truncated"} <= set(r) for r in got.values())
     assert set(res["f1_gap_to_sentences"]) == {"packed", "sentencizer", "doc_sents"}
+
+
+def test_readme_tables(tmp_path):
+    """The README's generated tables are what metrics/ gives (--check), and a changed metrics file changes them."""
+    assert "up to date" in run("scripts/readme_tables.py", "--check")
+    (tmp_path / "metrics" / "speed").mkdir(parents=True)
+    for name in ("full_test_base_k3", "full_test_v2_k3", "full_test_v2_k3_lower"):
+        data = json.loads((ROOT / "metrics" / "speed" / f"{name}.json").read_text())
+        for systems in data["domains"].values():
+            for row in systems.values():
+                row["f1"] = 12.5
+        (tmp_path / "metrics" / "speed" / f"{name}.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/readme_tables.py"), "--check", "--root", str(tmp_path)])
+    assert res.returncode == 1
+    assert "wrote quality" in run("scripts/readme_tables.py", "--root", tmp_path)
+    assert "| **12.5** (" in (tmp_path / "README.md").read_text()

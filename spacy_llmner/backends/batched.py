@@ -40,6 +40,7 @@ class _Seq:
     text: str = ""
     done: bool = False
     truncated: bool = False  # stopped by max_tokens, not by an end token or a stop string
+    looped: bool = False  # stopped because a line repeated (``looping``): the answer before it is kept
 
 
 class GrammarFilter:
@@ -108,16 +109,23 @@ def log_softmax_at(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
 
 
-def advance(llm, vocab, s: _Seq, token: Optional[int], logprob) -> Optional[int]:
-    """Append ``token`` (None: nothing allowed) to a sequence with its log-probability (a callable, evaluated only
-    for a token that is kept); returns the token, or None when the sequence has finished."""
-    import llama_cpp as lc
+REPEATS = 3  # a line already written this many times ends the answer
 
-    if token is None or lc.llama_vocab_is_eog(vocab, token):
-        return None
-    if s.sampler is not None:
-        lc.llama_sampler_accept(s.sampler, token)
-    s.out += llm.detokenize([token], prev_tokens=s.tokens + s.generated)
+
+def looping(text: str) -> bool:
+    """Whether the last line of ``text`` (which ends with a newline) was already written ``REPEATS`` times: greedy
+    decoding that repeats a line that often repeats it until the token limit (a text mentioning the same entity
+    three times lists it at most three times)."""
+    lines = text.rstrip("\n").split("\n")
+    last = lines[-1].strip()
+    return bool(last) and sum(line.strip() == last for line in lines[:-1]) >= REPEATS
+
+
+def extend(s: _Seq, token: int, piece: bytes, logprob) -> Optional[int]:
+    """Append ``token`` (its bytes ``piece``) to a sequence with its log-probability (a callable, evaluated only for
+    a token that is kept); returns the token, or None when the sequence has finished: a stop string, a loop
+    (``looping``) or its max_tokens."""
+    s.out += piece
     s.generated.append(token)
     s.text = s.out.decode("utf8", errors="ignore")
     s.logprobs.append((len(s.text), logprob()))
@@ -125,10 +133,26 @@ def advance(llm, vocab, s: _Seq, token: Optional[int], logprob) -> Optional[int]
     if hit is not None:
         s.text = s.text[:hit]
         return None
+    if s.text.endswith("\n") and looping(s.text):
+        s.text = s.text[: s.text.rstrip("\n").rfind("\n") + 1]  # the answer before the line that repeats
+        s.looped = True
+        return None
     if len(s.generated) >= s.max_tokens:
         s.truncated = True
         return None
     return token
+
+
+def advance(llm, vocab, s: _Seq, token: Optional[int], logprob) -> Optional[int]:
+    """``extend`` with llama.cpp's vocabulary and grammar sampler: None (nothing allowed) or an end-of-generation
+    token ends the sequence."""
+    import llama_cpp as lc
+
+    if token is None or lc.llama_vocab_is_eog(vocab, token):
+        return None
+    if s.sampler is not None:
+        lc.llama_sampler_accept(s.sampler, token)
+    return extend(s, token, llm.detokenize([token], prev_tokens=s.tokens + s.generated), logprob)
 
 
 class BatchedDecoder:
@@ -291,4 +315,5 @@ class BatchedDecoder:
             for s in seqs:
                 if not s.done and s.seq_id:
                     self._finish(s)
+        self.usage["loops_stopped"] += sum(s.looped for s in seqs)
         return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]

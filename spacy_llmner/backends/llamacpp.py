@@ -28,6 +28,7 @@ from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
 from .gguf_check import GGUFFileError, architecture, check_adapter, check_model
+from .weights import check_device
 
 
 def _gemma3_270m() -> str:
@@ -94,7 +95,12 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
 DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v2"}  # what adapter = "auto" applies, by model name
 # the packaged models' architectures, known without opening them (others: read from the GGUF header)
 MODEL_ARCHITECTURES = {"gemma3-270m": "gemma3", "smollm2-135m": "llama"}
-TORCH_ARCHITECTURES = ("gemma3",)  # what the torch engine's forward pass implements
+# GGUF architectures the torch engine runs: decoder-only models whose GGUF transformers loads (its
+# GGUF_SUPPORTED_ARCHITECTURES, checked by a test) and whose attention is plain scaled dot-product attention (no
+# logit soft-capping: not Gemma 2). Named here so that constructing a backend imports nothing heavy.
+TORCH_ARCHITECTURES = ("gemma3", "llama", "mistral", "qwen2", "phi3", "stablelm", "starcoder2", "nemotron")
+# the packaged models' names on the Hugging Face hub: what a server (vLLM) loads, and a peft adapter's base model
+HF_NAMES = {"gemma3-270m": "google/gemma-3-270m", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def model_architecture(model: str) -> Optional[str]:
@@ -212,12 +218,13 @@ _FORKED_AFTER_TORCH: List[bool] = []  # set in a child forked from a process tha
 
 
 @lru_cache(maxsize=2)
-def _load_torch(path: str, lora: Optional[str], dtype: str, n_threads: int):
-    """One PyTorch copy of a model per (file, adapter, dtype) in the process, shared by the backends using it."""
-    from .torch_gemma import GemmaTorch
+def _load_torch(path: str, lora: Optional[str], dtype: str, n_threads: int, device: str):
+    """One PyTorch copy of a model per (file, adapter, dtype, device) in the process, shared by the backends using
+    it."""
+    from .torch_model import TorchModel
 
     check_files(path, lora, "llama.cpp backend, engine torch")
-    return GemmaTorch(path, lora, dtype, n_threads)
+    return TorchModel(path, lora, dtype, n_threads, device)
 
 
 if os.name == "posix":  # where processes fork
@@ -246,13 +253,16 @@ class LlamaCppBackend(BackendBase):
         its predecessor "ner-v1", NER adapters of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default:
         "ner-v2" for "gemma3-270m",
         none for any other model) or null (the base model as published).
-    engine (str): what runs greedy generation: "llama.cpp" (``batched.BatchedDecoder``) or "torch"
-        (``torch_decoder.TorchDecoder``: the same GGUF weights and adapter in PyTorch, batches of ``parallel``
-        sequences, the output head restricted to the prompt's tokens; Gemma 3 models only). Tokenizing, grammars,
-        scoring and sampling stay with llama.cpp.
+    engine (str): what runs greedy generation: "torch" (the default) or "llama.cpp" (``batched.BatchedDecoder``):
+        "torch" is
+        (``torch_decoder.TorchDecoder``: the same GGUF weights and adapter in transformers' model code, merged by
+        peft, batches of ``parallel`` sequences, the output head restricted to the prompt's tokens; every
+        architecture transformers loads from GGUF). Tokenizing, grammars, scoring and sampling stay with llama.cpp.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
-    dtype (str): torch engine: "auto" (bfloat16 on CPUs with AVX-512 BF16 or AMX, else float32), "bfloat16" or
-        "float32".
+    dtype (str): torch engine: "auto" (bfloat16 on a GPU and on CPUs with AVX-512 BF16 or AMX, else float32),
+        "bfloat16", "float16" or "float32".
+    device (str): torch engine: "auto" (CUDA where torch sees a GPU, else the CPU), "cpu" or a torch device such
+        as "cuda:0".
     """
 
     supports_grammar = True
@@ -268,9 +278,10 @@ class LlamaCppBackend(BackendBase):
         fast_grammar: bool = True,
         parallel: Optional[int] = None,
         adapter: Optional[str] = "auto",
-        engine: str = "llama.cpp",
+        engine: str = "torch",
         head: str = "restricted",
         dtype: str = "auto",
+        device: str = "auto",
     ):
         self.model = model
         self.adapter = resolve_adapter(model, adapter)
@@ -289,6 +300,11 @@ class LlamaCppBackend(BackendBase):
         self.engine = engine
         self.head = head
         self.dtype = dtype
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise BackendError(f"llama.cpp backend: {e}") from e
+        self.device = device
         # sequences decoded together (greedy only); 1 = one at a time
         self.parallel = max(1, parallel or ENGINES[engine])
         self._decoder = None
@@ -303,6 +319,13 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def llm(self):
+        """llama.cpp's model (engine "llama.cpp", scoring, sampling), loaded on first use."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BackendError(
+                f"llama.cpp backend: llama-cpp-python is not installed; engine = {self.engine!r} needs it for "
+                "engine = 'llama.cpp', LAR / self-validation scoring and sampling (temperature > 0): "
+                "pip install 'spacy-llmner[llamacpp]' (it compiles llama.cpp), or decode greedily with engine = 'torch'"
+            )
         return _load(resolve_model_path(self.model), self.adapter_file, self.n_ctx, self.n_threads, self.seed)
 
     @property
@@ -338,8 +361,25 @@ class LlamaCppBackend(BackendBase):
             ident["adapter"] = f"{Path(path).name}:{os.stat(path).st_size}" if os.path.isfile(path) else self.adapter
         return ident
 
+    @cached_property
+    def vocab(self):
+        """The torch engine's tokenizer, token bytes and grammar matchers (``vocab.Vocab``: the GGUF's own tables,
+        no llama.cpp), read on first use (resolving a packaged model's path verifies its file: once)."""
+        from .vocab import UnsupportedTokenizer, vocab_of
+
+        try:
+            return vocab_of(resolve_model_path(self.model))
+        except UnsupportedTokenizer as e:
+            raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
+
+    def tokenize(self, text: str, special: bool = True) -> List[int]:
+        """Prompt tokens with the model's BOS, through the engine's own tokenizer (the same ids either way)."""
+        if self.engine == "torch":
+            return self.vocab.tokenize(text)
+        return self.llm.tokenize(text.encode("utf8"), add_bos=True, special=special)
+
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf8"), add_bos=True, special=False))
+        return len(self.tokenize(text, special=False))
 
     def _check_fits(self, n_prompt: int, req: GenerationRequest, n_ctx: int) -> None:
         if n_prompt + req.max_tokens > n_ctx:
@@ -394,19 +434,17 @@ class LlamaCppBackend(BackendBase):
             if self.engine == "torch":
                 from .torch_decoder import TorchDecoder
 
-                if _FORKED_AFTER_TORCH:
-                    # GNU OpenMP (PyTorch's CPU threads) does not survive fork(): the child would hang in its first
-                    # matrix product
-                    raise BackendError(
-                        "llama.cpp backend, engine torch: this process was forked from one that had run the torch "
-                        "engine, whose threads cannot run here; use nlp.pipe(..., n_process=1) (the engine "
-                        "batches on its own) or engine = 'llama.cpp'"
-                    )
+                # GNU OpenMP (PyTorch's CPU threads) does not survive fork(): a child of a process that had run the
+                # engine would hang in its first parallel region. One thread per process never enters one (and
+                # nlp.pipe(n_process=N) keeps N cores busy).
+                threads = 1 if _FORKED_AFTER_TORCH else self.n_threads
                 try:
-                    model = _load_torch(resolve_model_path(self.model), self.adapter_file, self.dtype, self.n_threads)
+                    model = _load_torch(
+                        resolve_model_path(self.model), self.adapter_file, self.dtype, threads, self.device
+                    )
                 except ValueError as e:
                     raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
-                self._decoder = TorchDecoder(self.llm, model, n_seq=self.parallel, head=self.head)
+                self._decoder = TorchDecoder(self.vocab, model, n_seq=self.parallel, head=self.head)
             else:
                 from .batched import BatchedDecoder
 
@@ -415,9 +453,8 @@ class LlamaCppBackend(BackendBase):
         return self._decoder
 
     def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
-        llm = self.llm
         self.decoder  # noqa: B018  (created before the clock starts)
-        tokens = [llm.tokenize(r.prompt.encode("utf8"), add_bos=True, special=True) for r in requests]
+        tokens = [self.tokenize(r.prompt) for r in requests]
         for toks, req in zip(tokens, requests):
             self._check_fits(len(toks), req, self.n_ctx)
         t0 = time.perf_counter()

@@ -1,9 +1,9 @@
-"""Greedy grammar-constrained decoding of many prompts at once on ``torch_gemma.GemmaTorch``, the output head
-restricted to the tokens an answer can use.
+"""Greedy grammar-constrained decoding of many prompts at once on ``torch_model.TorchModel`` (a transformers
+causal LM), the output head restricted to the tokens an answer can use.
 
-Same contract as ``batched.BatchedDecoder.generate`` (and the same GBNF grammars, applied by llama.cpp's sampler on
-the model's vocabulary): the backend picks this decoder with ``engine = "torch"``. What differs is where the
-arithmetic goes:
+Same contract as ``batched.BatchedDecoder.generate`` (and the same GBNF grammars, applied by llguidance on the
+model's vocabulary: ``vocab.Vocab``, no llama.cpp): the backend picks this decoder with ``engine = "torch"``. What
+differs is where the arithmetic goes:
 
 - **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded in rounds of ``n_seq``: their
   prompts evaluated together (right-padded), then one token per sequence per step. A round's key/value cache is
@@ -31,41 +31,42 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..formats.gbnf import literals
-from ._llama import grammar_sampler, shared_prefix
-from .batched import GrammarFilter, _Seq, advance, log_softmax_at
-from .torch_gemma import GemmaTorch, KVCache
+from ._llama import shared_prefix
+from .batched import _Seq, extend, log_softmax_at
+from .torch_model import TorchModel
+from .vocab import Vocab
 
 
 class TorchDecoder:
     def __init__(
         self,
-        llm,
-        model: GemmaTorch,
+        vocab: Vocab,
+        model: TorchModel,
         n_seq: int = 32,
         head: str = "restricted",
         top_k: int = 16,
         max_batch_tokens: int = 1024,
     ):
-        import llama_cpp
         import torch
 
         if head not in ("restricted", "full"):
             raise ValueError(f"torch decoder: head must be 'restricted' or 'full', not {head!r}")
         self.torch = torch
-        self.llm = llm
+        self.vocab = vocab
         self.model = model
         self.n_seq = n_seq
         self.head = head
+        self.top_k = top_k
         self.max_batch_tokens = max_batch_tokens
-        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self.n_vocab = llm.n_vocab()
-        self.grammar = GrammarFilter(llama_cpp, self.n_vocab, top_k)
-        self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self.n_vocab = vocab.n_vocab
+        if model.n_vocab < self.n_vocab:
+            raise ValueError(f"torch engine: the model's head has {model.n_vocab} rows, its vocabulary {self.n_vocab}")
+        self.eog = list(vocab.eog)
         self._pieces: Optional[Dict[str, List[int]]] = None
         self._max_piece = 1
         self._prefix_candidates: Tuple[tuple, set] = ((), set())
         self.prefix: List[int] = []
-        self.prefix_cache: Optional[KVCache] = None
+        self.prefix_cache = None  # the shared prefix's keys and values (torch_model.SlotCache, one row)
         self.usage: Counter = Counter()
 
     def close(self) -> None:
@@ -78,7 +79,7 @@ class TorchDecoder:
             table: Dict[str, List[int]] = {}
             for t in range(self.n_vocab):
                 try:
-                    text = self.llm.detokenize([t]).decode("utf8")
+                    text = self.vocab.piece(t).decode("utf8")
                 except UnicodeDecodeError:
                     continue  # a byte piece: reachable through the prompt's own tokens only
                 if text:
@@ -93,10 +94,8 @@ class TorchDecoder:
         per prefix."""
         key = tuple(tokens[:common])
         if self._prefix_candidates[0] != key:
-            self._prefix_candidates = (key, self._substrings(self.llm.detokenize(list(key)).decode("utf8", "ignore")))
-        found = self._prefix_candidates[1] | self._substrings(
-            self.llm.detokenize(list(tokens[common:])).decode("utf8", errors="ignore")
-        )
+            self._prefix_candidates = (key, self._substrings(self.vocab.text_of(key)))
+        found = self._prefix_candidates[1] | self._substrings(self.vocab.text_of(tokens[common:]))
         for literal in set(literals(grammar)):
             found |= self._substrings(literal)
         found.update(tokens)
@@ -115,16 +114,15 @@ class TorchDecoder:
         return found
 
     # -- evaluation -------------------------------------------------------------------------------------------
-    def _forward(self, ids, start, cache, row0=0):
-        torch = self.torch
-        out = self.model.forward(torch.as_tensor(ids), torch.as_tensor(start), cache, row0=row0)
+    def _forward(self, ids, positions, cache, mask=None):
+        out = self.model.forward(ids, positions, cache, mask)
         self.usage["evaluated_tokens"] += out.shape[0] * out.shape[1]
         self.usage["gflop"] += self.model.body_flop * out.shape[0] * out.shape[1] / 1e9
         return out
 
     def _head(self, hidden, weight=None):
         """Logits (float32 tensor) for every vocabulary row, or for the head rows ``weight`` (``head_rows``)."""
-        n = self.n_vocab if weight is None else weight.shape[0]
+        n = self.model.n_vocab if weight is None else weight.shape[0]
         self.usage["head_rows"] += n * hidden.shape[0]
         self.usage["gflop"] += self.model.row_flop * n * hidden.shape[0] / 1e9
         return self.model.logits(hidden, weight)
@@ -134,10 +132,10 @@ class TorchDecoder:
             return
         self.prefix_cache = None
         if prefix:
-            cache = KVCache(self.model, 1, len(prefix))
+            cache = self.model.new_cache(1, len(prefix))
             for at in range(0, len(prefix), self.max_batch_tokens):
                 part = prefix[at : at + self.max_batch_tokens]
-                self._forward([part], [at], cache)
+                self._forward([part], [list(range(at, at + len(part)))], cache)
             self.usage["prompt_tokens"] += len(prefix)  # (_forward counts it among the evaluated tokens)
             self.prefix_cache = cache
         self.prefix = list(prefix)
@@ -163,31 +161,29 @@ class TorchDecoder:
         return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]
 
     def _round(self, seqs: List[_Seq], common: int) -> None:
-        import llama_cpp as lc
-
-        B = len(seqs)
-        lens = [len(s.tokens) for s in seqs]
-        cache = KVCache(self.model, B, max(lens) + max(s.max_tokens for s in seqs) + 1)
-        if common:
-            cache.fill_prefix(self.prefix_cache, common)
         try:
             for s in seqs:
-                if s.grammar:
-                    s.sampler = grammar_sampler(self.vocab, s.grammar)
+                s.sampler = self.vocab.matcher(s.grammar) if s.grammar else None
                 s.pos = len(s.tokens)
-            hidden = self._prefill(seqs, common, cache)
-            self._decode(seqs, hidden, cache, common)
+            hidden, cache, mask = self._prefill(seqs, common)
+            self._decode(seqs, hidden, cache, mask, common)
             self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
+            self.usage["loops_stopped"] += sum(s.looped for s in seqs)
         finally:
             for s in seqs:
-                if s.sampler is not None:
-                    lc.llama_sampler_free(s.sampler)
-                    s.sampler = None
+                s.sampler = None
                 s.done = True
 
-    def _prefill(self, seqs: List[_Seq], common: int, cache: KVCache):
-        """Evaluates each prompt past the shared prefix; returns each one's last hidden state (B, n_embd)."""
+    def _prefill(self, seqs: List[_Seq], common: int):
+        """Evaluates each prompt past the shared prefix, in sub-batches of at most ``max_batch_tokens`` (right-padded)
+        written into one cache for the round; returns each one's last hidden state (B, n_embd), the cache and its
+        padding mask (B, filled slots)."""
         torch = self.torch
+        widest = max(len(s.tokens) for s in seqs) - common
+        capacity = common + widest + max(s.max_tokens for s in seqs) + 1
+        cache = self.model.new_cache(len(seqs), capacity, self.prefix_cache if common else None)
+        mask = np.zeros((len(seqs), common + widest), dtype=np.int64)
+        mask[:, :common] = 1
         lasts = []
         at = 0
         while at < len(seqs):
@@ -202,14 +198,17 @@ class TorchDecoder:
             ids = np.zeros((n, width), dtype=np.int64)
             for r, s in enumerate(part):
                 ids[r, : len(s.tokens) - common] = s.tokens[common:]
+                mask[at + r, common : len(s.tokens)] = 1
                 self.usage["prompt_tokens"] += len(s.tokens) - common
             self.usage["padding_tokens"] += int(ids.size) - sum(len(s.tokens) - common for s in part)
-            h = self._forward(ids, [common] * n, cache, row0=at)
+            positions = np.tile(np.arange(common, common + width), (n, 1))
+            h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : common + width])
             lasts.extend(h[r, len(s.tokens) - common - 1] for r, s in enumerate(part))
             at += n
-        return torch.stack(lasts)
+        cache.length = common + widest
+        return torch.stack(lasts), cache, mask
 
-    def _decode(self, seqs: List[_Seq], hidden, cache: KVCache, common: int) -> None:
+    def _decode(self, seqs: List[_Seq], hidden, cache, mask: np.ndarray, common: int) -> None:
         torch = self.torch
         rows = list(seqs)  # the sequence each cache row holds
         allowed = None
@@ -217,50 +216,56 @@ class TorchDecoder:
             cand = [self.candidates(s.tokens, s.grammar, common) if s.grammar else None for s in rows]
             union = np.unique(np.concatenate([c for c in cand if c is not None] or [np.zeros(0, np.int64)]))
             # per row: which of the union's entries its prompt allows
-            allowed = torch.as_tensor(
+            allowed = self.model.tensor(
                 np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
             )
-            head = self.model.head_rows(torch.as_tensor(union))  # gathered once per round
+            head = self.model.head_rows(union)  # gathered once per round
         while True:
             top = None
             if allowed is not None and len(union):
                 # the best top_k allowed rows of every sequence at once, and each row's normaliser
                 logits = self._head(hidden, head).masked_fill_(~allowed, float("-inf"))
-                vals, idx = logits.topk(min(self.grammar.top_k, len(union)), dim=1)
-                top = (union[idx.numpy()], vals.numpy(), torch.logsumexp(logits, dim=1).numpy())
+                vals, idx = logits.topk(min(self.top_k, len(union)), dim=1)
+                top = (union[idx.cpu().numpy()], vals.cpu().numpy(), torch.logsumexp(logits, dim=1).cpu().numpy())
             step_ids, step_pos = [], []
             for r, s in enumerate(rows):
                 if not s.done:
                     token = None
                     if top is not None and s.sampler is not None:
-                        j = self.grammar.first_allowed(s.sampler, top[0][r], top[1][r])
-                        if j is not None:
+                        ok = s.sampler.allowed(top[0][r]) & np.isfinite(top[1][r])
+                        if ok.any():
+                            j = int(np.argmax(ok))  # the best allowed (candidates are sorted best first)
                             token = int(top[0][r][j])
                             lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
                     if token is None:
-                        full = self._head(hidden[r : r + 1])[0].numpy()
+                        full = self._head(hidden[r : r + 1])[0].cpu().numpy()
                         self.usage["full_head_steps"] += int(top is not None and s.sampler is not None)
-                        token = int(np.argmax(full)) if s.sampler is None else self.grammar.best(s.sampler, full)
+                        token = int(np.argmax(full)) if s.sampler is None else s.sampler.best(full)
                         lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
-                    nxt = advance(self.llm, self.vocab, s, token, lp)
+                    nxt = None
+                    if token is not None and not self.vocab.is_eog(token):
+                        if s.sampler is not None:
+                            s.sampler.accept(token)
+                        nxt = extend(s, token, self.vocab.piece(token), lp)
                     if nxt is not None:
                         step_ids.append(nxt)
                         step_pos.append(s.pos)
                         s.pos += 1
                         continue
                     s.done = True
-                # a finished row rides along until compaction: any token, at a position inside the cache
+                # a finished row rides along until compaction: any token, at any position
                 step_ids.append(0)
-                step_pos.append(min(s.pos, cache.k[0].shape[1] - 1))
+                step_pos.append(s.pos)
             live = [r for r, s in enumerate(rows) if not s.done]
             if not live:
                 return
             if len(live) <= 0.75 * len(rows):  # compact: finished rows stop costing arithmetic
-                keep = torch.as_tensor(live)
-                cache.keep(keep)
+                cache.keep(self.model.tensor(live))
                 rows = [rows[r] for r in live]
                 step_ids = [step_ids[r] for r in live]
                 step_pos = [step_pos[r] for r in live]
+                mask = mask[live]
                 if allowed is not None:
-                    allowed = allowed[live]
-            hidden = self._forward(np.array(step_ids)[:, None], step_pos, cache)[:, 0]
+                    allowed = allowed[self.model.tensor(live)]
+            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=mask.dtype)], axis=1)
+            hidden = self._forward(np.array(step_ids)[:, None], np.array(step_pos)[:, None], cache, mask)[:, 0]

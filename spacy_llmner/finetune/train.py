@@ -1,9 +1,9 @@
 """LoRA instruction tuning of a GGUF model with torch + peft, on CPU or a GPU.
 
-Weights: transformers dequantizes the GGUF (``from_pretrained(gguf_file=...)``; Gemma 3 and Llama/SmolLM2 load
-exactly: the same top-1 token as llama.cpp at every position of a probe prompt). Tokens: llama.cpp's own tokenizer
-of the same file (``vocab_only``), never transformers' GGUF tokenizer conversion, which transformers 4.53.2 gets
-wrong for Gemma 3; so the token ids trained on are exactly those llama.cpp sees at inference.
+Weights: the package's one loader (``backends.weights.load_causal_lm``: the GGUF dequantized by gguf-py into
+transformers' model classes, as the fast engine runs it; Gemma 3 and Llama/SmolLM2). Tokens: the file's own tokenizer
+(``backends.vocab``, equal to llama.cpp's), never transformers' GGUF tokenizer conversion, which transformers 4.53.2
+gets wrong for Gemma 3; so the token ids trained on are exactly those seen at inference.
 
 The loss is on the answer tokens only, and the LM head runs only on the positions that predict them
 (``logits_to_keep``): with Gemma's 262k-token vocabulary the head would otherwise cost more than the body.
@@ -47,32 +47,29 @@ def model_file(model: str) -> str:
 
 
 def load_model(path: str, device: str = "cpu"):
-    import os
+    """The model in float32 for tuning, through the package's one loader (``backends.weights``)."""
+    from ..backends.weights import load_causal_lm, resolve_device
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(os.path.abspath(path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
-    return model.to(device)
+    return load_causal_lm(path, None, "float32", resolve_device(device))
 
 
 class Tokenizer:
-    """llama.cpp's tokenizer of the GGUF file itself: exactly the ids the backend will feed the model."""
+    """The model file's own tokenizer (``backends.vocab``: the ids llama.cpp and the torch engine both use)."""
 
     def __init__(self, path: str):
-        from llama_cpp import Llama
+        from ..backends.vocab import vocab_of
 
-        self._llm = Llama(model_path=path, vocab_only=True, verbose=False)
+        self._vocab = vocab_of(path)
 
     def prompt(self, text: str) -> List[int]:
-        return self._llm.tokenize(text.encode("utf8"), add_bos=True, special=True)  # as LlamaCppBackend does
+        return self._vocab.tokenize(text)  # as the backend tokenizes prompts
 
     def completion(self, text: str) -> List[int]:
-        return self._llm.tokenize(text.encode("utf8"), add_bos=False, special=False)
+        ids = self._vocab.tokenize(text)
+        return ids[1:] if self._vocab.add_bos and ids[:1] == [self._vocab.bos] else ids
 
     def close(self):
-        self._llm.close()
+        pass
 
 
 def answer_loss(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], device: str = "cpu"):

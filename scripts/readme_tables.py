@@ -1,0 +1,106 @@
+"""Writes the README's generated tables from metrics/*.json, so that its figures are the measured ones.
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in README.md; its rows come from
+benchmark outputs (``benchmarks/finetune.py --batched`` files: per domain, per system, F1 / P / R and speed) and
+each row names the command line that produced it. ``--check`` writes nothing and exits 1 where README.md differs
+from what the metrics give (the test suite runs it).
+
+    python scripts/readme_tables.py            # rewrite the tables in README.md
+    python scripts/readme_tables.py --check    # are they up to date?
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (row label, metrics file, the engine that ran it)
+QUALITY = [
+    ("with the shipped adapter `ner-v2` (the default)", "metrics/speed/full_test_v2_k3.json", "torch (transformers)"),
+    ("base model (`adapter = null`)", "metrics/speed/full_test_base_k3.json", "torch (hand-written, 8380660)"),
+    (
+        "`ner-v2`, sentences and retrieval pool lower-cased",
+        "metrics/speed/full_test_v2_k3_lower.json",
+        "torch (hand-written, 8380660)",
+    ),
+]
+
+
+def summary(path: Path) -> dict:
+    """Averages over domains (F1, P, R: each domain's micro figures, averaged) and seconds per sentence (all the
+    run's seconds over all its sentences) of the one system in a benchmarks/finetune.py output."""
+    data = json.loads(path.read_text())
+    rows = [systems[name] for systems in data["domains"].values() for name in systems]
+    n = len(rows)
+    seconds = sum(r["sentences"] / r["sentences_per_second"] for r in rows)
+    return {
+        "f1": sum(r["f1"] for r in rows) / n,
+        "p": sum(r["p"] for r in rows) / n,
+        "r": sum(r["r"] for r in rows) / n,
+        "sentences": sum(r["sentences"] for r in rows),
+        "seconds_per_sentence": seconds / sum(r["sentences"] for r in rows),
+        "command": command(data["args"]),
+    }
+
+
+def command(args: dict) -> str:
+    """The benchmarks/finetune.py command line that wrote a file, from the arguments it recorded."""
+    parts = ["python benchmarks/finetune.py --batched", f"--k {args['k']}", f"--n {args['n']}"]
+    parts += [f"--system {s}" for s in args["system"]]
+    if args.get("lower"):
+        parts.append("--lower")
+    return " ".join(parts)
+
+
+def quality_table(root: Path) -> str:
+    lines = [
+        "| Gemma 3 270M | avg F1 (P / R) | seconds / sentence | sentences | engine | produced by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, file, engine in QUALITY:
+        s = summary(root / file)
+        f1 = f"**{s['f1']:.1f}**" if "default" in label else f"{s['f1']:.1f}"
+        lines.append(
+            f"| {label} | {f1} ({s['p']:.1f} / {s['r']:.1f}) | {s['seconds_per_sentence']:.2f} | {s['sentences']:,} "
+            f"| {engine} | `{s['command']}` → `{file}` |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"quality": quality_table}
+
+
+def render(readme: str, root: Path) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"readme_tables: README.md has no <!-- table:{name} --> ... <!-- /table:{name} --> block")
+        table = make(root)
+        readme = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), readme)
+    return readme
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the metrics give")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository (README.md and metrics/)")
+    args = parser.parse_args(argv)
+    path = args.root / "README.md"
+    old = path.read_text(encoding="utf8")
+    new = render(old, args.root)
+    if args.check:
+        if new != old:
+            print("readme_tables: README.md's tables differ from metrics/: run python scripts/readme_tables.py")
+            return 1
+        print("readme_tables: up to date")
+        return 0
+    path.write_text(new, encoding="utf8")
+    print(f"readme_tables: wrote {', '.join(TABLES)} in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The fast engine's model: a transformers causal LM (any architecture ``weights.load_causal_lm`` loads) seen as a
+body and an output head, so that ``torch_decoder`` can apply the head to a few rows only.
+
+- ``forward``: the body (transformers' own model code: embeddings, layers, final norm) over a batch of
+  right-padded token rows with explicit positions and a 2-D padding mask, appending to a transformers
+  ``DynamicCache``; returns float32 hidden states.
+- ``logits``: the output head on those hidden states, for every vocabulary row or for ``head_rows(ids)`` only,
+  with the model's final logit soft-capping where its config has one.
+- Caches (``SlotCache``, a transformers ``Cache``): preallocated slots written in place; ``new_cache`` gives every
+  row of a round the shared prefix's keys and values; a prefill sub-batch writes into a range of the round's rows;
+  finished rows are dropped (``keep``).
+- Precision: on a CPU with ``dtype = bfloat16`` the matrix products, the embedding / head and attention (the
+  cached keys and values) run in bfloat16; the residual stream and norms stay in float32 (hooks on transformers'
+  modules; ``attention`` is registered with transformers' ``AttentionInterface``).
+
+``body_flop`` and ``row_flop`` give the arithmetic of one token through the body's matrix products and of one head
+row (attention aside), for the decoder's compute accounting.
+"""
+
+from typing import Optional
+
+from .weights import load_causal_lm, resolve_device, resolve_dtype
+
+
+def slot_cache_class():
+    """``SlotCache``, defined on first use (it subclasses transformers' ``Cache``: no transformers import before)."""
+    global SlotCache
+    if SlotCache is None:
+        from transformers.cache_utils import Cache
+
+        class _SlotCache(Cache):
+            """Keys and values in preallocated slots, (rows, kv heads, capacity, head dim) per layer, filled up to
+            ``length`` for every row alike (a shorter row's extra slots are masked by the caller). Appending writes
+            in place (a ``DynamicCache`` concatenates: a copy of the whole cache per token); ``rows`` views a range
+            of rows (a prefill sub-batch writes into the round's cache); ``keep`` drops finished rows."""
+
+            def __init__(self, keys, values, length: int = 0):
+                super().__init__()
+                self.keys, self.values, self.length = keys, values, length
+
+            def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+                n, t = self.length, key_states.shape[-2]
+                self.keys[layer_idx][:, :, n : n + t] = key_states
+                self.values[layer_idx][:, :, n : n + t] = value_states
+                if layer_idx == len(self.keys) - 1:
+                    self.length += t
+                return self.keys[layer_idx][:, :, : n + t], self.values[layer_idx][:, :, : n + t]
+
+            def get_seq_length(self, layer_idx: Optional[int] = 0) -> int:
+                return self.length
+
+            def get_max_cache_shape(self) -> Optional[int]:
+                return None
+
+            def rows(self, start: int, stop: int):
+                return type(self)([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.length)
+
+            def keep(self, rows) -> None:
+                self.keys = [k[rows] for k in self.keys]
+                self.values = [v[rows] for v in self.values]
+
+        SlotCache = _SlotCache
+    return SlotCache
+
+
+SlotCache = None
+ATTENTION = "spacy_llmner_sdpa"
+
+
+def register_attention() -> str:
+    """Registers ``attention`` with transformers (its ``AttentionInterface``, with sdpa's masks) under ATTENTION."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention without its copies: the key/value heads are shared by their query heads inside
+    the kernel (``enable_gqa``) instead of repeated, and the cache's slots are read in place instead of made
+    contiguous; transformers' version copies the whole cache (times the query heads per key head) at every layer
+    and every generated token."""
+    import torch
+
+    if kwargs.get("softcap") or kwargs.get("head_mask") is not None:
+        raise ValueError("torch engine: attention logit soft-capping and head masks are not supported")
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.to(key.dtype),  # the cache's dtype: bfloat16 slots on a CPU with bfloat16 products
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=query.shape[2] > 1 and attention_mask is None,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+class TorchModel:
+    def __init__(
+        self,
+        path: str,
+        lora: Optional[str] = None,
+        dtype: str = "auto",
+        n_threads: Optional[int] = None,
+        device: str = "cpu",
+    ):
+        import torch
+
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        self.torch = torch
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        # on a CPU the residual stream, norms and attention stay in float32 and only the matrix products (and the
+        # embedding, which is also the head) run in bfloat16; on a GPU the whole model runs in ``dtype``
+        mixed = self.device == "cpu" and self.dtype != torch.float32
+        self.lm = load_causal_lm(
+            path, lora, torch.float32 if mixed else self.dtype, self.device, attention=register_attention()
+        )
+        self.body = self.lm.get_decoder()
+        linear = [m for m in self.body.modules() if isinstance(m, torch.nn.Linear)]
+        if mixed:
+            for module in linear + [self.lm.get_input_embeddings(), self.lm.get_output_embeddings()]:
+                products_in(module, self.dtype)
+        self.kv_dtype = self.dtype  # keys and values are stored (and attended over) in dtype
+        self.head = self.lm.get_output_embeddings().weight  # (n_vocab, n_embd)
+        self.n_vocab = self.head.shape[0]
+        config = self.lm.config.to_dict()
+        self.softcap = config.get("final_logit_softcapping")
+        self.n_layer = config["num_hidden_layers"]
+        self.kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        self.body_flop = 2 * sum(m.weight.numel() for m in linear)
+        self.row_flop = 2 * self.head.shape[1]
+
+    def tensor(self, array, dtype=None):
+        return self.torch.as_tensor(array, dtype=dtype, device=self.device)
+
+    def new_cache(self, rows: int, capacity: int, prefix=None):
+        """An empty ``SlotCache`` of ``rows`` × ``capacity`` slots; with ``prefix`` (a one-row cache) every row
+        starts with its filled slots."""
+        torch = self.torch
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        make = lambda: [  # noqa: E731
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.n_layer)
+        ]
+        cache = slot_cache_class()(make(), make(), 0)
+        if prefix is not None and prefix.length:
+            n = cache.length = prefix.length
+            for dst, src in zip(cache.keys + cache.values, prefix.keys + prefix.values):
+                dst[:, :, :n] = src[:1, :, :n]
+        return cache
+
+    def forward(self, ids, positions, cache, mask=None):
+        """Float32 hidden states (B, T, n_embd) after the final norm for token ids (B, T) at ``positions`` (B, T);
+        ``mask`` (B, cached + T): 1 where a slot holds a real token. Keys and values are written into ``cache``."""
+        out = self.body(
+            input_ids=self.tensor(ids, self.torch.long),
+            position_ids=self.tensor(positions, self.torch.long),
+            attention_mask=None if mask is None else self.tensor(mask, self.torch.long),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state.float()
+
+    def head_rows(self, ids):
+        """The output head's rows for token ids: a restricted head for ``logits``."""
+        return self.head[self.tensor(ids, self.torch.long)]
+
+    def logits(self, hidden, weight=None):
+        """Float32 logits for hidden states (N, n_embd): every vocabulary entry, or the rows of ``weight``."""
+        torch = self.torch
+        out = torch.nn.functional.linear(hidden.to(self.dtype), self.head if weight is None else weight).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def products_in(module, dtype) -> None:
+    """The module's weights in ``dtype``, its floating inputs cast to it and its output back to float32."""
+    import torch
+
+    module.to(dtype)
+    module.register_forward_pre_hook(
+        lambda m, args: tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    )
+    module.register_forward_hook(lambda m, args, out: out.float())

@@ -1,0 +1,333 @@
+"""The package's one weight loader: a GGUF file (or a transformers folder of safetensors) into a transformers causal
+LM, with a LoRA adapter (GGUF or peft) applied through peft. The fast engine, ``finetune`` and the adapter scripts
+all load through here.
+
+- **Model code is transformers'.** The architecture comes from the GGUF's metadata, mapped onto a transformers
+  config with transformers' own GGUF tables (``GGUF_TO_TRANSFORMERS_MAPPING``); every architecture those tables know
+  (Gemma 2/3, Llama/SmolLM2, Qwen2, Phi-3, ...) loads. Tensor names come from gguf-py's name map and each tensor
+  goes through transformers' per-architecture ``TENSOR_PROCESSORS`` (Gemma's 1 + w norms, Llama's q/k row order).
+- **Reading is ours only where transformers is slow.** ``GGUFReader`` decodes every metadata array up front (Gemma
+  3's 262,144-entry vocabulary: seconds); ``read_gguf`` reads the scalars, skips the arrays, maps the tensors and
+  leaves dequantizing to gguf-py. The header has been checked (``gguf_check``) before this runs.
+- **One LoRA path.** A GGUF LoRA adapter (llama.cpp's format, as shipped) is turned into a peft ``LoraConfig`` and
+  state dict (``gguf_lora_to_peft``); a peft folder is read by peft. Either is merged by peft (``merge_and_unload``)
+  for inference, or written as a peft folder (``write_peft_adapter``) that vLLM serves with ``--enable-lora``.
+
+torch, transformers, peft and gguf are imported on first use only.
+"""
+
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+# GGUF metadata value types → struct formats (8: string, 9: array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf(
+    path: str, tensors: bool = True, arrays: Sequence[str] = ()
+) -> Tuple[Dict[str, object], Dict[str, np.ndarray]]:
+    """({metadata key: scalar or string; arrays as their length, except the keys in ``arrays``, read whole as a
+    list}, {tensor name: float32 array in GGUF's row-major layout (rows, cols)}); ``tensors = False`` returns
+    names → shapes only, nothing dequantized."""
+    import gguf
+
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv = memoryview(buf)
+    at = 0
+
+    def read(fmt):
+        nonlocal at
+        (value,) = struct.unpack_from(fmt, mv, at)
+        at += struct.calcsize(fmt)
+        return value
+
+    def read_str():
+        nonlocal at
+        n = read("<Q")
+        at += n
+        return bytes(mv[at - n : at]).decode("utf8", errors="replace")
+
+    def read_array():
+        itype, n = read("<I"), read("<Q")
+        if itype == 8:
+            return [read_str() for _ in range(n)]
+        if itype in _SCALARS:
+            fmt = _SCALARS[itype]
+            values = np.frombuffer(mv, dtype=np.dtype(fmt), count=n, offset=at).tolist()
+            skip_bytes(n * struct.calcsize(fmt))
+            return values
+        raise ValueError(f"{path}: nested arrays are not read")
+
+    def skip_bytes(n):
+        nonlocal at
+        at += n
+
+    def skip(vtype):
+        nonlocal at
+        if vtype == 8:
+            n = read("<Q")  # (read moves `at`: add after it)
+            at += n
+        elif vtype == 9:
+            itype, n = read("<I"), read("<Q")
+            if itype in _SCALARS:
+                at += n * struct.calcsize(_SCALARS[itype])
+            else:
+                for _ in range(n):
+                    skip(itype)
+        else:
+            at += struct.calcsize(_SCALARS[vtype])
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    at = 4
+    read("<I")  # version
+    n_tensors, n_kv = read("<Q"), read("<Q")
+    meta: Dict[str, object] = {}
+    for _ in range(n_kv):
+        key, vtype = read_str(), read("<I")
+        if vtype == 8:
+            meta[key] = read_str()
+        elif vtype == 9 and key in arrays:
+            meta[key] = read_array()
+        elif vtype == 9:
+            mark = at
+            read("<I")
+            meta[key] = read("<Q")
+            at = mark
+            skip(9)
+        else:
+            meta[key] = read(_SCALARS[vtype])
+    infos = []
+    for _ in range(n_tensors):
+        name = read_str()
+        dims = [read("<Q") for _ in range(read("<I"))]
+        infos.append((name, dims, read("<I"), read("<Q")))
+    if not tensors:
+        return meta, {name: tuple(dims[::-1]) for name, dims, _, _ in infos}
+    align = int(meta.get("general.alignment", 32))
+    base = (at + align - 1) // align * align
+    out = {}
+    for name, dims, ttype, offset in infos:
+        qtype = gguf.GGMLQuantizationType(ttype)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        n_rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        row_bytes = dims[0] // block * size
+        raw = buf[base + offset : base + offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            data = raw.view(np.float32)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            data = raw.view(np.float16).astype(np.float32)
+        else:
+            data = gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+        out[name] = data.reshape(dims[::-1]) if len(dims) > 1 else data.reshape(-1)
+    return meta, out
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(dtype: str, device: str = "cpu"):
+    """ "auto": bfloat16 on a GPU and where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere."""
+    import torch
+
+    if dtype == "auto":
+        native = device != "cpu" or {"avx512_bf16", "amx_bf16"} & _cpu_flags()
+        dtype = "bfloat16" if native else "float32"
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"torch engine: dtype must be 'auto', 'bfloat16', 'float16' or 'float32', not {dtype!r}")
+    return getattr(torch, dtype)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuses a device name torch would not take (names only: nothing is imported)."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:<n>', 'mps' or 'xpu', not {device!r}")
+
+
+def resolve_device(device: str) -> str:
+    """ "auto": CUDA where torch sees a GPU, else the CPU. A GPU asked for that torch does not see is an error."""
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA device here (a CPU build of torch, or no GPU)")
+    return device
+
+
+def transformers_arch(arch: str) -> Optional[str]:
+    """The GGUF architecture's key in transformers' GGUF tables, or None where transformers cannot load it."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return arch if arch in GGUF_SUPPORTED_ARCHITECTURES else None
+
+
+def hf_config(meta: Dict[str, object], shapes: Dict[str, tuple]):
+    """A transformers config from a GGUF's metadata, through transformers' GGUF tables."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    arch = str(meta.get("general.architecture"))
+    if transformers_arch(arch) is None:
+        raise ValueError(f"transformers cannot load GGUF architecture {arch!r}")
+    table = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    values: Dict[str, object] = {}
+    for key, value in meta.items():
+        prefix, _, rest = key.partition(".")
+        renamed = table.get(prefix, {}).get(rest)
+        if renamed not in (None, -1) and isinstance(value, (int, float, str)):
+            values[renamed] = value
+    values["model_type"] = "gemma3_text" if arch == "gemma3" else arch
+    values["vocab_size"] = shapes["token_embd.weight"][0]
+    values["tie_word_embeddings"] = "output.weight" not in shapes
+    values.pop("_model_name_or_path", None)
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def _weights_map(model) -> Dict[str, str]:
+    """GGUF tensor name → transformers parameter name."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    return get_gguf_hf_weights_map(model)
+
+
+def _processor(arch: str, config):
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+
+
+def load_causal_lm(
+    path: str,
+    lora: Optional[str] = None,
+    dtype="float32",
+    device: str = "cpu",
+    merge: bool = True,
+    attention: Optional[str] = None,
+):
+    """A transformers causal LM (eval mode) from a GGUF file or a transformers folder; ``lora`` (a GGUF LoRA file
+    or a peft folder) merged in by peft, or with ``merge = False`` returned as a peft model. ``attention``: a name
+    registered with transformers' ``AttentionInterface`` (default: transformers' choice)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    if os.path.isdir(path):
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attention)
+        arch = None
+    else:
+        meta, weights = read_gguf(path)
+        arch = str(meta.get("general.architecture"))
+        config = hf_config(meta, {k: v.shape for k, v in weights.items()})
+        with no_init_weights():  # every parameter is assigned below: no random initialisation
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype, attn_implementation=attention)
+        names = _weights_map(model)
+        process = _processor(arch, config)
+        state = {}
+        for name in list(weights):
+            array = process.process(weights=weights.pop(name), name=name).weights
+            if name not in names:
+                raise ValueError(f"{path}: GGUF tensor {name} has no place in transformers' {config.model_type}")
+            owned = np.array(array, dtype=np.float32)  # a copy: the file's memory map is read-only
+            state[names[name]] = torch.from_numpy(owned).to(torch_dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+            missing = [m for m in missing if m != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights missing {missing[:4]} / unexpected {unexpected[:4]}")
+    model.eval()
+    if lora:
+        model = apply_lora(model, lora, arch, merge=merge)
+    return model.to(device)
+
+
+def gguf_lora_to_peft(lora: str, model, arch: Optional[str] = None):
+    """(peft LoraConfig, peft state dict) for a GGUF LoRA adapter of ``model``'s architecture. llama.cpp applies
+    W + s·B·A with s = alpha / rank (1 where alpha is 0); peft's scale is lora_alpha / r, so lora_alpha = s·r."""
+    import torch
+    from peft import LoraConfig
+
+    meta, parts = read_gguf(lora)
+    if meta.get("general.type") != "adapter":
+        raise ValueError(f"{lora} is not a GGUF LoRA adapter (general.type != adapter)")
+    arch = arch or str(meta.get("general.architecture"))
+    names = _weights_map(model)
+    process = _processor(arch, model.config)
+    state, targets, ranks = {}, [], set()
+    for stem in sorted(n[: -len(".lora_a")] for n in parts if n.endswith(".lora_a")):
+        a, b = parts[stem + ".lora_a"], parts.get(stem + ".lora_b")  # (r, in), (out, r)
+        if b is None or stem not in names:
+            raise ValueError(f"LoRA adapter {lora} names {stem}, which the model lacks")
+        b = process.process(weights=b, name=stem).weights  # the base tensor's row order (Llama q/k)
+        module = names[stem].removesuffix(".weight")
+        targets.append(module)
+        ranks.add(a.shape[0])
+        state[f"base_model.model.{module}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(a))
+        state[f"base_model.model.{module}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(b))
+    if len(ranks) != 1:
+        raise ValueError(f"LoRA adapter {lora}: mixed ranks {sorted(ranks)}")
+    r = ranks.pop()
+    alpha = float(meta.get("adapter.lora.alpha", 0.0)) or float(r)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    return config, state
+
+
+def apply_lora(model, lora: str, arch: Optional[str] = None, merge: bool = True):
+    """``model`` with a LoRA adapter (GGUF file or peft folder) through peft: merged, or a peft model."""
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+    if os.path.isdir(lora):
+        tuned = PeftModel.from_pretrained(model, lora)
+    else:
+        config, state = gguf_lora_to_peft(lora, model, arch)
+        tuned = get_peft_model(model, config)
+        result = set_peft_model_state_dict(tuned, {k: v.to(model.dtype) for k, v in state.items()})
+        if result.unexpected_keys:
+            raise ValueError(f"LoRA adapter {lora}: peft did not place {result.unexpected_keys[:4]}")
+    return tuned.merge_and_unload() if merge else tuned
+
+
+def save_peft(peft_model, folder, base_name: Optional[str] = None) -> Path:
+    """A peft model's LoRA weights in float16 (``adapter_model.safetensors``, peft's names) and peft's
+    ``adapter_config.json`` (``base_name``: its ``base_model_name_or_path``). Nothing is looked up online."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # "auto" would ask the Hub
+    halves = {k: v.detach().to("cpu").half().contiguous() for k, v in lora.items()}
+    save_file(halves, str(folder / "adapter_model.safetensors"))
+    config = peft_model.peft_config["default"]
+    if base_name:
+        config.base_model_name_or_path = base_name
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def write_peft_adapter(lora: str, base: str, out_dir, base_name: Optional[str] = None) -> Path:
+    """Writes a GGUF LoRA adapter as a peft folder (adapter_config.json + adapter_model.safetensors, transformers'
+    module names) that peft and vLLM (``--enable-lora``) load. ``base`` is the model's GGUF; ``base_name`` goes into
+    the config as ``base_model_name_or_path``."""
+    model = load_causal_lm(base, dtype="float32")
+    return save_peft(apply_lora(model, lora, merge=False), out_dir, base_name)

@@ -1,0 +1,100 @@
+"""The torch engine's vocabulary without llama.cpp (``backends/vocab.py``): the tokenizer built from the GGUF's own
+tables splits text exactly as llama.cpp does, each token's bytes and the end-of-generation tokens are llama.cpp's,
+and llguidance applies the formats' grammars token by token."""
+
+import glob
+import random
+
+import numpy as np
+import pytest
+import spacy
+
+from spacy_llmner.backends.llamacpp import resolve_model_path
+from spacy_llmner.backends.vocab import vocab_of
+
+MODELS = ["gemma3-270m", "smollm2-135m"]
+EDGES = [
+    "",
+    " ",
+    "\n",
+    "\n\n\n1",
+    "Entity types:\n- person\n- location\n\nSentence: Angela  Merkel\tmet 12,345 people in Zürich.\nEntities:\n",
+    "<start_of_turn>user\nhi<end_of_turn>",
+    "日本語のテキストと中文",
+    "émigré naïve ﬁnance – “quotes” … ½",
+    "  leading and trailing  ",
+    "ID-4711/B: x^2 + y_1 = 3.5e-3 ;) <b>bold</b>",
+]
+
+
+def sentences():
+    out = []
+    for path in sorted(glob.glob("tests/fixtures/data/crossner/*/test.txt")):
+        words = []
+        for line in open(path, encoding="utf8"):
+            line = line.strip()
+            if line:
+                words.append(line.split()[0])
+            elif words:
+                out.append(" ".join(words))
+                words = []
+    return out
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", MODELS)
+def test_the_tokenizer_bytes_and_end_tokens_are_llama_cpp_s(name):
+    from llama_cpp import Llama, llama_model_get_vocab, llama_vocab_is_eog
+
+    path = resolve_model_path(name)
+    vocab = vocab_of(path)
+    llm = Llama(path, vocab_only=True, verbose=False)
+    rng = random.Random(0)
+    pieces = [vocab.piece(rng.randrange(vocab.n_vocab)).decode("utf8", "ignore") for _ in range(400)]
+    fuzz = ["".join(rng.choice(pieces + [" ", "\n", "1", "ß", "..."]) for _ in range(8)) for _ in range(100)]
+    texts = sentences() + EDGES + fuzz
+    assert len(texts) > 100
+    differ = [t for t in texts if vocab.tokenize(t) != llm.tokenize(t.encode(), add_bos=True, special=True)]
+    assert differ == []
+    lv = llama_model_get_vocab(llm.model)
+    assert vocab.eog == [t for t in range(vocab.n_vocab) if llama_vocab_is_eog(lv, t)]
+    sample = range(0, vocab.n_vocab, 97)
+    # llama-cpp-python returns nothing for pieces over 32 bytes; every other piece is the same bytes
+    assert all(vocab.piece(t) == llm.detokenize([t]) for t in sample if llm.detokenize([t]))
+
+
+FORMATS = {  # as the grammars write them: the inline formats start with a space
+    "Lines": "Angela Merkel | person\nParis | location\n\n",
+    "Bracket": " [Angela Merkel|person] met Emmanuel Macron in [Paris|location].\n",
+    "XML": " <person>Angela Merkel</person> met Emmanuel Macron in <location>Paris</location>.\n",
+    "JSON": ' [{"text": "Angela Merkel", "label": "person"}, {"text": "Paris", "label": "location"}]\n',
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_llguidance_applies_each_format_s_grammar_token_by_token(fmt):
+    """The faithful answer is allowed token by token (tokens of the model's own tokenizer) and may end there; an
+    answer naming a label that is not given, or a mention that is not in the text, is refused at its first
+    wrong token."""
+    vocab = vocab_of(resolve_model_path("gemma3-270m"))
+    nlp = spacy.blank("en")
+    config = {"labels": ["person", "location"], "zero_shot": True, "format": {"@misc": f"spacy_llmner.{fmt}Format.v1"}}
+    ner = nlp.add_pipe("llm_lar_ner", config=config)
+    grammar = ner.request(nlp.make_doc("Angela Merkel met Emmanuel Macron in Paris.")[:]).grammar
+
+    def walk(answer):
+        m = vocab.matcher(grammar)
+        for token in vocab.tokenize(answer)[1:]:
+            if not m.allowed(np.array([token]))[0]:
+                return False, m
+            m.accept(token)
+        return True, m
+
+    ok, m = walk(FORMATS[fmt])
+    assert ok and m.allowed(np.array(vocab.eog)).any()
+    assert not walk(FORMATS[fmt].replace("location", "organisation"))[0]
+    assert not walk(FORMATS[fmt].replace("Paris", "Rome"))[0]
+    full = np.zeros(vocab.n_vocab, np.float32)
+    full[vocab.tokenize("Zürich")[1]] = 10.0  # the best token overall is not allowed: best() skips it
+    best = vocab.matcher(grammar).best(full)
+    assert best is not None and best != vocab.tokenize("Zürich")[1]
