@@ -186,6 +186,15 @@ def test_the_torch_model_computes_llama_cpp_s_logits(name):
     np.testing.assert_allclose(incremental, whole[half:], atol=1e-3)
 
 
+def zero_shot_requests(backend, texts):
+    """Tokenized zero-shot prompts for the texts and the decoder's other arguments (limits, stops, grammars)."""
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
+    reqs = [ner.request(nlp.make_doc(t)[:]) for t in texts]
+    args = ([r.max_tokens for r in reqs], [r.stop for r in reqs], [r.grammar for r in reqs])
+    return [backend.tokenize(r.prompt) for r in reqs], args
+
+
 @pytest.mark.model
 def test_the_restricted_head_decodes_as_the_full_head(gemma):
     """The grammar copies mentions from the prompt, so the restricted head (the prompt's tokens) finds the same
@@ -193,17 +202,13 @@ def test_the_restricted_head_decodes_as_the_full_head(gemma):
     from spacy_llmner.backends.torch_decoder import TorchDecoder
 
     backend, model = gemma
-    nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
     texts = [
         "Angela Merkel met Emmanuel Macron in Paris.",
         "Microsoft opened a lab in Nairobi, Kenya.",
         "The weather was cold and wet.",
         "Marie Curie worked at the University of Paris with Pierre Curie.",
     ]
-    reqs = [ner.request(nlp.make_doc(t)[:]) for t in texts]
-    prompts = [backend.tokenize(r.prompt) for r in reqs]
-    args = ([r.max_tokens for r in reqs], [r.stop for r in reqs], [r.grammar for r in reqs])
+    prompts, args = zero_shot_requests(backend, texts)
     vocab = backend.vocab
     restricted, full = TorchDecoder(vocab, model, n_seq=3), TorchDecoder(vocab, model, n_seq=3, head="full")
     got, want = restricted.generate(prompts, *args), full.generate(prompts, *args)
@@ -222,17 +227,13 @@ def test_prompts_batched_with_padding_decode_as_each_alone(gemma):
     from spacy_llmner.backends.torch_decoder import TorchDecoder
 
     backend, model = gemma
-    nlp = spacy.blank("en")
-    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
     texts = [
         "Angela Merkel met Emmanuel Macron in Paris.",
         "Toyota.",
         "Marie Curie worked at the University of Paris with Pierre Curie and later lectured in Warsaw, Poland.",
         "Microsoft opened a lab in Nairobi, Kenya.",
     ]
-    reqs = [ner.request(nlp.make_doc(t)[:]) for t in texts]
-    prompts = [backend.tokenize(r.prompt) for r in reqs]
-    args = ([r.max_tokens for r in reqs], [r.stop for r in reqs], [r.grammar for r in reqs])
+    prompts, args = zero_shot_requests(backend, texts)
     together = TorchDecoder(backend.vocab, model, n_seq=4, max_batch_tokens=64)  # two prefill sub-batches, joined
     batched = together.generate(prompts, *args)
     assert together.usage["padding_tokens"] > 0
