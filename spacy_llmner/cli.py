@@ -287,6 +287,22 @@ def adapter_package(
     typer.echo(f"adapter-package: wrote {output} ({manifest['bytes'] / 1e6:.2f} MB, sha256 {manifest['sha256'][:12]})")
 
 
+@app.command("adapter-peft")
+def adapter_peft(
+    adapter: str = typer.Argument(..., help="A shipped adapter's name (ner-v2) or a GGUF LoRA file"),
+    output: Path = typer.Argument(..., help="The peft folder to write (config and safetensors)"),
+    model: str = typer.Option("gemma3-270m", help="The base model the adapter was tuned on"),
+):
+    """Writes an adapter in peft's format, what vLLM serves with --enable-lora --lora-modules NAME=OUTPUT (derived
+    from the GGUF adapter: the same weights, stored in float16)."""
+    from .backends.llamacpp import HF_NAMES, LlamaCppBackend, resolve_adapter, resolve_model_path
+    from .backends.weights import write_peft_adapter
+
+    gguf = LlamaCppBackend.adapter_file_of(resolve_adapter(model, adapter))
+    folder = write_peft_adapter(gguf, resolve_model_path(model), output, HF_NAMES.get(model))
+    typer.echo(f"adapter-peft: wrote {folder} (the adapter {adapter} for {HF_NAMES.get(model, model)})")
+
+
 def _adapter_commands(
     lora: Path, output: Path, config_path: Path, name: str, rank: Optional[int], model: str, local: bool
 ):

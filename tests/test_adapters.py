@@ -28,10 +28,6 @@ def test_the_shipped_adapter_matches_its_manifest(name):
     attribution = (folder / "ATTRIBUTION.md").read_text()
     assert "CrossNER" in attribution and "GENIA" in attribution and "Creative Commons Attribution 3.0" in attribution
     assert "conll2003" not in (folder / "tuning.cfg").read_text().lower()
-    # the peft copy (what vLLM serves) is the one the manifest names, of the same rank
-    peft = folder / manifest["peft"]["folder"]
-    assert sha256(peft / "adapter_model.safetensors") == manifest["peft"]["sha256"]
-    assert json.loads((peft / "adapter_config.json").read_text())["r"] == manifest["rank"]
 
 
 def test_research_only_data_is_refused_for_a_shipped_adapter(tmp_path):

@@ -2,6 +2,7 @@
 head against the full one, and the pipeline end to end."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -69,8 +70,11 @@ def test_peft_merges_a_gguf_lora_as_w_plus_scaled_b_a_and_refuses_unknown_weight
 
 @pytest.mark.model
 def test_the_peft_folder_of_an_adapter_loads_to_the_same_model(base_model, tmp_path):
-    """adapter-package's peft copy (what vLLM serves) is the GGUF adapter: same merged weights."""
+    """The peft copy (what vLLM serves; written by adapter-package, and by `spacy-llmner adapter-peft` for a
+    shipped adapter) is the GGUF adapter: same merged weights."""
     import copy
+    import subprocess
+    import sys
 
     from spacy_llmner.backends.llamacpp import resolve_model_path
     from spacy_llmner.backends.weights import apply_lora, write_peft_adapter
@@ -80,7 +84,11 @@ def test_the_peft_folder_of_an_adapter_loads_to_the_same_model(base_model, tmp_p
     assert config["base_model_name_or_path"] == "google/gemma-3-270m" and "q_proj" in str(config["target_modules"])
     from_gguf = apply_lora(copy.deepcopy(base_model), ADAPTER).state_dict()
     from_peft = apply_lora(copy.deepcopy(base_model), str(folder)).state_dict()
-    shipped = apply_lora(copy.deepcopy(base_model), str(adapter_path("ner-v2").parent / "peft")).state_dict()
+    cli = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "spacy_llmner.cli", "adapter-peft", "ner-v2", str(cli)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0 and "adapter-peft: wrote" in res.stdout, res.stderr[-2000:]
+    shipped = apply_lora(copy.deepcopy(base_model), str(cli)).state_dict()
     assert from_gguf.keys() == from_peft.keys() == shipped.keys()
     for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.17.mlp.down_proj.weight"):
         base = base_model.state_dict()[key].numpy()

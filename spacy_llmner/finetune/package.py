@@ -2,7 +2,8 @@
 
     adapter.gguf      the GGUF LoRA llama.cpp applies at load (``export.export_lora_gguf``)
     peft/             the same adapter in peft's format (safetensors, transformers' module names): what vLLM
-                      serves with ``--enable-lora`` (``backends.weights.write_peft_adapter``)
+                      serves with ``--enable-lora`` (``backends.weights.write_peft_adapter``; derived from
+                      adapter.gguf, so neither tracked nor packaged: ``spacy-llmner adapter-peft`` writes it again)
     manifest.json     base model and its hash, the adapter's hash and size, rank, the training data (each source's
                       path, licence and sha256; examples per dataset), the tuning settings, device and time, and the
                       commands that rebuild it
@@ -108,7 +109,7 @@ def package_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exported = export_lora_gguf(lora_dir, base_path, out / "adapter.gguf", rank=rank)
-    peft = write_peft_adapter(str(out / "adapter.gguf"), base_path, out / "peft", HF_NAMES.get(base_model))
+    write_peft_adapter(str(out / "adapter.gguf"), base_path, out / "peft", HF_NAMES.get(base_model))
     tuning = tuning_log(lora_dir)
     shutil.copyfile(config_path, out / "tuning.cfg")
     (out / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf8")
@@ -122,11 +123,6 @@ def package_adapter(
         "file": "adapter.gguf",
         "sha256": sha256(out / "adapter.gguf"),
         "bytes": exported["bytes"],
-        "peft": {
-            "folder": "peft",
-            "sha256": sha256(peft / "adapter_model.safetensors"),
-            "bytes": (peft / "adapter_model.safetensors").stat().st_size,
-        },
         "rank": rank or settings.get("r"),
         "trained_rank": settings.get("r"),
         "svd_worst_dropped_share": exported["worst_dropped_share"],
