@@ -91,6 +91,26 @@ class GGUFInfo:
     metadata: Dict[str, Any] = field(repr=False, compare=False)
     adapter_type: Optional[str] = None  # adapter.type ("lora")
     lora_alpha: Optional[float] = None  # adapter.lora.alpha
+    offsets: Dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # tensor data, from data_start
+    data_start: int = 0  # where the tensor data begins (aligned)
+    arrays: Dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # array key → its type's byte
+
+
+def read_array(info: GGUFInfo, key: str) -> list:
+    """The values of the metadata array ``key`` of a checked header (``read_header``): strings or numbers."""
+    with open(info.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        at = info.arrays[key]
+        itype, count = struct.unpack_from("<IQ", mm, at)
+        at += 12
+        if itype in _SCALARS:
+            fmt = _SCALARS[itype]
+            return list(struct.unpack_from(f"<{count}{fmt[1]}", mm, at))
+        values = []
+        for _ in range(count):  # strings (read_header admits no other array type)
+            (n,) = struct.unpack_from("<Q", mm, at)
+            values.append(bytes(mm[at + 8 : at + 8 + n]).decode("utf8", errors="replace"))
+            at += 8 + n
+        return values
 
 
 _LOCK = threading.Lock()
@@ -305,6 +325,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
     tensors: Dict[str, Tuple[int, ...]] = {}
     types: Dict[str, int] = {}
     offsets: Dict[str, int] = {}
+    arrays: Dict[str, int] = {}
     try:
         for i in range(n_kv):
             what = f"metadata entry {i}"
@@ -318,6 +339,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
             elif vtype == _STRING:
                 metadata[key], at = text(at, f"the value of {key!r}")
             elif vtype == _ARRAY:
+                arrays[key] = at
                 itype, count = u32(mm, at)[0], u64(mm, at + 4)[0]
                 at += 12
                 if itype in _SCALARS:
@@ -400,4 +422,7 @@ def _parse_buffer(path: str, mm, size: int) -> GGUFInfo:
         metadata=metadata,
         adapter_type=text_value("adapter.type"),
         lora_alpha=float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None,
+        offsets=offsets,
+        data_start=data_start,
+        arrays=arrays,
     )

@@ -253,11 +253,11 @@ class LlamaCppBackend(BackendBase):
         its predecessor "ner-v1", NER adapters of gemma3-270m), a path to a GGUF LoRA file, "auto" (the default:
         "ner-v2" for "gemma3-270m",
         none for any other model) or null (the base model as published).
-    engine (str): what runs greedy generation: "torch" (the default) or "llama.cpp" (``batched.BatchedDecoder``):
-        "torch" is
-        (``torch_decoder.TorchDecoder``: the same GGUF weights and adapter in transformers' model code, merged by
-        peft, batches of ``parallel`` sequences, the output head restricted to the prompt's tokens; every
-        architecture transformers loads from GGUF). Tokenizing, grammars, scoring and sampling stay with llama.cpp.
+    engine (str): what runs greedy generation: "torch" (the default: ``torch_decoder.TorchDecoder``, the same GGUF
+        weights and adapter in transformers' model code, merged by peft, batches of ``parallel`` sequences, the
+        output head restricted to the prompt's tokens, tokens and grammars from ``vocab.Vocab``: no llama.cpp;
+        the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring and sampling
+        (temperature > 0) use llama.cpp with either engine.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
     dtype (str): torch engine: "auto" (bfloat16 on a GPU and on CPUs with AVX-512 BF16 or AMX, else float32),
         "bfloat16", "float16" or "float32".

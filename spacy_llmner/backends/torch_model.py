@@ -19,51 +19,43 @@ row (attention aside), for the decoder's compute accounting.
 
 from typing import Optional
 
+from transformers.cache_utils import Cache  # (this module is imported only when the engine loads)
+
 from .weights import load_causal_lm, resolve_device, resolve_dtype
 
 
-def slot_cache_class():
-    """``SlotCache``, defined on first use (it subclasses transformers' ``Cache``: no transformers import before)."""
-    global SlotCache
-    if SlotCache is None:
-        from transformers.cache_utils import Cache
+class SlotCache(Cache):
+    """Keys and values in preallocated slots, (rows, kv heads, capacity, head dim) per layer, filled up to ``length``
+    for every row alike (a shorter row's extra slots are masked by the caller). Appending writes in place (a
+    ``DynamicCache`` concatenates: a copy of the whole cache per token); ``rows`` views a range of rows (a prefill
+    sub-batch writes into the round's cache); ``keep`` drops finished rows."""
 
-        class _SlotCache(Cache):
-            """Keys and values in preallocated slots, (rows, kv heads, capacity, head dim) per layer, filled up to
-            ``length`` for every row alike (a shorter row's extra slots are masked by the caller). Appending writes
-            in place (a ``DynamicCache`` concatenates: a copy of the whole cache per token); ``rows`` views a range
-            of rows (a prefill sub-batch writes into the round's cache); ``keep`` drops finished rows."""
+    def __init__(self, keys, values, length: int = 0):
+        super().__init__()
+        self.keys, self.values, self.length = keys, values, length
 
-            def __init__(self, keys, values, length: int = 0):
-                super().__init__()
-                self.keys, self.values, self.length = keys, values, length
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        n, t = self.length, key_states.shape[-2]
+        self.keys[layer_idx][:, :, n : n + t] = key_states
+        self.values[layer_idx][:, :, n : n + t] = value_states
+        if layer_idx == len(self.keys) - 1:
+            self.length += t
+        return self.keys[layer_idx][:, :, : n + t], self.values[layer_idx][:, :, : n + t]
 
-            def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-                n, t = self.length, key_states.shape[-2]
-                self.keys[layer_idx][:, :, n : n + t] = key_states
-                self.values[layer_idx][:, :, n : n + t] = value_states
-                if layer_idx == len(self.keys) - 1:
-                    self.length += t
-                return self.keys[layer_idx][:, :, : n + t], self.values[layer_idx][:, :, : n + t]
+    def get_seq_length(self, layer_idx: Optional[int] = 0) -> int:
+        return self.length
 
-            def get_seq_length(self, layer_idx: Optional[int] = 0) -> int:
-                return self.length
+    def get_max_cache_shape(self) -> Optional[int]:
+        return None
 
-            def get_max_cache_shape(self) -> Optional[int]:
-                return None
+    def rows(self, start: int, stop: int) -> "SlotCache":
+        return SlotCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.length)
 
-            def rows(self, start: int, stop: int):
-                return type(self)([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.length)
-
-            def keep(self, rows) -> None:
-                self.keys = [k[rows] for k in self.keys]
-                self.values = [v[rows] for v in self.values]
-
-        SlotCache = _SlotCache
-    return SlotCache
+    def keep(self, rows) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
 
 
-SlotCache = None
 ATTENTION = "spacy_llmner_sdpa"
 
 
@@ -150,7 +142,7 @@ class TorchModel:
         make = lambda: [  # noqa: E731
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.n_layer)
         ]
-        cache = slot_cache_class()(make(), make(), 0)
+        cache = SlotCache(make(), make(), 0)
         if prefix is not None and prefix.length:
             n = cache.length = prefix.length
             for dst, src in zip(cache.keys + cache.values, prefix.keys + prefix.values):

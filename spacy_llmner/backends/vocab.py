@@ -94,14 +94,7 @@ class Vocab:
         elif self.kind == "gpt2" and meta.get("tokenizer.ggml.pre") in PRE_TOKENIZERS:
             self.tokenizer = _gpt2_bpe(self.tokens, meta["tokenizer.ggml.merges"], self.types)
             table = _bytes_of_gpt2()
-            self.pieces = [
-                b""
-                if self.types[i] == CONTROL
-                else bytes(table.get(c, 0) for c in tok)
-                if self.types[i] != USER_DEFINED
-                else tok.encode()
-                for i, tok in enumerate(self.tokens)
-            ]
+            self.pieces = [self._gpt2_piece(i, table) for i in range(n)]
         else:
             raise UnsupportedTokenizer(
                 f"{path}: tokenizer {self.kind!r} (pre-tokenizer {meta.get('tokenizer.ggml.pre')!r}) is not built "
@@ -120,6 +113,14 @@ class Vocab:
         if kind == BYTE and len(tok) == 6 and tok.startswith("<0x"):
             return bytes([int(tok[3:5], 16)])
         return tok.replace("▁", " ").encode()
+
+    def _gpt2_piece(self, i: int, table: Dict[str, int]) -> bytes:
+        tok, kind = self.tokens[i], self.types[i]
+        if kind == CONTROL:
+            return b""
+        if kind == USER_DEFINED:  # stored as raw text, not in the byte-level alphabet
+            return tok.encode()
+        return bytes(table.get(c, 0) for c in tok)
 
     # -- the llama.cpp-like surface the decoder uses ------------------------------------------------------------
     def tokenize(self, text: str) -> List[int]:

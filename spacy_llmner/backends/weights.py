@@ -7,8 +7,8 @@ all load through here.
   (Gemma 2/3, Llama/SmolLM2, Qwen2, Phi-3, ...) loads. Tensor names come from gguf-py's name map and each tensor
   goes through transformers' per-architecture ``TENSOR_PROCESSORS`` (Gemma's 1 + w norms, Llama's q/k row order).
 - **Reading is ours only where transformers is slow.** ``GGUFReader`` decodes every metadata array up front (Gemma
-  3's 262,144-entry vocabulary: seconds); ``read_gguf`` reads the scalars, skips the arrays, maps the tensors and
-  leaves dequantizing to gguf-py. The header has been checked (``gguf_check``) before this runs.
+  3's 262,144-entry vocabulary: seconds); ``read_gguf`` takes the header ``gguf_check`` has read and checked (the
+  arrays skipped, their places kept), reads only the arrays asked for, and leaves dequantizing to gguf-py.
 - **One LoRA path.** A GGUF LoRA adapter (llama.cpp's format, as shipped) is turned into a peft ``LoraConfig`` and
   state dict (``gguf_lora_to_peft``); a peft folder is read by peft. Either is merged by peft (``merge_and_unload``)
   for inference, or written as a peft folder (``write_peft_adapter``) that vLLM serves with ``--enable-lora``.
@@ -18,14 +18,12 @@ torch, transformers, peft and gguf are imported on first use only.
 
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-# GGUF metadata value types → struct formats (8: string, 9: array)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+from .gguf_check import read_array, read_header
 
 
 def read_gguf(
@@ -33,91 +31,26 @@ def read_gguf(
 ) -> Tuple[Dict[str, object], Dict[str, np.ndarray]]:
     """({metadata key: scalar or string; arrays as their length, except the keys in ``arrays``, read whole as a
     list}, {tensor name: float32 array in GGUF's row-major layout (rows, cols)}); ``tensors = False`` returns
-    names → shapes only, nothing dequantized."""
+    names → shapes only, nothing dequantized. The header is ``gguf_check.read_header``'s (checked, cached); gguf-py
+    dequantizes."""
     import gguf
 
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
-    mv = memoryview(buf)
-    at = 0
-
-    def read(fmt):
-        nonlocal at
-        (value,) = struct.unpack_from(fmt, mv, at)
-        at += struct.calcsize(fmt)
-        return value
-
-    def read_str():
-        nonlocal at
-        n = read("<Q")
-        at += n
-        return bytes(mv[at - n : at]).decode("utf8", errors="replace")
-
-    def read_array():
-        itype, n = read("<I"), read("<Q")
-        if itype == 8:
-            return [read_str() for _ in range(n)]
-        if itype in _SCALARS:
-            fmt = _SCALARS[itype]
-            values = np.frombuffer(mv, dtype=np.dtype(fmt), count=n, offset=at).tolist()
-            skip_bytes(n * struct.calcsize(fmt))
-            return values
-        raise ValueError(f"{path}: nested arrays are not read")
-
-    def skip_bytes(n):
-        nonlocal at
-        at += n
-
-    def skip(vtype):
-        nonlocal at
-        if vtype == 8:
-            n = read("<Q")  # (read moves `at`: add after it)
-            at += n
-        elif vtype == 9:
-            itype, n = read("<I"), read("<Q")
-            if itype in _SCALARS:
-                at += n * struct.calcsize(_SCALARS[itype])
-            else:
-                for _ in range(n):
-                    skip(itype)
-        else:
-            at += struct.calcsize(_SCALARS[vtype])
-
-    if bytes(mv[:4]) != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file")
-    at = 4
-    read("<I")  # version
-    n_tensors, n_kv = read("<Q"), read("<Q")
-    meta: Dict[str, object] = {}
-    for _ in range(n_kv):
-        key, vtype = read_str(), read("<I")
-        if vtype == 8:
-            meta[key] = read_str()
-        elif vtype == 9 and key in arrays:
-            meta[key] = read_array()
-        elif vtype == 9:
-            mark = at
-            read("<I")
-            meta[key] = read("<Q")
-            at = mark
-            skip(9)
-        else:
-            meta[key] = read(_SCALARS[vtype])
-    infos = []
-    for _ in range(n_tensors):
-        name = read_str()
-        dims = [read("<Q") for _ in range(read("<I"))]
-        infos.append((name, dims, read("<I"), read("<Q")))
+    info = read_header(path)
+    meta: Dict[str, object] = dict(info.metadata)
+    for key in arrays:
+        if key in info.arrays:
+            meta[key] = read_array(info, key)
     if not tensors:
-        return meta, {name: tuple(dims[::-1]) for name, dims, _, _ in infos}
-    align = int(meta.get("general.alignment", 32))
-    base = (at + align - 1) // align * align
+        return meta, {name: tuple(dims[::-1]) for name, dims in info.tensors.items()}
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
-    for name, dims, ttype, offset in infos:
-        qtype = gguf.GGMLQuantizationType(ttype)
+    for name, dims in info.tensors.items():
+        qtype = gguf.GGMLQuantizationType(info.tensor_types[name])
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         n_rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
         row_bytes = dims[0] // block * size
-        raw = buf[base + offset : base + offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+        at = info.data_start + info.offsets[name]
+        raw = buf[at : at + n_rows * row_bytes].reshape(n_rows, row_bytes)
         if qtype == gguf.GGMLQuantizationType.F32:
             data = raw.view(np.float32)
         elif qtype == gguf.GGMLQuantizationType.F16:
