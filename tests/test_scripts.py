@@ -638,3 +638,38 @@ def test_readme_tables(tmp_path):
     assert res.returncode == 1
     assert "wrote quality" in run("scripts/readme_tables.py", "--root", tmp_path)
     assert "| **12.5** (" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.model
+def test_distill_study(tmp_path):
+    """The CrossNER politics fixture as the set: 4 gold, 2 dev, pools of 3 and all 6; tok2vec students of 4 steps
+    and one transformer student of 2 (the teacher is the real default pipeline)."""
+    out = run(
+        "benchmarks/distill_study.py",
+        "--data",
+        DATA,
+        "--sets",
+        "fixture",
+        "--gold",
+        4,
+        "--dev",
+        2,
+        "--pools",
+        "3,0",
+        "--steps",
+        "4,2",
+        "--eval-every",
+        "2,2",
+        "--trf",
+        "partial_mix_all",
+        "--out",
+        tmp_path / "study",
+        "--report",
+        tmp_path / "study.json",
+    )
+    res = json.loads((tmp_path / "study.json").read_text())["sets"]["fixture"]
+    assert res["teacher"]["test_sentences"] == 4 and res["teacher"]["pool_sentences"] == 6
+    names = {f"tok2vec_{c}" for c in ("gold", "all_gold", "hard_3", "hard_all", "partial_3", "partial_all")}
+    assert names | {"tok2vec_partial_mix_3", "tok2vec_partial_mix_all", "trf_partial_mix_all"} == set(res["students"])
+    assert all(r["words_per_second"] > 0 and r["test_sentences"] == 4 for r in res["students"].values())
+    assert "| fixture | teacher" in out
