@@ -144,8 +144,15 @@ def silver_file(args, out, mode, size):
         texts = (out / "pool.txt").read_text(encoding="utf8").splitlines()
         shards = D.write_shards(texts[: max(pool_sizes(args, out).values())], out / "corpus", args.shard_size)
         docs = D.annotated_docs(out / "silver", shards, spacy.blank("en").vocab)[:size]
+        checks = [None] * len(docs)
+        if mode == "check":  # the second opinion of the tok2vec student trained on the 200 gold alone
+            checks = D.second_opinion(out / "students" / "tok2vec_gold" / "model-best", [d.text for d in docs])
         path.parent.mkdir(parents=True, exist_ok=True)
-        DocBin(docs=[D.silver(d, "llm_ner", args.threshold, mode)[0] for d in docs]).to_disk(path)
+        silver = [
+            D.silver(d, "llm_ner", args.threshold, "hard" if mode == "hard" else "partial", c)[0]
+            for d, c in zip(docs, checks)
+        ]
+        DocBin(docs=silver).to_disk(path)
     return path
 
 
@@ -201,7 +208,13 @@ def student(args, name, out, condition, train, silver, kind):
 
 
 def students(args, name, out):
-    for condition, (train, silver) in conditions(out, args).items():
+    conds = conditions(out, args)
+    student(args, name, out, "gold", *conds.pop("gold"), "tok2vec")  # first: the others' second opinion
+    mixed = out / "train" / "gold_mixed.spacy"
+    for size_name, size in pool_sizes(args, out).items():
+        conds[f"check_{size_name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
+        conds[f"check_mix_{size_name}"] = (mixed, silver_file(args, out, "check", size))
+    for condition, (train, silver) in conds.items():
         student(args, name, out, condition, train, silver, "tok2vec")
         if condition in args.trf:
             student(args, name, out, condition, train, silver, "trf")

@@ -494,6 +494,9 @@ def distill(
     pool: int = typer.Option(0, help="Only the corpus's first N texts (0: all)"),
     threshold: float = typer.Option(0.5, help="Silver spans under this calibrated confidence become missing"),
     silver: str = typer.Option("partial", help="partial (unsure spans missing) or hard (the teacher's entities)"),
+    check: bool = typer.Option(
+        True, help="partial: spans a tok2vec student of the gold alone finds and the teacher does not are missing too"
+    ),
     mix: bool = typer.Option(True, help="Label mixing where the gold and the teacher disagree"),
     llm_weight: float = typer.Option(0.5, help="Mixing's lambda"),
     students: str = typer.Option("tok2vec,trf", help="Students to train: tok2vec, trf"),
@@ -522,9 +525,20 @@ def distill(
     overrides = {kind: {"vars.max_steps": max_steps} for kind in kinds} if max_steps else {}
     try:
         settings = DistillSettings(
-            threshold, silver, mix, llm_weight, pool, k, students=kinds, student_configs=configs,
-            overrides=overrides, package=package, batch_size=batch_size, seed=seed,
-        )  # fmt: skip
+            threshold=threshold,
+            silver=silver,
+            check=check,
+            mix=mix,
+            llm_weight=llm_weight,
+            pool=pool,
+            k=k,
+            students=kinds,
+            student_configs=configs,
+            overrides=overrides,
+            package=package,
+            batch_size=batch_size,
+            seed=seed,
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     started, done = time.perf_counter(), []

@@ -43,6 +43,15 @@ def test_partial_silver_leaves_unsure_spans_unannotated(nlp):
     assert all(t.ent_iob_ in "BIO" for t in hard)
 
 
+def test_a_second_opinion_the_teacher_lacks_is_left_unannotated(nlp):
+    """The gold-only student finds "Joe Biden" (characters 18-27), which the teacher missed, and "Merkel", inside a
+    kept teacher entity: the first becomes missing annotation, the second changes nothing."""
+    doc = teacher_doc(nlp, [(0, 2, "person")], [0.9])
+    out, kept, missing = silver(doc, "llm_ner", 0.5, "partial", check=[(18, 27, "person"), (7, 13, "location")])
+    assert (kept, missing) == (1, 1) and [e.text for e in out.ents] == ["Angela Merkel"]
+    assert [t.ent_iob_ for t in out] == ["B", "I", "O", "", "", "O", "O", "O"]
+
+
 def test_an_unsure_span_inside_a_kept_entity_stays_that_entity(nlp):
     doc = teacher_doc(nlp, [(0, 2, "person"), (1, 2, "location")], [0.8, 0.1])
     out, kept, missing = silver(doc, "llm_ner", 0.5)
@@ -107,7 +116,8 @@ def test_distill_with_the_real_teacher_and_a_rerun_that_resumes(tmp_path):
     # the teacher finds entities here (a confident case: politicians and parties in news sentences)
     assert report["silver"]["entities"] >= len(gold)
     assert sum(len(d.ents) for d in silver_docs) == report["silver"]["entities"]
-    assert "groups" in report["mixing"]
+    assert "groups" in report["mixing"] and report["silver"]["checked_by_gold_only_student"]
+    assert 0 <= report["gold_only"]["dev"]["f1"] <= 100
     student = report["students"]["tok2vec"]
     assert Path(student["package"]["wheel"]).exists() and student["package"]["megabytes"] > 0.1
     assert student["words_per_second"] > 0 and 0 <= student["dev"]["f1"] <= 100

@@ -142,6 +142,18 @@ def test_every_shipped_config_parses_and_fills():
         assert config["nlp"]["pipeline"], cfg.name
 
 
+def test_project_yml_loads_as_spacy_project_reads_it():
+    """weasel's own checks (a workflow named like a command, unknown steps) run on every `spacy project run`."""
+    from weasel.util import load_project_config
+
+    config = load_project_config(ROOT)
+    commands = {c["name"] for c in config["commands"]}
+    assert not commands & set(config["workflows"])
+    for name, steps in config["workflows"].items():
+        assert set(steps) <= commands, name
+    assert config["workflows"]["distill"] == ["distill-data", "distill-run"]
+
+
 @pytest.mark.model
 def test_all_workflow_on_the_fixture_dataset_then_package_and_install(tmp_path):
     project = tmp_path / "project"

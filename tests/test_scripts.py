@@ -669,7 +669,11 @@ def test_distill_study(tmp_path):
     )
     res = json.loads((tmp_path / "study.json").read_text())["sets"]["fixture"]
     assert res["teacher"]["test_sentences"] == 4 and res["teacher"]["pool_sentences"] == 6
-    names = {f"tok2vec_{c}" for c in ("gold", "all_gold", "hard_3", "hard_all", "partial_3", "partial_all")}
-    assert names | {"tok2vec_partial_mix_3", "tok2vec_partial_mix_all", "trf_partial_mix_all"} == set(res["students"])
+    conds = (
+        "gold",
+        "all_gold",
+        *(f"{m}_{n}" for m in ("hard", "partial", "partial_mix", "check", "check_mix") for n in ("3", "all")),
+    )
+    assert {f"tok2vec_{c}" for c in conds} | {"trf_partial_mix_all"} == set(res["students"])
     assert all(r["words_per_second"] > 0 and r["test_sentences"] == 4 for r in res["students"].values())
     assert "| fixture | teacher" in out

@@ -10,7 +10,8 @@ Stages, each resumable (a rerun skips what is already written under the output f
    pipeline given by path.
 2. ``corpus/`` and ``silver/``: the corpus in shards of ``shard_size`` texts, annotated by the teacher shard by shard
    (``scale.annotate_corpus``: a shard is committed whole or not at all; its usage is recorded in
-   ``silver/manifest.json``). The teacher's answer cache makes an interrupted shard cheap to redo.
+   ``silver/manifest.json``). The default teacher's answer cache (``teacher_cache.sqlite``) makes an interrupted
+   shard cheap to redo.
 3. Partial annotation: a silver span whose calibrated confidence is under ``threshold`` becomes *missing*
    annotation (spaCy learns nothing about those tokens) instead of an entity or "O". ``silver = "hard"`` keeps the
    teacher's entities as they are.
@@ -50,6 +51,7 @@ SILVER = ("partial", "hard")
 class DistillSettings:
     threshold: float = 0.5  # silver spans under this calibrated confidence become missing annotation (partial)
     silver: str = "partial"  # "partial" or "hard" (the teacher's entities as they are)
+    check: bool = True  # partial: what the gold-only tok2vec student finds and the teacher does not is missing too
     mix: bool = True  # label mixing where the gold sentences and the teacher disagree
     llm_weight: float = 0.5  # mixing's lambda
     pool: int = 0  # annotate and train on the corpus's first N texts (0: all)
@@ -96,9 +98,12 @@ def read_gold(path: PathLike, vocab) -> List[Doc]:
     return read_bio(path, vocab)
 
 
-def default_teacher(labels: Sequence[str], pool: Sequence[Doc], k: int = 3, **backend):
+def default_teacher(
+    labels: Sequence[str], pool: Sequence[Doc], k: int = 3, cache_path: Optional[str] = None, **backend
+):
     """The shipped default pipeline (``nlp.add_pipe("llm_lar_ner")``: Gemma 3 270M, the shipped adapter, the fast
-    engine) with span retrieval of ``k`` demonstrations from ``pool``; a sentence of the pool never sees itself."""
+    engine) with span retrieval of ``k`` demonstrations from ``pool``; a sentence of the pool never sees itself.
+    ``cache_path``: its sqlite answer cache."""
     import spacy
 
     nlp = spacy.blank("en")
@@ -106,7 +111,8 @@ def default_teacher(labels: Sequence[str], pool: Sequence[Doc], k: int = 3, **ba
         "llm_lar_ner",
         config={
             "labels": list(labels),
-            "show_progress": True,  # a bar per shard (where the output is a terminal)
+            "show_progress": True,  # a bar per shard
+            "cache_path": cache_path,
             "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": k, "exclude_identical": True},
             "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", **backend},
         },
@@ -151,10 +157,19 @@ def annotated_docs(output: Path, shards: Sequence[Path], vocab) -> List[Doc]:
     return docs
 
 
-def silver(doc: Doc, spans_key: str, threshold: float, mode: str = "partial") -> Tuple[Doc, int, int]:
+def silver(
+    doc: Doc,
+    spans_key: str,
+    threshold: float,
+    mode: str = "partial",
+    check: Optional[Sequence[Tuple[int, int, str]]] = None,
+) -> Tuple[Doc, int, int]:
     """A teacher-annotated doc as training data: (doc, entities kept, spans made missing). ``hard``: its entities
     as the teacher set them. ``partial``: spans at or above ``threshold`` are entities (the longest non-overlapping
-    ones), spans under it are missing annotation where they overlap no kept entity, every other token is "O"."""
+    ones), spans under it are missing annotation where they overlap no kept entity, every other token is "O".
+    ``check``: a second opinion's (start_char, end_char, label) spans (the student trained on the gold alone); those
+    the kept entities do not cover are missing too, not "O": what one of the two finds and the other does not is
+    not taught either way (the teacher's blind spots, such as a kind of mention its demonstrations never show)."""
     out = unannotated(doc)
     if mode == "hard":
         out.ents = [Span(out, e.start, e.end, label=e.label_) for e in doc.ents]
@@ -164,9 +179,22 @@ def silver(doc: Doc, spans_key: str, threshold: float, mode: str = "partial") ->
     ents = filter_spans([Span(out, s.start, s.end, label=s.label_) for s in sure])
     taken = {i for e in ents for i in range(e.start, e.end)}
     unsure = [Span(out, s.start, s.end) for s, c in zip(spans, scores) if c is not None and c < threshold]
+    for start, end, _ in check or ():
+        span = out.char_span(start, end, alignment_mode="expand")
+        if span is not None:
+            unsure.append(span)
     missing = [m for m in filter_spans(unsure) if not any(i in taken for i in range(m.start, m.end))]
     out.set_ents(ents, missing=missing, default="outside")
     return out, len(ents), len(missing)
+
+
+def second_opinion(model: PathLike, texts: Sequence[str]) -> List[List[Tuple[int, int, str]]]:
+    """Per text, the (start_char, end_char, label) entities a spaCy pipeline (the student trained on the gold
+    alone) finds: ``silver``'s ``check``."""
+    import spacy
+
+    nlp = spacy.load(model)
+    return [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in nlp.pipe(texts, batch_size=256)]
 
 
 def mixed_gold(teacher_nlp, gold: Sequence[Doc], settings: DistillSettings, spans_key: str) -> Tuple[List[Doc], Dict]:
@@ -301,7 +329,8 @@ def distill(
     teacher_dir = Path(teacher) if teacher else out / "teacher"
     if teacher is None and not (teacher_dir / "config.cfg").exists():
         log(f"distill: default teacher (llm_lar_ner, span retrieval, k = {settings.k}, pool: the gold) → {teacher_dir}")
-        default_teacher(labels, gold, settings.k).to_disk(teacher_dir)
+        cache = str((out / "teacher_cache.sqlite").resolve())
+        default_teacher(labels, gold, settings.k, cache).to_disk(teacher_dir)
     teacher_nlp = spacy.load(teacher_dir)
     spans_key = settings.spans_key
 
@@ -318,16 +347,33 @@ def distill(
     }
     report["teacher"]["sentences_per_second"] = len(texts) / report["teacher"]["seconds"] if texts else 0.0
 
-    # 3. silver labels, partial or hard
+    # 3. silver labels, partial or hard; with check, the gold-only student's second opinion
     train_dir = out / "train"
     train_dir.mkdir(exist_ok=True)
+    DocBin(docs=gold).to_disk(train_dir / "gold.spacy")
+    DocBin(docs=dev).to_disk(train_dir / "dev.spacy")
+    teacher_docs = annotated_docs(out / "silver", shards, vocab)
+    checks: List = [None] * len(teacher_docs)
+    if settings.check and settings.silver == "partial":
+        base = out / "students" / "gold_only"
+        if not (base / "trained.json").exists():
+            log(f"distill: the tok2vec student on the gold alone (the second opinion) → {base}")
+            overrides = {"paths.train": train_dir / "gold.spacy", "paths.silver": None}
+            overrides.update({"paths.dev": train_dir / "dev.spacy", "system.seed": settings.seed})
+            train_student(
+                settings.student_configs["tok2vec"], base, {**overrides, **settings.overrides.get("tok2vec", {})}
+            )
+            srsly.write_json(base / "trained.json", {"dev": score(base / "model-best", dev)})
+        report["gold_only"] = srsly.read_json(base / "trained.json")
+        checks = second_opinion(base / "model-best", [d.text for d in teacher_docs])
     silver_docs, kept, missing = [], 0, 0
-    for doc in annotated_docs(out / "silver", shards, vocab):
-        s, n_kept, n_missing = silver(doc, spans_key, settings.threshold, settings.silver)
+    for doc, check in zip(teacher_docs, checks):
+        s, n_kept, n_missing = silver(doc, spans_key, settings.threshold, settings.silver, check)
         silver_docs.append(s)
         kept, missing = kept + n_kept, missing + n_missing
     DocBin(docs=silver_docs).to_disk(train_dir / "silver.spacy")
     report["silver"] = {"mode": settings.silver, "docs": len(silver_docs), "entities": kept, "missing_spans": missing}
+    report["silver"]["checked_by_gold_only_student"] = settings.check and settings.silver == "partial"
 
     # 4. gold, label-mixed with the teacher's version where they disagree
     if settings.mix:
@@ -340,8 +386,6 @@ def distill(
         train_path = mixed
     else:
         train_path = train_dir / "gold.spacy"
-        DocBin(docs=gold).to_disk(train_path)
-    DocBin(docs=dev).to_disk(train_dir / "dev.spacy")
     del teacher_nlp
 
     # 5. students
@@ -385,6 +429,9 @@ def markdown(report: Dict) -> str:
         f"LLM usage {json.dumps(t['usage'])}.",
         f"Silver ({s['mode']}): {s['entities']} entities, {s['missing_spans']} unsure spans left unannotated.",
     ]
+    if "gold_only" in report:
+        g = report["gold_only"]["dev"]
+        lines.append(f"The tok2vec student of the gold alone (the second opinion): dev F1 {g['f1']:.1f}.")
     if "mixing" in report:
         lines.append(f"Label mixing: {report['mixing']['groups']} disagreement groups in the gold docs.")
     lines += ["", "| student | dev P | dev R | dev F1 | words/s | train s | wheel MB |", "|---" * 7 + "|"]
