@@ -18,7 +18,10 @@ Stages (each skips what it already wrote under --out/<set>):
             for each pool size N ("all": the whole pool), all_gold (200 + the pool's gold: the ceiling); trf
             (configs/student_trf.cfg) for the conditions given by --trf; each scored on test, timed (words/s, median
             of 3)
+  noise     the --noise conditions' tok2vec students again with --noise-seeds (seeds/<student>/seed<n>): the
+            report's seed noise (F1 per seed, standard deviation)
   speed     re-measures every student's words/s (run it alone: training shares the CPU otherwise)
+  package   the best tok2vec student (dev F1) and the transformer students as wheels (packages/), sizes recorded
   report    metrics/distill/study.json and study.md
 
     python benchmarks/distill_study.py --data ../shared/data --sets btc --pools 1000,5000,0 --trf partial_mix_all
@@ -26,6 +29,7 @@ Stages (each skips what it already wrote under --out/<set>):
 
 import argparse
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -178,8 +182,11 @@ def conditions(out, args):
     return conds
 
 
-def student(args, name, out, condition, train, silver, kind):
+def student(args, name, out, condition, train, silver, kind, seed=None):
+    seed = args.seed if seed is None else seed
     folder = out / "students" / f"{kind}_{condition}"
+    if seed != args.seed:
+        folder = out / "seeds" / folder.name / f"seed{seed}"
     result_path = folder / "result.json"
     if result_path.exists():
         return srsly.read_json(result_path)
@@ -190,7 +197,7 @@ def student(args, name, out, condition, train, silver, kind):
         "vars.max_steps": args.steps[kind],
         "vars.eval_frequency": args.eval_every[kind],
         "training.patience": args.patience[kind],
-        "system.seed": args.seed,
+        "system.seed": seed,
     }
     t0 = time.perf_counter()
     D.train_student(STUDENT_CONFIGS[kind], folder, overrides)
@@ -220,6 +227,28 @@ def students(args, name, out):
             student(args, name, out, condition, train, silver, "trf")
 
 
+def noise(args, name, out):
+    """The seed noise: the --noise conditions' tok2vec students again with each of --noise-seeds (same data, other
+    initialisation and batch order); the report gives each condition's F1 spread over its seeds."""
+    conds = conditions(out, args)
+    for size_name, size in pool_sizes(args, out).items():
+        conds[f"check_{size_name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
+    for condition in args.noise:
+        for seed in args.noise_seeds:
+            student(args, name, out, condition, *conds[condition], "tok2vec", seed)
+
+
+def spread(out):
+    """condition → {"f1": [seed 0's, the others'...], "sd": sample standard deviation} for conditions with seeds."""
+    res = {}
+    for folder in sorted((out / "seeds").glob("*")):
+        base = out / "students" / folder.name / "result.json"
+        f1 = [srsly.read_json(r)["f1"] for r in [base, *sorted(folder.glob("seed*/result.json"))] if r.exists()]
+        if len(f1) > 1:
+            res[folder.name] = {"f1": f1, "sd": statistics.stdev(f1)}
+    return res
+
+
 def speed(args, name, out):
     """Re-measures every student's words/s, one after another (run it alone: training shares the CPU otherwise)."""
     texts = [d.text for d in gold_docs(out, "test.spacy")]
@@ -228,6 +257,25 @@ def speed(args, name, out):
         res["words_per_second"] = D.words_per_second(result.parent / "model-best", texts)
         srsly.write_json(result, res)
         print(f"  {name} {result.parent.name}: {res['words_per_second']:.0f} words/s", flush=True)
+
+
+def package(args, name, out):
+    """The best tok2vec student (by dev F1) and every transformer student as wheels (packages/), with the teacher
+    and the set's licences (assets/distill_<set>_meta.json where it exists) in their meta.json; sizes in result.json."""
+    results = {r.parent.name: srsly.read_json(r) for r in sorted((out / "students").glob("*/result.json"))}
+    tok2vec = [c for c in results if c.startswith("tok2vec_") and c != "tok2vec_all_gold"]
+    chosen = [max(tok2vec, key=lambda c: results[c]["dev_f1"])] + [c for c in results if c.startswith("trf_")]
+    meta_file = Path("assets") / f"distill_{name}_meta.json"
+    meta = srsly.read_json(meta_file) if meta_file.exists() else None
+    for cond in chosen:
+        if "wheel_megabytes" in results[cond]:
+            continue
+        model = out / "students" / cond / "model-best"
+        D.record_sources(model, None, meta)
+        wheel = D.package(model, out / "packages", f"distill_{name}_{cond}".lower(), "0.1.0")
+        results[cond]["wheel_megabytes"] = wheel["megabytes"]
+        srsly.write_json(out / "students" / cond / "result.json", results[cond])
+        print(f"  {name} {cond}: {wheel['wheel']} ({wheel['megabytes']} MB)", flush=True)
 
 
 def report(args):
@@ -242,20 +290,25 @@ def report(args):
             r = srsly.read_json(result)
             r["speedup"] = r["words_per_second"] / t["words_per_second"]
             rows[name]["students"][result.parent.name] = r
+        rows[name]["seed_noise"] = spread(out)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     srsly.write_json(args.report, {"settings": {k: str(v) for k, v in vars(args).items()}, "sets": rows})
-    lines = ["| set | system | P | R | F1 | words/s | × teacher speed |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | system | P | R | F1 | words/s | × teacher speed | wheel MB |", "|---" * 8 + "|"]
     for name, row in rows.items():
         t = row["teacher"]
         lines.append(
             f"| {name} | teacher (default pipeline, k = {args.k}) | {t['p']:.1f} | {t['r']:.1f} | {t['f1']:.1f} | "
-            f"{t['words_per_second']:.0f} | 1 |"
+            f"{t['words_per_second']:.0f} | 1 | |"
         )
         for cond, r in row["students"].items():
             lines.append(
                 f"| {name} | {cond} | {r['p']:.1f} | {r['r']:.1f} | {r['f1']:.1f} | {r['words_per_second']:.0f} | "
-                f"{r['speedup']:.0f} |"
+                f"{r['speedup']:.0f} | {r.get('wheel_megabytes', '')} |"
             )
+    for name, row in rows.items():
+        for cond, n in row["seed_noise"].items():
+            f1 = ", ".join(f"{x:.1f}" for x in n["f1"])
+            lines.append(f"\n{name} {cond}: F1 over {len(n['f1'])} seeds {f1} (sd {n['sd']:.1f})")
     args.report.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf8")
     print("\n".join(lines))
 
@@ -284,14 +337,19 @@ def main():
     p.add_argument("--patience", type=per_kind, default=per_kind("1200,800"))
     p.add_argument("--trf", default="", help="conditions that also train a transformer student")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", default="gold", help="noise stage: the tok2vec conditions trained again with other seeds")
+    p.add_argument("--noise-seeds", default="1,2")
     args = p.parse_args()
     args.sets = [s for s in args.sets.split(",") if s]
     args.pools = [int(x) for x in args.pools.split(",")]
     args.trf = [c for c in args.trf.split(",") if c]
-    stages = ["prepare", "teacher", "students", "speed", "report"] if args.stages == "all" else args.stages.split(",")
+    args.noise = [c for c in args.noise.split(",") if c]
+    args.noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x]
+    every = ["prepare", "teacher", "students", "noise", "speed", "package", "report"]
+    stages = every if args.stages == "all" else args.stages.split(",")
     for name in args.sets:
         out = args.out / name
-        for stage in ("prepare", "teacher", "students", "speed"):
+        for stage in ("prepare", "teacher", "students", "noise", "speed", "package"):
             if stage in stages:
                 t0 = time.perf_counter()
                 globals()[stage](args, name, out)
