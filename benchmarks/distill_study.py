@@ -216,15 +216,19 @@ def student(args, name, out, condition, train, silver, kind, seed=None):
 
 def students(args, name, out):
     conds = conditions(out, args)
-    student(args, name, out, "gold", *conds.pop("gold"), "tok2vec")  # first: the others' second opinion
+    student(args, name, out, "gold", *conds["gold"], "tok2vec")  # first: the others' second opinion
     mixed = out / "train" / "gold_mixed.spacy"
     for size_name, size in pool_sizes(args, out).items():
         conds[f"check_{size_name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
         conds[f"check_mix_{size_name}"] = (mixed, silver_file(args, out, "check", size))
+    dev_f1 = {}
     for condition, (train, silver) in conds.items():
-        student(args, name, out, condition, train, silver, "tok2vec")
+        dev_f1[condition] = student(args, name, out, condition, train, silver, "tok2vec")["dev_f1"]
         if condition in args.trf:
             student(args, name, out, condition, train, silver, "trf")
+    if "best" in args.trf:  # the LLM-assisted condition whose tok2vec student has the best dev F1
+        best = max((c for c in dev_f1 if c not in ("gold", "all_gold")), key=dev_f1.get)
+        student(args, name, out, best, *conds[best], "trf")
 
 
 def noise(args, name, out):
@@ -335,7 +339,7 @@ def main():
     p.add_argument("--steps", type=per_kind, default=per_kind("4000,2000"), help="max_steps: tok2vec,trf")
     p.add_argument("--eval-every", type=per_kind, default=per_kind("200,200"))
     p.add_argument("--patience", type=per_kind, default=per_kind("1200,800"))
-    p.add_argument("--trf", default="", help="conditions that also train a transformer student")
+    p.add_argument("--trf", default="", help="conditions that also train a transformer student (best: by dev F1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", default="gold", help="noise stage: the tok2vec conditions trained again with other seeds")
     p.add_argument("--noise-seeds", default="1,2")
