@@ -15,9 +15,10 @@ Stages (each skips what it already wrote under --out/<set>):
   teacher   the default teacher (spacy_llmner.annotation.distill.default_teacher) annotates the pool and the test
             split's texts, shard by shard (resumable); teacher.json: its test P/R/F1 and sentences/s, words/s
   students  tok2vec students (configs/student.cfg) per condition: gold (200 only), hard_N, partial_N, partial_mix_N
-            for each pool size N ("all": the whole pool), all_gold (200 + the pool's gold: the ceiling); trf
-            (configs/student_trf.cfg) for the conditions given by --trf; each scored on test, timed (words/s, median
-            of 3)
+            for each pool size N ("all": the whole pool), check_N and check_mix_N (partial / partial_mix with the
+            gold student's second opinion: spans it finds and the teacher does not are missing too), all_gold (200 +
+            the pool's gold: the ceiling); trf (configs/student_trf.cfg) for the conditions given by --trf ("best":
+            the LLM-assisted one best on dev); each scored on test, timed (words/s, median of 3)
   noise     the --noise conditions' tok2vec students again with --noise-seeds (seeds/<student>/seed<n>): the
             report's seed noise (F1 per seed, standard deviation)
   speed     re-measures every student's words/s (run it alone: training shares the CPU otherwise)
@@ -161,7 +162,8 @@ def silver_file(args, out, mode, size):
 
 
 def conditions(out, args):
-    """condition name → (train DocBin, silver DocBin or None)."""
+    """condition name → (train DocBin, silver DocBin or None). The check conditions need the gold student
+    (students/tok2vec_gold: their second opinion), so it is trained first."""
     sizes = pool_sizes(args, out)
     mixed = out / "train" / "gold_mixed.spacy"
     if not mixed.exists():
@@ -178,6 +180,8 @@ def conditions(out, args):
         conds[f"hard_{name}"] = (out / "gold.spacy", silver_file(args, out, "hard", size))
         conds[f"partial_{name}"] = (out / "gold.spacy", silver_file(args, out, "partial", size))
         conds[f"partial_mix_{name}"] = (mixed, silver_file(args, out, "partial", size))
+        conds[f"check_{name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
+        conds[f"check_mix_{name}"] = (mixed, silver_file(args, out, "check", size))
     conds["all_gold"] = (all_gold, None)
     return conds
 
@@ -215,12 +219,8 @@ def student(args, name, out, condition, train, silver, kind, seed=None):
 
 
 def students(args, name, out):
+    student(args, name, out, "gold", out / "gold.spacy", None, "tok2vec")  # first: the check conditions' opinion
     conds = conditions(out, args)
-    student(args, name, out, "gold", *conds["gold"], "tok2vec")  # first: the others' second opinion
-    mixed = out / "train" / "gold_mixed.spacy"
-    for size_name, size in pool_sizes(args, out).items():
-        conds[f"check_{size_name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
-        conds[f"check_mix_{size_name}"] = (mixed, silver_file(args, out, "check", size))
     dev_f1 = {}
     for condition, (train, silver) in conds.items():
         dev_f1[condition] = student(args, name, out, condition, train, silver, "tok2vec")["dev_f1"]
@@ -235,8 +235,6 @@ def noise(args, name, out):
     """The seed noise: the --noise conditions' tok2vec students again with each of --noise-seeds (same data, other
     initialisation and batch order); the report gives each condition's F1 spread over its seeds."""
     conds = conditions(out, args)
-    for size_name, size in pool_sizes(args, out).items():
-        conds[f"check_{size_name}"] = (out / "gold.spacy", silver_file(args, out, "check", size))
     for condition in args.noise:
         for seed in args.noise_seeds:
             student(args, name, out, condition, *conds[condition], "tok2vec", seed)

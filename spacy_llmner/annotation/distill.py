@@ -353,16 +353,24 @@ def distill(
     DocBin(docs=gold).to_disk(train_dir / "gold.spacy")
     DocBin(docs=dev).to_disk(train_dir / "dev.spacy")
     teacher_docs = annotated_docs(out / "silver", shards, vocab)
+
+    def student_overrides(kind: str, train: Path, silver_path: Optional[Path]) -> Dict[str, object]:
+        return {
+            "paths.train": train,
+            "paths.silver": silver_path,
+            "paths.dev": train_dir / "dev.spacy",
+            "system.seed": settings.seed,
+            **settings.overrides.get(kind, {}),
+        }
+
     checks: List = [None] * len(teacher_docs)
-    if settings.check and settings.silver == "partial":
+    checked = settings.check and settings.silver == "partial"
+    if checked:
         base = out / "students" / "gold_only"
         if not (base / "trained.json").exists():
             log(f"distill: the tok2vec student on the gold alone (the second opinion) → {base}")
-            overrides = {"paths.train": train_dir / "gold.spacy", "paths.silver": None}
-            overrides.update({"paths.dev": train_dir / "dev.spacy", "system.seed": settings.seed})
-            train_student(
-                settings.student_configs["tok2vec"], base, {**overrides, **settings.overrides.get("tok2vec", {})}
-            )
+            overrides = student_overrides("tok2vec", train_dir / "gold.spacy", None)
+            train_student(settings.student_configs["tok2vec"], base, overrides)
             srsly.write_json(base / "trained.json", {"dev": score(base / "model-best", dev)})
         report["gold_only"] = srsly.read_json(base / "trained.json")
         checks = second_opinion(base / "model-best", [d.text for d in teacher_docs])
@@ -373,7 +381,7 @@ def distill(
         kept, missing = kept + n_kept, missing + n_missing
     DocBin(docs=silver_docs).to_disk(train_dir / "silver.spacy")
     report["silver"] = {"mode": settings.silver, "docs": len(silver_docs), "entities": kept, "missing_spans": missing}
-    report["silver"]["checked_by_gold_only_student"] = settings.check and settings.silver == "partial"
+    report["silver"]["checked_by_gold_only_student"] = checked
 
     # 4. gold, label-mixed with the teacher's version where they disagree
     if settings.mix:
@@ -395,13 +403,7 @@ def distill(
         folder = out / "students" / kind
         result_path = folder / "result.json"
         if not result_path.exists():
-            overrides = {
-                "paths.train": train_path,
-                "paths.silver": train_dir / "silver.spacy",
-                "paths.dev": train_dir / "dev.spacy",
-                "system.seed": settings.seed,
-                **settings.overrides.get(kind, {}),
-            }
+            overrides = student_overrides(kind, train_path, train_dir / "silver.spacy")
             log(f"distill: training the {kind} student → {folder}")
             t0 = time.perf_counter()
             train_student(settings.student_configs[kind], folder, overrides)
