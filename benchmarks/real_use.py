@@ -1,0 +1,483 @@
+"""Quality where users are (issue 26): whole documents, label sets the adapter never saw, lower-cased text, nested
+entities; one command for the whole table, published zero-shot peers beside ours.
+
+Every LLM row runs the shipped default pipeline (``nlp.add_pipe("llm_lar_ner")``: Gemma 3 270M, the shipped
+adapter, the fast engine) with span retrieval of k demonstrations from a pool, on a set's full test split, scored
+strict (exact span and type). All rows share one answer cache (--cache): a prompt two rows send alike is decoded once.
+
+Sections (--sections):
+  paragraphs  per CrossNER domain (--domains): the test split one sentence per Doc, then --per consecutive sentences
+              per Doc with no boundaries given (the component finds them) and with the gold boundaries as
+              ``doc.sents``; k = 3 from the domain's train split
+  lodo        leave-one-domain-out: per domain, the adapter tuned without that domain (--lodo-adapters
+              politics=PATH,...), the domain's train split as the only pool, k in --ks (0 / 3 / 8). A domain without
+              such an adapter runs the shipped one, which saw the domain's train split: its rows say
+              ``in_domain_adapter: true`` and are not leave-one-domain-out figures
+  extra       each set of <data>/extra (--extra): its test split, or a seeded held-out 30 % where it has none; 200
+              seeded train sentences as the pool (--pool), k = 3; beside it a spaCy tok2vec NER (configs/student.cfg)
+              trained on the same 200 (checkpoint picked on 100 other train sentences: an advantage the LLM rows lack)
+  genia       GENIA nested: --pool train sentences as the pool, k = 3, every span (nested too) scored
+--variants cased,lower: each row as it is and with every text (test, pool, training) lower-cased.
+
+Each row is written to --out (and --out's .md) once measured; a rerun skips the rows already there (--fresh
+measures them again), so a stopped run resumes. The table states the run's wall and CPU seconds.
+
+    python benchmarks/real_use.py --data ../shared/data --out metrics/real_use.json
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import spacy
+from spacy.scorer import Scorer, get_ner_prf
+from spacy.tokens import Doc, DocBin, Span
+from spacy.training import Example
+
+from spacy_llmner.annotation import distill as D
+from spacy_llmner.corpora import read_bio, read_jsonl, unannotated
+
+from common import CROSSNER_LABELS, load_split
+from documents import inputs, paragraphs
+
+SECTIONS = ("paragraphs", "lodo", "extra", "genia")
+ORG = {"PER": "person", "ORG": "organisation", "LOC": "location", "MISC": "misc"}
+# set → (train files, test files or None for a seeded held-out part, label names given to the model)
+EXTRA = {
+    "wikigold": (["wikigold.conll.txt"], None, ORG),
+    "btc": ([f"{s}.conll" for s in "abegh"], ["f.conll"], ORG),
+    "sec_filings": (["train.FIN5.txt"], ["test.FIN3.txt"], ORG),
+    "anem": (["AnEM.train"], ["AnEM.test"], None),  # None: the set's own names, lower-cased
+    "re3d": (["*/*.conll"], None, None),
+}
+GENIA_INSTRUCTIONS = (
+    "Find the biomedical named entities in each sentence and give the type of each one. "
+    "Entities may lie inside other entities: list both."
+)
+# Published zero-shot figures on the CrossNER domains (strict F1; no example of the domain seen), as quoted in issue 26
+PEERS = {
+    "GLiNER-L (0.3 B), zero-shot": (
+        {"politics": 72.6, "science": 62.6, "music": 69.6, "literature": 64.4, "ai": 57.2},
+        "Zaratiana et al., GLiNER (NAACL 2024), its own table",
+    ),
+    "GLiNER-L, re-scored": (
+        {"politics": 74.8, "science": 69.4, "music": 69.5, "literature": 68.4, "ai": 60.6},
+        "Ding et al., GNER (2024), its zero-shot table",
+    ),
+    "NuNER Zero-span": (
+        {"politics": 72.7, "science": 66.4, "music": 69.9, "literature": 64.9, "ai": 60.1},
+        "numind/NuNER_Zero-span model card",
+    ),
+    "GNER-T5-base (248 M)": (
+        {"politics": 64.5, "science": 68.0, "music": 72.3, "literature": 58.7, "ai": 56.8},
+        "Ding et al., GNER (2024)",
+    ),
+}
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+
+
+def relabelled(docs: List[Doc], names: Optional[Dict[str, str]]) -> List[Doc]:
+    """The docs' entities renamed (``names``; None: lower-cased), dropping empty sentences."""
+    out = []
+    for doc in docs:
+        if not doc.text.strip():
+            continue
+        rename = (lambda n: names.get(n, n.lower())) if names else (lambda n: n.lower())
+        doc.ents = [Span(doc, e.start, e.end, rename(e.label_)) for e in doc.ents]
+        out.append(doc)
+    return out
+
+
+def extra_set(data: Path, name: str, vocab, seed: int) -> Tuple[List[Doc], List[Doc]]:
+    """(train, test) of an extra set, gold labels renamed; a set without a test split is split 70 / 30, seeded."""
+    train_files, test_files, names = EXTRA[name]
+    folder = data / "extra" / name
+
+    def read(patterns):
+        return [d for p in patterns for f in sorted(folder.glob(p)) for d in read_bio(f, vocab)]
+
+    train = relabelled(read(train_files), names)
+    if not train:
+        raise SystemExit(f"real_use: no sentences for the extra set {name!r} under {folder}")
+    if test_files:
+        return train, relabelled(read(test_files), names)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    cut = int(0.7 * len(order))
+    return [train[i] for i in sorted(order[:cut])], [train[i] for i in sorted(order[cut:])]
+
+
+def lowered(docs: List[Doc]) -> List[Doc]:
+    """Copies with every word lower-cased: same tokens, spaces, sentence starts, entities and span groups."""
+    out = []
+    for d in docs:
+        has_sents = d.has_annotation("SENT_START")
+        new = Doc(
+            d.vocab,
+            words=[t.text.lower() for t in d],
+            spaces=[bool(t.whitespace_) for t in d],
+            sent_starts=[bool(t.is_sent_start) for t in d] if has_sents else None,
+        )
+        new.ents = [Span(new, e.start, e.end, e.label_) for e in d.ents]
+        for key, group in d.spans.items():
+            new.spans[key] = [Span(new, s.start, s.end, s.label_) for s in group]
+        out.append(new)
+    return out
+
+
+def sample(docs: List[Doc], n: int, seed: int, skip: int = 0) -> List[Doc]:
+    """``n`` docs of a seeded order, after its first ``skip``."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    return [docs[i] for i in order[skip : skip + n]]
+
+
+# -- rows -----------------------------------------------------------------------------------------------------------
+
+
+PIPELINES: Dict[Tuple[str, bool], object] = {}  # (adapter, nested) → its pipeline: the model loads once per run
+
+
+def pipeline(args, labels: List[str], pool: List[Doc], k: int, adapter: str = "auto", nested: bool = False):
+    """The shipped default pipeline with span retrieval of ``k`` from ``pool`` (nested: every span kept in "sc"),
+    initialized afresh for this row (labels, pool, k) and otherwise reused."""
+    if (adapter, nested) not in PIPELINES:
+        nlp = spacy.blank("en")
+        config = {
+            "labels": list(labels),
+            "cache_path": args.cache,
+            "retriever": {"@misc": "spacy_llmner.Retriever.v1", "strategy": "span", "k": k},
+            "backend": {"@llm_models": "spacy_llmner.LlamaCpp.v1", "adapter": adapter, "engine": args.engine},
+        }
+        if nested:
+            config.update(spans_key="sc", instructions=GENIA_INSTRUCTIONS)
+        nlp.add_pipe("llm_lar_ner", config=config)
+        PIPELINES[(adapter, nested)] = nlp
+    nlp = PIPELINES[(adapter, nested)]
+    ner = nlp.get_pipe("llm_lar_ner")
+    ner.retriever.k = k
+    ner.initialize(pool=pool, labels=list(labels))
+    return nlp
+
+
+def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested: bool = False) -> Dict:
+    """Strict P / R / F1 of ``nlp`` on unannotated copies of ``gold`` (or on ``docs``), with its usage and time."""
+    ner = nlp.get_pipe("llm_lar_ner")
+    ner.reset_usage()
+    docs = docs if docs is not None else [unannotated(g, nlp.vocab) for g in gold]
+    t0 = time.perf_counter()
+    preds = list(nlp.pipe(docs, batch_size=args.batch_size))
+    seconds = time.perf_counter() - t0
+    examples = [Example(p, g) for p, g in zip(preds, gold)]
+    if nested:
+        s = Scorer.score_spans(
+            examples, "spans_sc", getter=lambda doc, attr: doc.spans.get("sc", []), allow_overlap=True
+        )
+        prf = {"p": s["spans_sc_p"], "r": s["spans_sc_r"], "f": s["spans_sc_f"]}
+    else:
+        s = get_ner_prf(examples)
+        prf = {"p": s["ents_p"], "r": s["ents_r"], "f": s["ents_f"]}
+    usage = ner.reset_usage()
+    return {
+        "p": 100 * (prf["p"] or 0.0),
+        "r": 100 * (prf["r"] or 0.0),
+        "f1": 100 * (prf["f"] or 0.0),
+        "docs": len(gold),
+        "sentences_per_second": len(gold) / seconds if seconds else 0.0,
+        "decoded": usage.calls,
+        "cached": usage.cached_calls,
+        "truncated": usage.truncated,
+        "seconds": seconds,
+    }
+
+
+def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) -> Dict:
+    """A spaCy tok2vec NER (configs/student.cfg) trained on ``pool``; its test P / R / F1."""
+    folder = Path(args.work) / key.replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    DocBin(docs=pool).to_disk(folder / "train.spacy")
+    DocBin(docs=dev).to_disk(folder / "dev.spacy")
+    overrides = {
+        "paths.train": folder / "train.spacy",
+        "paths.silver": None,
+        "paths.dev": folder / "dev.spacy",
+        "vars.max_steps": args.spacy_steps,
+        "vars.eval_frequency": args.spacy_eval_every,
+        "training.patience": args.spacy_patience,
+        "system.seed": args.seed,
+    }
+    t0 = time.perf_counter()
+    D.train_student("configs/student.cfg", folder / "model", overrides)
+    return {**D.score(folder / "model" / "model-best", test), "docs": len(test), "seconds": time.perf_counter() - t0}
+
+
+class Table:
+    """The measured rows (resumable) and the report."""
+
+    def __init__(self, args):
+        self.args, self.path = args, Path(args.out)
+        old = json.loads(self.path.read_text()) if self.path.exists() and not args.fresh else {}
+        self.rows: Dict[str, Dict] = old.get("rows", {})
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.spent = old.get("cpu_seconds", 0.0), old.get("wall_seconds", 0.0)
+
+    def has(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, key: str, row: Dict) -> None:
+        self.rows[key] = row
+        what = f"F1 {row['f1']:.1f} (P {row['p']:.1f} R {row['r']:.1f}, {row['docs']} docs)"
+        print(f"  {key}: {what}", flush=True)
+        self.write()
+
+    def write(self) -> Dict:
+        result = {
+            "args": {k: str(v) for k, v in vars(self.args).items()},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu": cpu_name()},
+            "date": datetime.date.today().isoformat(),
+            "cpu_seconds": self.spent[0] + time.process_time() - self.c0,
+            "wall_seconds": self.spent[1] + time.perf_counter() - self.t0,
+            "rows": self.rows,
+            "peers": {name: {"f1": f1, "source": src} for name, (f1, src) in PEERS.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(result, indent=1))
+        self.path.with_suffix(".md").write_text(markdown(result))
+        return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# -- sections -------------------------------------------------------------------------------------------------------
+
+
+def crossner(args, domain: str, variant: str) -> Tuple[List[Doc], List[Doc]]:
+    """(test, train) of a CrossNER domain, lower-cased for the "lower" variant."""
+    test, train = (load_split(args.data, domain, split, spacy.blank("en")) for split in ("test", "train"))
+    return (lowered(test), lowered(train)) if variant == "lower" else (test, train)
+
+
+def section_paragraphs(args, table: Table) -> None:
+    for domain in args.domains:
+        keys = {c: f"paragraphs/{domain}/{c}" for c in ("sentences", "sentencizer", "doc_sents")}
+        for variant in args.variants:
+            todo = [c for c, key in keys.items() if not table.has(f"{key}/{variant}")]
+            if not todo:
+                continue
+            gold, pool = crossner(args, domain, variant)
+            nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, 3)
+            docs = paragraphs(gold, args.per, nlp.vocab)
+            for condition in todo:
+                if condition == "sentences":
+                    row = run_llm(args, nlp, gold)
+                else:
+                    row = run_llm(args, nlp, docs, inputs(docs, nlp.vocab, condition == "doc_sents"))
+                    row["sentences"] = len(gold)
+                table.add(f"{keys[condition]}/{variant}", row)
+
+
+def section_lodo(args, table: Table) -> None:
+    for domain in args.domains:
+        adapter = args.lodo_adapters.get(domain, "auto")
+        for variant in args.variants:
+            for k in args.ks:
+                key = f"lodo/{domain}/k{k}/{variant}"
+                if table.has(key):
+                    continue
+                gold, pool = crossner(args, domain, variant)
+                nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, k, adapter)
+                row = run_llm(args, nlp, gold)
+                row.update(k=k, adapter=adapter, in_domain_adapter=domain not in args.lodo_adapters)
+                table.add(key, row)
+
+
+def section_extra(args, table: Table) -> None:
+    for name in args.extra:
+        train, test = extra_set(Path(args.data), name, spacy.blank("en").vocab, args.seed)
+        pool, dev = sample(train, args.pool, args.seed), sample(train, args.spacy_dev, args.seed, skip=args.pool)
+        labels = sorted({e.label_ for d in train + test for e in d.ents})
+        for variant in args.variants:
+            lower = variant == "lower"
+            v_test, v_pool, v_dev = (lowered(x) if lower else x for x in (test, pool, dev))
+            key = f"extra/{name}/{variant}"
+            if not table.has(key):
+                row = run_llm(args, pipeline(args, labels, v_pool, 3), v_test)
+                row.update(k=3, pool=len(pool), labels=labels)
+                table.add(key, row)
+            if not table.has(f"{key}/spacy"):
+                table.add(f"{key}/spacy", {**run_spacy(args, f"{key}/spacy", v_pool, v_dev, v_test), "pool": len(pool)})
+
+
+def section_genia(args, table: Table) -> None:
+    folder = Path(args.data) / "genia"
+    for variant in args.variants:
+        key = f"genia/nested/{variant}"
+        if table.has(key):
+            continue
+        nlp0 = spacy.blank("en")
+        train = read_jsonl(folder / "genia_nested.train.jsonl", nlp0)
+        test = read_jsonl(folder / "genia_nested.test.jsonl", nlp0)
+        pool = sample(train, args.pool, args.seed)
+        if variant == "lower":
+            test, pool = lowered(test), lowered(pool)
+        labels = sorted({s.label_ for d in train for s in d.spans["sc"]})
+        nlp = pipeline(args, labels, pool, 3, nested=True)
+        row = run_llm(args, nlp, test, nested=True)
+        row.update(k=3, pool=len(pool), spans=sum(len(d.spans["sc"]) for d in test))
+        table.add(key, row)
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+
+
+def cell(rows: Dict, key: str, gap_to: Optional[str] = None) -> str:
+    if key not in rows:
+        return "—"
+    text = f"{rows[key]['f1']:.1f}"
+    if gap_to and gap_to in rows:
+        text += f" ({rows[key]['f1'] - rows[gap_to]['f1']:+.1f})"
+    return text
+
+
+def markdown(result: Dict) -> str:
+    rows, args = result["rows"], result["args"]
+    domains = ["politics", "science", "music", "literature", "ai"]
+    variants = [v for v in ("cased", "lower") if any(k.endswith(f"/{v}") or f"/{v}/" in k for k in rows)]
+    out = [
+        "# Quality where users are",
+        "",
+        f"`python benchmarks/real_use.py` ({result['date']}, {result['machine']['cpu']}): "
+        f"{result['wall_seconds'] / 60:.0f} min wall, {result['cpu_seconds'] / 60:.0f} min CPU so far. "
+        f"Engine {args.get('engine')}; strict F1 on full test splits; the default pipeline (Gemma 3 270M + the "
+        "shipped adapter) with span retrieval.",
+        "",
+    ]
+    if any(k.startswith("paragraphs/") for k in rows):
+        out += [
+            f"## Documents: {args.get('per')} consecutive sentences per Doc (F1, gap to one sentence per Doc), k = 3",
+            "",
+            "| domain | variant | sentences | no boundaries given | boundaries from doc.sents |",
+            "|---|---|---|---|---|",
+        ]
+        for d in domains:
+            for v in variants:
+                base = f"paragraphs/{d}/sentences/{v}"
+                if base in rows:
+                    cells = [cell(rows, f"paragraphs/{d}/{c}/{v}", base) for c in ("sentencizer", "doc_sents")]
+                    out.append(f"| {d} | {v} | {cell(rows, base)} | {' | '.join(cells)} |")
+        out.append("")
+    lodo = sorted({k.split("/")[2] for k in rows if k.startswith("lodo/")}, key=lambda s: int(s[1:]))
+    if lodo:
+        out += [
+            "## CrossNER: the domain's train split as the only pool (F1)",
+            "",
+            "Rows marked * ran the shipped adapter, which was tuned on that domain's train split: not "
+            "leave-one-domain-out.",
+            "",
+            "| system | " + " | ".join(domains) + " | average |",
+            "|---|" + "---|" * (len(domains) + 1),
+        ]
+        for v in variants:
+            for k in lodo:
+                keys = [f"lodo/{d}/{k}/{v}" for d in domains]
+                if not any(key in rows for key in keys):
+                    continue
+                f1 = [rows[key]["f1"] for key in keys if key in rows]
+                marks = ["*" if rows.get(key, {}).get("in_domain_adapter") else "" for key in keys]
+                cells = [cell(rows, key) + m for key, m in zip(keys, marks)]
+                avg = f"{sum(f1) / len(f1):.1f}" if len(f1) == len(domains) else "—"
+                out.append(f"| ours, k = {k[1:]}, {v} | " + " | ".join(cells) + f" | {avg} |")
+        for name, (f1, source) in PEERS.items():
+            avg = sum(f1.values()) / len(f1)
+            out.append(f"| {name} ({source}) | " + " | ".join(f"{f1[d]:.1f}" for d in domains) + f" | {avg:.1f} |")
+        out.append("")
+    extra = sorted({k.split("/")[1] for k in rows if k.startswith("extra/")})
+    if extra:
+        out += [
+            f"## Other domains and label sets: {args.get('pool')} of the set's own sentences (F1 / P / R)",
+            "",
+            "| set | variant | test sentences | ours, k = 3 | spaCy tok2vec on the same sentences |",
+            "|---|---|---|---|---|",
+        ]
+        for name in extra:
+            for v in variants:
+                ours, theirs = rows.get(f"extra/{name}/{v}"), rows.get(f"extra/{name}/{v}/spacy")
+                if ours or theirs:
+                    n = (ours or theirs)["docs"]
+                    out.append(f"| {name} | {v} | {n} | {prf_text(ours)} | {prf_text(theirs)} |")
+        out.append("")
+    genia = [k for k in rows if k.startswith("genia/")]
+    if genia:
+        out += ["## GENIA nested (every span, nested ones too)", "", "| variant | test sentences | F1 / P / R |"]
+        out += ["|---|---|---|"]
+        out += [f"| {k.split('/')[-1]} | {rows[k]['docs']} | {prf_text(rows[k])} |" for k in sorted(genia)]
+        out.append("")
+    return "\n".join(out)
+
+
+def prf_text(row: Optional[Dict]) -> str:
+    return f"{row['f1']:.1f} / {row['p']:.1f} / {row['r']:.1f}" if row else "—"
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--domains", default="politics,science,music,literature,ai")
+    ap.add_argument("--extra", default=",".join(EXTRA), help="extra sets (folders of <data>/extra)")
+    ap.add_argument("--variants", default="cased,lower")
+    ap.add_argument("--ks", default="0,3,8", help="demonstrations per prompt in the lodo section")
+    ap.add_argument("--lodo-adapters", default="", help="domain=adapter (a GGUF LoRA path or a shipped name),...")
+    ap.add_argument("--per", type=int, default=8, help="sentences per document (paragraphs)")
+    ap.add_argument("--pool", type=int, default=200, help="pool sentences of the extra sets and GENIA")
+    ap.add_argument("--spacy-dev", type=int, default=100, help="sentences the spaCy model's checkpoint is picked on")
+    ap.add_argument("--spacy-steps", type=int, default=2000)
+    ap.add_argument("--spacy-eval-every", type=int, default=100)
+    ap.add_argument("--spacy-patience", type=int, default=800)
+    ap.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"])
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="training/real_use/cache.sqlite", help="the answer cache all rows share")
+    ap.add_argument("--work", default="training/real_use", help="the spaCy baselines' training folders")
+    ap.add_argument("--fresh", action="store_true", help="measure every row again")
+    ap.add_argument("--out", default="metrics/real_use.json")
+    args = ap.parse_args(argv)
+    args.domains, args.extra, args.variants = (
+        s.split(",") if s else [] for s in (args.domains, args.extra, args.variants)
+    )
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.lodo_adapters = dict(pair.split("=", 1) for pair in args.lodo_adapters.split(",") if pair)
+    sections = args.sections.split(",")
+    unknown = [s for s in sections if s not in SECTIONS] + [s for s in args.extra if s not in EXTRA]
+    unknown += [v for v in args.variants if v not in ("cased", "lower")]
+    if unknown:
+        raise SystemExit(f"real_use: unknown section, extra set or variant: {', '.join(unknown)}")
+    Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+    table = Table(args)
+    runs = {"paragraphs": section_paragraphs, "lodo": section_lodo, "extra": section_extra, "genia": section_genia}
+    for name in SECTIONS:
+        if name in sections:
+            print(f"{name}:", flush=True)
+            runs[name](args, table)
+    result = table.write()
+    print(Path(args.out).with_suffix(".md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
