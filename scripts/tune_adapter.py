@@ -12,6 +12,12 @@ by ``finetune-data`` (a wrong load stops here). Micro-batches are right-padded (
 never sees padding); the loss is the mean over each example's answer tokens, averaged over examples, and the LM head
 runs only on the positions that predict answer tokens. Writes ``adapter/`` (peft's safetensors + config) at each
 ``--checkpoints`` fraction (``ckpt-<fraction>/``) and ``tuning.json`` (settings, data, loss curve, seconds).
+
+Resumable: every ``--save-every`` steps, and when ``--max-minutes`` stops it, the training state (LoRA weights in
+float32, optimizer, schedule, random state, losses, step) goes to ``<out>/resume.pt`` (written to a temporary file,
+then renamed: a run killed while saving keeps the previous state). Run the same command again and it continues from
+that step, with the same result as a run never stopped (the plan of steps is seeded); a state written with other
+training settings is refused (``--fresh`` starts over).
 """
 
 import argparse
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) when training takes longer")
+    ap.add_argument("--save-every", type=int, default=50, help="steps between resumable states (<out>/resume.pt)")
+    ap.add_argument("--fresh", action="store_true", help="ignore <out>/resume.pt and start over")
     ap.add_argument("--check-only", action="store_true", help="print the reference loss and exit")
     ap.add_argument("--dry-run", action="store_true", help="print the examples and the plan and exit (no model)")
     ap.add_argument("--expect-loss", type=float, default=None, help="stop unless the reference loss is this")
@@ -150,6 +158,72 @@ def save(model, folder: Path) -> None:
     save_peft(model, folder)
 
 
+# the settings a resumed run must share with the stopped one (the others: when to save or stop, where to run)
+RESUME_SETTINGS = (
+    "model", "data", "exclude", "r", "alpha", "dropout", "lr", "weight_decay", "warmup", "epochs", "batch",
+    "micro_tokens", "max_tokens", "max_steps", "bf16", "seed",
+)  # fmt: skip
+
+
+def resume_settings(args) -> dict:
+    return {k: [str(x) for x in v] if isinstance(v, list) else v for k, v in vars(args).items() if k in RESUME_SETTINGS}
+
+
+def save_state(path: Path, model, opt, sched, step: int, losses, seconds: float, args) -> None:
+    """The training state after ``step`` (see the module's docstring), replacing ``path`` only once written."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    state = {
+        "step": step,
+        "losses": list(losses),
+        "seconds": seconds,
+        "settings": resume_settings(args),
+        "lora": {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(model).items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, args):
+    """The state at ``path`` (None where there is none, or with --fresh). Exits naming the settings that differ when
+    another run wrote it: checked before the model is loaded."""
+    import torch
+
+    if args.fresh or not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    now = resume_settings(args)
+    differ = sorted(k for k in set(now) | set(state["settings"]) if now.get(k) != state["settings"].get(k))
+    if differ:
+        sys.exit(
+            f"tune_adapter: {path} was written with other settings ({', '.join(differ)}): run with those, "
+            "or pass --fresh to start over, or choose another --out"
+        )
+    return state
+
+
+def restore(state, model, opt, sched, device: str):
+    """Loads a state into model, optimizer and schedule: (step, losses, seconds) it reached; (0, [], 0.0) for None."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    if state is None:
+        return 0, [], 0.0
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in state["lora"].items()})
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["losses"], state["seconds"]
+
+
 def dry_run(args) -> None:
     """The examples and the training plan as JSON, without torch or the model (checks arguments and data)."""
     examples = load_examples(args.data, set(args.exclude), args.max_tokens)
@@ -190,6 +264,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    state = load_state(out / "resume.pt", args)
     examples = load_examples(args.data, set(args.exclude), args.max_tokens)
     model = load_model(args.model)
     softcap = model.config.to_dict().get("final_logit_softcapping")
@@ -218,9 +293,14 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(args.warmup * len(plan))), len(plan))
+    done, losses, before = restore(state, model, opt, sched, device)
+    if done:
+        print(f"tune_adapter: resumed after step {done}/{len(plan)} ({out / 'resume.pt'})", flush=True)
     model.train()
-    losses, t1 = [], time.perf_counter()
+    t1 = time.perf_counter()
     for step, batch in enumerate(plan, 1):
+        if step <= done:
+            continue
         total = 0.0
         for micro in micro_batches(batch, args.micro_tokens):
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
@@ -242,10 +322,12 @@ def main(argv=None):
         late = args.max_minutes is not None and time.perf_counter() - t1 > 60 * args.max_minutes
         if step in saves or late:
             save(model, out / f"ckpt-{step / len(plan):.2f}")
+        if step % args.save_every == 0 or step == len(plan) or late:
+            save_state(out / "resume.pt", model, opt, sched, step, losses, before + time.perf_counter() - t1, args)
         if late:
             print(f"tune_adapter: stopped after {args.max_minutes} minutes, step {step}/{len(plan)}", flush=True)
             break
-    seconds = time.perf_counter() - t1
+    seconds = before + time.perf_counter() - t1
     model.eval()
     final = reference_loss(model, probe, device, softcap)
     by_dataset = {}
@@ -259,6 +341,7 @@ def main(argv=None):
         "examples_by_dataset": by_dataset,
         "steps": len(plan),
         "steps_done": len(losses),
+        "resumed_after_step": done,
         "reference_loss": {"before": round(ref, 4), "after": round(final, 4)},
         "seconds": {"load": round(t_load, 1), "train": round(seconds, 1)},
         "checkpoints": sorted(p.name for p in out.glob("ckpt-*")),

@@ -134,6 +134,71 @@ def test_regularisation_drops_demonstrations_renames_and_shuffles_labels(compone
     ]
 
 
+def header(prompt):
+    """The label list of a prompt: {name: definition or ""}."""
+    return dict(m.groups("") for m in re.finditer(r"^- (\w+)(?:: (.*))?$", prompt, flags=re.M))
+
+
+def demo_labels(prompt):
+    return set(re.findall(r" \| (\w+)$", prompt.rsplit("Sentence: ", 1)[0], flags=re.M))
+
+
+def test_label_set_levers(component):
+    """Subsets, absent labels, paraphrases and definitions: the answer and the demonstrations name only labels of
+    the list, absent labels never reach an answer, and each lever changes what it should."""
+    _, ner = component
+    off = dict(demo_dropout=0, random_demo=0, shuffle_labels=0, rename_labels=0)
+
+    def build(seed=0, other=(), **levers):
+        reg = Regularisation(**off, **levers)
+        return ExampleBuilder(ner, reg, seed=seed, other_labels=other).build(POOL * 4, POOL)
+
+    full = {"location", "party", "person"}
+    subsets = build(label_subset=1.0)
+    for ex in subsets:
+        shown = set(header(ex.prompt))
+        answer = {m.label for m in ner.format.parse(ex.answer).mentions}
+        assert shown and shown <= full and answer <= shown and demo_labels(ex.prompt) <= shown
+    assert {len(header(ex.prompt)) for ex in subsets} >= {1, 2}
+    # what a subset leaves out is gone from the answer, not relabelled: the gold of a kept label stays whole
+    kept_person = [ex for ex in subsets if set(header(ex.prompt)) == {"person"} and "Carter" in ex.prompt]
+    assert kept_person and all("Jimmy Carter | person" in ex.answer for ex in kept_person)
+
+    absent = build(absent_labels=1.0, other=["album", "protein", "song", "person"])
+    for ex in absent:
+        extra = set(header(ex.prompt)) - full
+        assert 1 <= len(extra) <= 3 and extra <= {"album", "protein", "song"}
+        assert not extra & {m.label for m in ner.format.parse(ex.answer).mentions}
+
+    texts = json.loads((ROOT / "spacy_llmner/finetune/label_texts.json").read_text())["labels"]
+    person = {p.replace(" ", "_") for p in texts["person"]["paraphrases"]}
+    for ex in build(paraphrase_labels=1.0):
+        shown = set(header(ex.prompt))
+        assert "party" in shown and "person" not in shown and len(shown & person) == 1  # no paraphrase for "party"
+        assert {m.label for m in ner.format.parse(ex.answer).mentions} <= shown and demo_labels(ex.prompt) <= shown
+
+    defined = build(definitions=1.0)
+    assert all(header(ex.prompt)["person"] == texts["person"]["definition"] for ex in defined)
+    assert all(header(ex.prompt)["party"] == "" for ex in defined)  # no definition written for it
+    assert all(set(header(ex.prompt).values()) == {""} for ex in build())
+
+
+def test_sources_can_be_globs_named_and_relabelled(tmp_path):
+    from spacy_llmner.finetune import read_sources
+
+    for part in ("a", "b"):
+        (tmp_path / "tweets").mkdir(exist_ok=True)
+        (tmp_path / "tweets" / f"{part}.conll").write_text(f"Ann\tB-PER\nwrote\tO\n{part}\tO\n\nok\tO\n")
+    data = {"sources": [str(tmp_path / "tweets" / "*.conll")], "pool_limit": 10, "label_names": {"PER": "person"}}
+    ((name, pool),) = read_sources(data)
+    assert name == "tweets" and len(pool) == 4 and {lab for d in pool for *_, lab in d.spans} == {"person"}
+    assert read_sources({**data, "names": ["btc"]})[0][0] == "btc"
+    with pytest.raises(ValueError, match="2 names for 1 sources"):
+        read_sources({**data, "names": ["a", "b"]})
+    with pytest.raises(ValueError, match="no file matches"):
+        read_sources({**data, "sources": [str(tmp_path / "none" / "*.conll")]})
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="demo_dropout"):
         Regularisation(demo_dropout=1.5)

@@ -584,15 +584,36 @@ def test_scale(tmp_path):
 
 
 @pytest.mark.model
-def test_tune_adapter_one_step(tmp_path):
-    """One optimizer step of LoRA on two made-up examples, on the CPU (loading the dequantized model dominates)."""
-    token_file(tmp_path / "data.npz", ["politics"], per=2)
-    args = ["--model", "gemma3-270m", "--data", tmp_path / "data.npz", "--out", tmp_path / "lora", "--device", "cpu"]
-    out = run("scripts/tune_adapter.py", *args, "--max-steps", 1, "--batch", 2, "--r", 2)
-    assert "tune_adapter: done, 1 steps" in out
-    log = json.loads((tmp_path / "lora/tuning.json").read_text())
-    assert log["steps_done"] == 1 and log["checkpoints"] == ["ckpt-1.00"] and log["examples"] == 2
-    assert (tmp_path / "lora/ckpt-1.00/adapter_model.safetensors").stat().st_size > 0
+def test_tune_adapter_steps_and_resumes(tmp_path):
+    """LoRA on four made-up examples, two optimizer steps on the CPU: once straight through, once stopped after the
+    first step (--max-minutes 0) and run again, which continues from <out>/resume.pt to the same losses and the same
+    adapter; a rerun with another LoRA rank is refused before the model loads (loading dominates the time)."""
+    from safetensors.numpy import load_file
+
+    token_file(tmp_path / "data.npz", ["politics"], per=4)
+    args = ["--model", "gemma3-270m", "--data", tmp_path / "data.npz", "--device", "cpu", "--batch", 2, "--r", 2]
+    args += ["--max-steps", 2, "--save-every", 1]
+    out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "whole")
+    assert "tune_adapter: done, 2 steps" in out
+    whole = json.loads((tmp_path / "whole/tuning.json").read_text())
+    assert whole["steps_done"] == 2 and whole["checkpoints"] == ["ckpt-1.00"] and whole["examples"] == 4
+    assert whole["resumed_after_step"] == 0
+
+    out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "stopped", "--max-minutes", 0)
+    assert "stopped after 0" in out and "step 1/2" in out
+    assert json.loads((tmp_path / "stopped/tuning.json").read_text())["steps_done"] == 1
+    out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "stopped")
+    assert "resumed after step 1/2" in out
+    resumed = json.loads((tmp_path / "stopped/tuning.json").read_text())
+    assert resumed["steps_done"] == 2 and resumed["resumed_after_step"] == 1
+    assert resumed["losses"] == whole["losses"]
+    a, b = (load_file(tmp_path / f / "ckpt-1.00" / "adapter_model.safetensors") for f in ("whole", "stopped"))
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-3) for k in a)
+    assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)  # trained: B starts at zero
+
+    cmd = [sys.executable, str(ROOT / "scripts/tune_adapter.py"), *map(str, args), "--r", "4"]
+    res = subprocess.run([*cmd, "--out", str(tmp_path / "stopped")], capture_output=True, text=True, env=ENV)
+    assert res.returncode != 0 and "other settings (r)" in res.stderr and "--fresh" in res.stderr
 
 
 @pytest.mark.model

@@ -10,13 +10,15 @@ data sizes, loss curve, seconds). Use it with ``backend.model = "<output>/model.
 Needs the ``tune`` extra (peft, gguf); nothing here is imported by ``import spacy_llmner``.
 """
 
+import glob
 import json
 import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from ..prompt import Demonstration
 from .examples import ExampleBuilder, Regularisation, TuningExample
 from .train import TrainingSettings
 
@@ -34,8 +36,11 @@ config = "configs/retrieval.cfg"
 component = "llm_lar_ner"
 
 [data]
-# BIO / .spacy / jsonl files; a dataset's labels are those its entities use
+# BIO / .spacy / jsonl files or glob patterns (all files one pattern matches are one dataset); a dataset's labels
+# are those its entities use, renamed by label_names (e.g. {"PER": "person"}); names: one per source (optional)
 sources = []
+names = []
+label_names = {}
 # sentences read from each source (its retrieval pool), and of those, how many become examples
 pool_limit = 2000
 examples_per_source = 400
@@ -50,6 +55,11 @@ shuffle_labels = 0.5
 rename_labels = 0.1
 lowercase = 0.0
 demo_counts = null
+# label-set levers (spacy_llmner/finetune/examples.py): probabilities per example
+label_subset = 0.0
+absent_labels = 0.0
+paraphrase_labels = 0.0
+definitions = 0.0
 
 [training]
 r = 16
@@ -84,10 +94,7 @@ def load_settings(path: Optional[Path] = None, overrides: Optional[Dict[str, Any
 def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
     """The training examples: per source, its sentences as the component's retrieval pool and labels, then a
     seeded sample of them rendered as (prompt, answer)."""
-    import spacy
     from spacy.util import load_config, load_model_from_config
-
-    from ..demonstrations import load_demonstrations
 
     data, prompt = settings["data"], settings["prompt"]
     if not data["sources"]:
@@ -100,16 +107,13 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
     reg = dict(settings["regularisation"])
     if reg.get("demo_counts") is not None:
         reg["demo_counts"] = tuple(reg["demo_counts"])
-    builder = ExampleBuilder(component, Regularisation(**reg), seed=data["seed"])
+    pools = read_sources(data)
+    other = {lab for _, pool in pools for d in pool for _, _, lab in d.spans}
+    builder = ExampleBuilder(component, Regularisation(**reg), seed=data["seed"], other_labels=other)
     renders = int(data.get("renders", 1))
     examples: List[TuningExample] = []
-    for source in data["sources"]:
-        path = Path(source)
-        name = path.parent.name if path.stem in ("train", "dev", "test") or path.suffix == ".jsonl" else path.stem
-        pool = load_demonstrations(path, spacy.blank("en").vocab)[: data["pool_limit"]]
+    for name, pool in pools:
         labels = sorted({lab for d in pool for _, _, lab in d.spans})
-        if not labels:
-            raise ValueError(f"finetune: {path} holds no entities")
         component.set_labels(labels)
         if component.retriever is not None:
             component.build_pool(pool)
@@ -121,6 +125,35 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
             f"{time.perf_counter() - t0:.0f} s)"
         )
     return examples
+
+
+def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
+    """[(dataset name, its sentences)] per ``[data] sources`` entry: a file or a glob pattern (every file it matches
+    is one dataset, e.g. a corpus split into sections), named by ``[data] names`` (same order) or else by its
+    folder (``crossner/politics/train.txt`` → politics) or file; labels renamed by ``[data] label_names``; at most
+    ``pool_limit`` sentences each."""
+    import spacy
+
+    from ..demonstrations import load_demonstrations
+
+    names, label_names = list(data.get("names") or []), dict(data.get("label_names") or {})
+    if names and len(names) != len(data["sources"]):
+        raise ValueError(f"finetune: [data] names has {len(names)} names for {len(data['sources'])} sources")
+    out = []
+    for i, source in enumerate(data["sources"]):
+        files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+        if not files:
+            raise ValueError(f"finetune: no file matches the source {source!r}")
+        path = Path(files[0])
+        name = names[i] if names else path.parent.name if path.stem in ("train", "dev", "test") else path.stem
+        if not names and (path.suffix == ".jsonl" or len(files) > 1):
+            name = path.parent.name
+        pool = [d for f in files for d in load_demonstrations(Path(f), spacy.blank("en").vocab)][: data["pool_limit"]]
+        pool = [Demonstration(d.text, [(s, e, label_names.get(lab, lab)) for s, e, lab in d.spans]) for d in pool]
+        if not any(d.spans for d in pool):
+            raise ValueError(f"finetune: {source} holds no entities")
+        out.append((name, pool))
+    return out
 
 
 def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any]:

@@ -20,14 +20,30 @@ set or one prompt by heart; our choices, all per example, all seeded):
   queries, chat and ASR text carry no capitals; the model must not find entities by their capital letters);
 * ``demo_counts``: when set, each example shows a number of demonstrations drawn from this list (the most similar
   ones), before ``demo_dropout``: one model then serves zero-shot prompts, short fast prompts and k = 8 alike.
+
+Label-set levers (issue 26: label sets the model never saw), each a probability per example, 0 = off (and then no
+random draw is made, so configs without them render exactly the examples they rendered before):
+
+* ``label_subset``: the label list is a random part of the dataset's labels (each kept with p = 0.5, at least one);
+  entities of the others leave the demonstrations and the answer, so the model learns to answer only what is asked;
+* ``absent_labels``: one to three labels of the other datasets join the list (never in the answer): a label in the
+  list is no promise that the sentence holds one;
+* ``paraphrase_labels``: every label with a paraphrase in ``label_texts.json`` is shown as one of them (list,
+  demonstrations and answer alike; not together with ``rename_labels``'s opaque names);
+* ``definitions``: the label list carries each label's one-line definition from ``label_texts.json`` (under any
+  name it is shown by), as a user's ``label_definitions`` would.
 """
 
+import json
 import random
 import string
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence, Tuple
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..labels import LabelSet
+from ..labels.scheme import prompt_name
 from ..prompt import Demonstration, PromptBuilder, display
 
 
@@ -46,6 +62,10 @@ class Regularisation:
     rename_labels: float = 0.1
     lowercase: float = 0.0
     demo_counts: Optional[Tuple[int, ...]] = None
+    label_subset: float = 0.0
+    absent_labels: float = 0.0
+    paraphrase_labels: float = 0.0
+    definitions: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -55,6 +75,12 @@ class Regularisation:
                     raise ValueError(f"finetune: regularisation.demo_counts must list counts >= 0, not {value}")
             elif not 0.0 <= value <= 1.0:
                 raise ValueError(f"finetune: regularisation.{f.name} must be a probability in [0, 1], not {value}")
+
+
+@lru_cache(maxsize=1)
+def label_texts() -> Dict[str, Dict]:
+    """lower-case label name → {"paraphrases": [...], "definition": "..."} (``label_texts.json``, the project's own)."""
+    return json.loads((Path(__file__).with_name("label_texts.json")).read_text(encoding="utf8"))["labels"]
 
 
 def neighbours(component, demonstrations: Sequence[Demonstration]) -> List[List[Demonstration]]:
@@ -76,8 +102,16 @@ class ExampleBuilder:
     """Renders ``TuningExample``s for one dataset through a configured ``llm_lar_ner`` component (its labels set
     and, with a retriever, its pool built from the dataset's sentences)."""
 
-    def __init__(self, component, regularisation: Optional[Regularisation] = None, seed: int = 0):
+    def __init__(
+        self,
+        component,
+        regularisation: Optional[Regularisation] = None,
+        seed: int = 0,
+        other_labels: Sequence[str] = (),
+    ):
+        """``other_labels``: the labels of the other datasets (``absent_labels`` draws from them)."""
         self.component = component
+        self.other_labels = sorted(set(other_labels))
         self.reg = regularisation or Regularisation(0.0, 0.0, 0.0, 0.0)
         if self.reg.demo_counts and component.retriever is not None:
             component.retriever.k = max(component.retriever.k, *self.reg.demo_counts)  # neighbours to draw from
@@ -109,11 +143,32 @@ class ExampleBuilder:
             codes = [f"type_{c}" for c in string.ascii_lowercase]
             rng.shuffle(codes)
             rename = {label: code for label, code in zip(labels.labels, codes)}
-        if order != labels.labels or rename:
-            definitions = {rename.get(k, k): v for k, v in labels.definitions.items()}
-            labels = LabelSet([rename.get(label, label) for label in order], definitions)
-            demos = [self._relabel(d, rename, comp.label_set) for d in demos]
-            gold = self._relabel(gold, rename, comp.label_set)
+        texts = label_texts()
+        if reg.label_subset and len(order) > 1 and rng.random() < reg.label_subset:
+            order = [label for label in order if rng.random() < 0.5] or [rng.choice(order)]
+        absent = []
+        if reg.absent_labels and not rename and rng.random() < reg.absent_labels:
+            taken = {label.lower() for label in labels.labels}
+            candidates = [label for label in self.other_labels if label.lower() not in taken]
+            absent = rng.sample(candidates, min(len(candidates), rng.randint(1, 3)))
+        if reg.paraphrase_labels and not rename and rng.random() < reg.paraphrase_labels:
+            rename = {k: rng.choice(texts[k.lower()]["paraphrases"]) for k in order if k.lower() in texts}
+            names = [prompt_name(rename.get(k, k)).lower() for k in [*order, *absent]]
+            if len(set(names)) < len(names):  # two labels would be shown by one name: keep their own names
+                rename = {}
+        definitions = dict(labels.definitions)
+        if reg.definitions and rng.random() < reg.definitions:
+            definitions = {
+                k: texts[k.lower()]["definition"] for k in [*order, *absent] if k.lower() in texts
+            } | definitions
+        if order != labels.labels or rename or absent or definitions != labels.definitions:
+            for label in absent:
+                order.insert(rng.randint(0, len(order)), label)
+            shown = {rename.get(k, k): v for k, v in definitions.items() if k in order}
+            labels = LabelSet([rename.get(label, label) for label in order], shown)
+            kept = set(order) - set(absent)
+            demos = [self._relabel(d, rename, comp.label_set, kept) for d in demos]
+            gold = self._relabel(gold, rename, comp.label_set, kept)
         if rng.random() < reg.lowercase:
             gold, demos = _lower(gold), [_lower(d) for d in demos]
         prompts = PromptBuilder(labels, comp.format, comp.prompts.instructions)
@@ -127,11 +182,12 @@ class ExampleBuilder:
         return TuningExample(prompts.build(shown, demos), answer, dataset)
 
     @staticmethod
-    def _relabel(demo: Demonstration, rename, labels: LabelSet) -> Demonstration:
+    def _relabel(demo: Demonstration, rename, labels: LabelSet, kept=None) -> Demonstration:
+        """The demonstration's spans under their new names; those of labels not ``kept`` (None: all) dropped."""
         spans = []
         for s, e, lab in demo.spans:
             target = labels.resolve(lab)
-            if target is not None:
+            if target is not None and (kept is None or target in kept):
                 spans.append((s, e, rename.get(target, target)))
         return Demonstration(demo.text, spans)
 
