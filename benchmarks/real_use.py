@@ -47,13 +47,15 @@ from documents import inputs, paragraphs
 
 SECTIONS = ("paragraphs", "lodo", "extra", "genia")
 ORG = {"PER": "person", "ORG": "organisation", "LOC": "location", "MISC": "misc"}
-# set → (train files, test files or None for a seeded held-out part, label names given to the model)
+# set → (folder under --data, train files, test files or None for a seeded held-out part, label names given to the
+# model; None: the set's own names, lower-cased). "fixture": the test suite's smoke run (a CrossNER fixture split).
 EXTRA = {
-    "wikigold": (["wikigold.conll.txt"], None, ORG),
-    "btc": ([f"{s}.conll" for s in "abegh"], ["f.conll"], ORG),
-    "sec_filings": (["train.FIN5.txt"], ["test.FIN3.txt"], ORG),
-    "anem": (["AnEM.train"], ["AnEM.test"], None),  # None: the set's own names, lower-cased
-    "re3d": (["*/*.conll"], None, None),
+    "wikigold": ("extra/wikigold", ["wikigold.conll.txt"], None, ORG),
+    "btc": ("extra/btc", [f"{s}.conll" for s in "abegh"], ["f.conll"], ORG),
+    "sec_filings": ("extra/sec_filings", ["train.FIN5.txt"], ["test.FIN3.txt"], ORG),
+    "anem": ("extra/anem", ["AnEM.train"], ["AnEM.test"], None),
+    "re3d": ("extra/re3d", ["*/*.conll"], None, None),
+    "fixture": ("crossner/conll2003", ["train.txt"], ["test.txt"], None),
 }
 GENIA_INSTRUCTIONS = (
     "Find the biomedical named entities in each sentence and give the type of each one. "
@@ -85,20 +87,19 @@ PEERS = {
 
 def relabelled(docs: List[Doc], names: Optional[Dict[str, str]]) -> List[Doc]:
     """The docs' entities renamed (``names``; None: lower-cased), dropping empty sentences."""
-    out = []
+    names, out = names or {}, []
     for doc in docs:
         if not doc.text.strip():
             continue
-        rename = (lambda n: names.get(n, n.lower())) if names else (lambda n: n.lower())
-        doc.ents = [Span(doc, e.start, e.end, rename(e.label_)) for e in doc.ents]
+        doc.ents = [Span(doc, e.start, e.end, names.get(e.label_, e.label_.lower())) for e in doc.ents]
         out.append(doc)
     return out
 
 
 def extra_set(data: Path, name: str, vocab, seed: int) -> Tuple[List[Doc], List[Doc]]:
     """(train, test) of an extra set, gold labels renamed; a set without a test split is split 70 / 30, seeded."""
-    train_files, test_files, names = EXTRA[name]
-    folder = data / "extra" / name
+    where, train_files, test_files, names = EXTRA[name]
+    folder = data / where
 
     def read(patterns):
         return [d for p in patterns for f in sorted(folder.glob(p)) for d in read_bio(f, vocab)]
@@ -295,11 +296,10 @@ def section_lodo(args, table: Table) -> None:
     for domain in args.domains:
         adapter = args.lodo_adapters.get(domain, "auto")
         for variant in args.variants:
-            for k in args.ks:
+            todo = [k for k in args.ks if not table.has(f"lodo/{domain}/k{k}/{variant}")]
+            gold, pool = crossner(args, domain, variant) if todo else ([], [])
+            for k in todo:
                 key = f"lodo/{domain}/k{k}/{variant}"
-                if table.has(key):
-                    continue
-                gold, pool = crossner(args, domain, variant)
                 nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, k, adapter)
                 row = run_llm(args, nlp, gold)
                 row.update(k=k, adapter=adapter, in_domain_adapter=domain not in args.lodo_adapters)
@@ -324,18 +324,17 @@ def section_extra(args, table: Table) -> None:
 
 
 def section_genia(args, table: Table) -> None:
-    folder = Path(args.data) / "genia"
-    for variant in args.variants:
+    todo = [v for v in args.variants if not table.has(f"genia/nested/{v}")]
+    if not todo:
+        return
+    prefix = args.genia or str(Path(args.data) / "genia" / "genia_nested")
+    train, gold = (read_jsonl(f"{prefix}.{split}.jsonl", spacy.blank("en")) for split in ("train", "test"))
+    labels = sorted({s.label_ for d in train for s in d.spans["sc"]})
+    for variant in todo:
         key = f"genia/nested/{variant}"
-        if table.has(key):
-            continue
-        nlp0 = spacy.blank("en")
-        train = read_jsonl(folder / "genia_nested.train.jsonl", nlp0)
-        test = read_jsonl(folder / "genia_nested.test.jsonl", nlp0)
-        pool = sample(train, args.pool, args.seed)
+        test, pool = gold, sample(train, args.pool, args.seed)
         if variant == "lower":
             test, pool = lowered(test), lowered(pool)
-        labels = sorted({s.label_ for d in train for s in d.spans["sc"]})
         nlp = pipeline(args, labels, pool, 3, nested=True)
         row = run_llm(args, nlp, test, nested=True)
         row.update(k=3, pool=len(pool), spans=sum(len(d.spans["sc"]) for d in test))
@@ -439,7 +438,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--domains", default="politics,science,music,literature,ai")
-    ap.add_argument("--extra", default=",".join(EXTRA), help="extra sets (folders of <data>/extra)")
+    ap.add_argument("--extra", default=",".join(n for n in EXTRA if n != "fixture"), help="extra sets")
+    ap.add_argument("--genia", default=None, help="GENIA files' prefix (default <data>/genia/genia_nested)")
     ap.add_argument("--variants", default="cased,lower")
     ap.add_argument("--ks", default="0,3,8", help="demonstrations per prompt in the lodo section")
     ap.add_argument("--lodo-adapters", default="", help="domain=adapter (a GGUF LoRA path or a shipped name),...")

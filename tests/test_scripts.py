@@ -715,10 +715,11 @@ def test_distill_study(tmp_path):
 @pytest.mark.model
 def test_real_use(tmp_path):
     """Every section on the fixtures with the real default pipeline: politics as paragraphs of two sentences and
-    at k = 0 / 1, the sec_filings fixture (pool 4, beside a spaCy model of 4 steps), the GENIA fixture nested; cased
-    and lower-cased. A rerun measures nothing again (every row is there) and the table is rewritten alike."""
+    at k = 0 / 1, the conll2003 fixture as an extra set (pool 4, beside a spaCy model of 4 steps), the made-up nested
+    set; cased and lower-cased. A rerun measures nothing again (every row is there) and the table is rewritten alike."""
     args = (
-        "--data", DATA, "--domains", "politics", "--extra", "sec_filings", "--ks", "0,1", "--per", 2, "--pool", 4,
+        "--data", DATA, "--domains", "politics", "--extra", "fixture", "--genia", DATA / "nested" / "made_up",
+        "--ks", "0,1", "--per", 2, "--pool", 4,
         "--spacy-dev", 2, "--spacy-steps", 4, "--spacy-eval-every", 2, "--cache", tmp_path / "cache.sqlite",
         "--work", tmp_path / "work", "--out", tmp_path / "real_use.json",
     )  # fmt: skip
@@ -732,20 +733,20 @@ def test_real_use(tmp_path):
             *(f"paragraphs/politics/{c}" for c in ("sentences", "sentencizer", "doc_sents")),
             "lodo/politics/k0",
             "lodo/politics/k1",
-            "extra/sec_filings",
+            "extra/fixture",
             "genia/nested",
         )
-    } | {f"extra/sec_filings/{v}/spacy" for v in ("cased", "lower")}
+    } | {f"extra/fixture/{v}/spacy" for v in ("cased", "lower")}
     assert set(rows) == expected
     assert rows["paragraphs/politics/sentences/cased"]["docs"] == 4
     assert rows["paragraphs/politics/sentencizer/cased"]["docs"] == 2
     assert rows["lodo/politics/k0/cased"]["in_domain_adapter"] is True
-    assert rows["extra/sec_filings/cased"]["labels"] == ["location", "organisation", "person"]
-    assert rows["extra/sec_filings/cased"]["docs"] == 3 and rows["extra/sec_filings/cased/spacy"]["docs"] == 3
+    assert rows["extra/fixture/cased"]["labels"] == ["location", "misc", "organisation", "person"]
+    assert rows["extra/fixture/cased"]["docs"] == 3 and rows["extra/fixture/cased/spacy"]["docs"] == 3
     assert all(0 <= r["f1"] <= 100 for r in rows.values())
     assert res["cpu_seconds"] > 0 and set(res["peers"]) >= {"GLiNER-L (0.3 B), zero-shot"}
     table = (tmp_path / "real_use.md").read_text()
-    assert "| politics | cased |" in table and "GLiNER-L" in table and "| sec_filings | lower | 3 |" in table
+    assert "| politics | cased |" in table and "GLiNER-L" in table and "| fixture | lower | 3 |" in table
     again = run("benchmarks/real_use.py", *args)
     assert "F1" not in again.split("# Quality where users are")[0]  # no row measured again
     assert json.loads((tmp_path / "real_use.json").read_text())["rows"] == rows

@@ -139,16 +139,19 @@ def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
     names, label_names = list(data.get("names") or []), dict(data.get("label_names") or {})
     if names and len(names) != len(data["sources"]):
         raise ValueError(f"finetune: [data] names has {len(names)} names for {len(data['sources'])} sources")
-    out = []
+    vocab, out = spacy.blank("en").vocab, []
     for i, source in enumerate(data["sources"]):
         files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
         if not files:
             raise ValueError(f"finetune: no file matches the source {source!r}")
         path = Path(files[0])
-        name = names[i] if names else path.parent.name if path.stem in ("train", "dev", "test") else path.stem
-        if not names and (path.suffix == ".jsonl" or len(files) > 1):
+        if names:
+            name = names[i]
+        elif path.stem in ("train", "dev", "test") or path.suffix == ".jsonl" or len(files) > 1:
             name = path.parent.name
-        pool = [d for f in files for d in load_demonstrations(Path(f), spacy.blank("en").vocab)][: data["pool_limit"]]
+        else:
+            name = path.stem
+        pool = [d for f in files for d in load_demonstrations(Path(f), vocab)][: data["pool_limit"]]
         pool = [Demonstration(d.text, [(s, e, label_names.get(lab, lab)) for s, e, lab in d.spans]) for d in pool]
         if not any(d.spans for d in pool):
             raise ValueError(f"finetune: {source} holds no entities")
