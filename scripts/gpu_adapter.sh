@@ -1,64 +1,80 @@
 #!/usr/bin/env bash
-# Tunes the NER adapters on a lent GPU machine (never needed by tests or CI). One call carries at most 64 MiB, so
-# the base GGUF travels gzip-ed in four pieces (training/adapter/stash/<i>/part, made by `spacy project run
-# adapter-stash`), one per call, each copied to /tmp/stash (which survives between calls while the machine is warm):
-#   bash scripts/gpu_adapter.sh stash 0   ... stash 2      (carry training/adapter/stash/<i>, training/adapter/wheels)
-#   bash scripts/gpu_adapter.sh tune                       (carry stash/3, the .npz token files and the wheels)
-# `tune` joins and checks the model, then trains four adapters at once on the one GPU: ner-v1 (the shipped one),
-# leave-one-domain-out without politics and without science, and the local CoNLL-including variant; all under $OUT.
-#   bash scripts/gpu_adapter.sh data                       (carry training/adapter/ner-v1.npz, conll.npz)
-#   bash scripts/gpu_adapter.sh tune2                      (carry stash/3 only: with the repository's own files,
-#                                                           stash/3 and the token files exceed one call's 64 MiB)
-# `tune2` trains two adapters with schedules short enough to finish (the learning rate anneals): ner-v2, a candidate
-# successor of ner-v1 on the same data, and ner-conll; it brings back exactly eight files (a call returns at most
-# eight): per adapter the final LoRA's safetensors and config, tuning.json and the log.
+# Tunes NER adapters on a lent GPU machine (never needed by tests or CI). A device call carries at most 64 MiB with
+# the working tree, so what the run needs (the base GGUF, the token files, wheels of this repository's own
+# transformers / tokenizers / huggingface_hub / peft / gguf versions) travels as one xz stream in four pieces:
+#   here:    bash scripts/gpu_adapter.sh pack training/adapter/ner-v3.npz     -> .dev/0 .. .dev/3 (+ .dev/blob.md5)
+#   device:  bash scripts/gpu_adapter.sh recv 0 ... recv 2   (carry .dev/<i>; each piece copied to /tmp/stash, which
+#                                                             survives between calls while the machine stays warm)
+#   device:  RUNS="name:data:epochs[:exclude,...] ..." EXPECT=<reference loss> bash scripts/gpu_adapter.sh tune
+#                                                            (carry .dev/3; EXPECT from tune_adapter.py --check-only)
+# `tune` joins and unpacks the pieces, checks the model, installs the wheels into /tmp/pylib and trains every run of
+# RUNS at once on the one GPU; each run's last checkpoint, tuning.json and log come back as $OUT/<name>.tar (a call
+# returns at most eight files). The device image has no spaCy: scripts/tune_adapter.py needs only the package's
+# GGUF loader (spacy_llmner/backends/weights.py), so the launcher below imports it without running
+# spacy_llmner/backends/__init__.py (which registers spaCy factories).
 set -euo pipefail
-PY=$(command -v python || command -v python3)
-mkdir -p /tmp/stash /tmp/pylib
-join_model() {  # the last piece, the whole GGUF checked, the wheels (if carried) installed
-  cp training/adapter/stash/3/part /tmp/stash/part-3
-  cat /tmp/stash/part-0 /tmp/stash/part-1 /tmp/stash/part-2 /tmp/stash/part-3 | gunzip > /tmp/stash/model.gguf
-  echo "9ee864697367f9b6839112968febaba2  /tmp/stash/model.gguf" | md5sum -c
-  "$PY" -m pip install -q --no-deps --target /tmp/pylib training/adapter/wheels/*.whl 2>&1 | tail -2 || true
-  export PYTHONPATH=/tmp/pylib
-}
+PY=$(command -v python3 || command -v python)
+PIECES=4
 case "$1" in
-stash)
-  cp "training/adapter/stash/$2/part" "/tmp/stash/part-$2"
-  "$PY" -m pip install -q --no-deps --target /tmp/pylib training/adapter/wheels/*.whl 2>&1 | tail -2 || true
-  ls -la /tmp/stash; "$PY" --version; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  PYTHONPATH=/tmp/pylib "$PY" -c "import torch, transformers, peft, gguf, safetensors; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.is_available())"
+pack)
+  shift
+  gguf=$("${PY}" -c "from spacy_llmner.backends.llamacpp import resolve_model_path; print(resolve_model_path('gemma3-270m'))")
+  rm -rf .dev && mkdir -p .dev/stage/data
+  cp "$gguf" .dev/stage/model.gguf
+  cp "$@" .dev/stage/data/
+  cp .whl/*.whl .dev/stage/
+  (cd .dev/stage && md5sum model.gguf > model.md5 && tar cf - model.gguf model.md5 data ./*.whl) | xz -9 -T2 > .dev/blob.xz
+  rm -rf .dev/stage
+  size=$(stat -c %s .dev/blob.xz)
+  piece=$(((size + PIECES - 1) / PIECES))
+  for i in $(seq 0 $((PIECES - 1))); do
+    mkdir -p ".dev/$i"
+    dd if=.dev/blob.xz of=".dev/$i/part" bs=1M iflag=skip_bytes,count_bytes skip=$((i * piece)) count=$piece status=none
+  done
+  md5sum .dev/blob.xz | cut -d' ' -f1 > .dev/blob.md5 && cp .dev/blob.md5 .dev/$((PIECES - 1))/
+  rm .dev/blob.xz
+  ls -la .dev/*/part
+  ;;
+recv)
+  mkdir -p /tmp/stash && cp ".dev/$2/part" "/tmp/stash/part-$2"
+  ls -la /tmp/stash; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
   ;;
 tune)
-  join_model
-  common=(--model /tmp/stash/model.gguf --epochs "${EPOCHS:-1.5}" --bf16 --expect-loss 0.7932 --max-minutes "${MINUTES:-5.5}")
-  d=training/adapter
-  "$PY" scripts/tune_adapter.py "${common[@]}" --data $d/ner-v1.npz --out "$OUT/ner-v1" --checkpoints 0.33,0.67,1.0 > "$OUT/ner-v1.log" 2>&1 &
-  "$PY" scripts/tune_adapter.py "${common[@]}" --data $d/ner-v1.npz --exclude politics --out "$OUT/loo-politics" --checkpoints 0.67,1.0 > "$OUT/loo-politics.log" 2>&1 &
-  "$PY" scripts/tune_adapter.py "${common[@]}" --data $d/ner-v1.npz --exclude science --out "$OUT/loo-science" --checkpoints 0.67,1.0 > "$OUT/loo-science.log" 2>&1 &
-  "$PY" scripts/tune_adapter.py "${common[@]}" --data $d/ner-v1.npz $d/conll.npz --out "$OUT/ner-conll" --checkpoints 0.67,1.0 > "$OUT/ner-conll.log" 2>&1 &
-  sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -n 3 "$OUT"/*.log
-  wait
-  tail -n 4 "$OUT"/*.log
-  ;;
-data)
-  mkdir -p /tmp/stash/npz && cp training/adapter/*.npz /tmp/stash/npz/ && ls -la /tmp/stash/npz
-  ;;
-tune2)
-  join_model
-  mkdir -p training/adapter && cp -n /tmp/stash/npz/*.npz training/adapter/ 2>/dev/null || true
-  common=(--model /tmp/stash/model.gguf --bf16 --expect-loss 0.7932 --max-minutes "${MINUTES:-6}" --checkpoints 1.0 --seed 0)
-  d=training/adapter
-  "$PY" scripts/tune_adapter.py "${common[@]}" --epochs "${EPOCHS_V2:-0.9}" --data $d/ner-v1.npz --out /tmp/tune/ner-v2 > "$OUT/ner-v2.log" 2>&1 &
-  "$PY" scripts/tune_adapter.py "${common[@]}" --epochs "${EPOCHS_CONLL:-0.75}" --data $d/ner-v1.npz $d/conll.npz --out /tmp/tune/ner-conll > "$OUT/ner-conll.log" 2>&1 &
-  sleep 75; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -n 2 "$OUT"/*.log
-  wait
-  for name in ner-v2 ner-conll; do
-    mkdir -p "$OUT/$name"
-    ckpt=$(ls -d /tmp/tune/$name/ckpt-* | sort | tail -1)
-    echo "$name: $ckpt"
-    cp "$ckpt/adapter_model.safetensors" "$ckpt/adapter_config.json" /tmp/tune/$name/tuning.json "$OUT/$name/"
+  last=$((PIECES - 1))
+  mkdir -p /tmp/stash /tmp/pylib /tmp/tune && cp ".dev/$last/part" "/tmp/stash/part-$last"
+  cd /tmp/stash
+  cat $(for i in $(seq 0 $last); do echo "part-$i"; done) > blob.xz
+  echo "$(cat "$OLDPWD/.dev/$last/blob.md5")  blob.xz" | md5sum -c
+  xz -dc blob.xz | tar xf - && rm blob.xz && md5sum -c model.md5
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/pylib ./*.whl
+  cd "$OLDPWD"
+  export PYTHONPATH=/tmp/pylib OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+  for run in ${RUNS:?RUNS names the runs: name:data:epochs[:exclude,...]}; do
+    IFS=: read -r name data epochs exclude <<< "$run"
+    args=(--model /tmp/stash/model.gguf --data "/tmp/stash/data/$data" --epochs "$epochs" --bf16 --seed 0
+          --checkpoints 1.0 --max-minutes "${MINUTES:-7}" --out "/tmp/tune/$name" ${EXPECT:+--expect-loss "$EXPECT"})
+    [ -n "${exclude:-}" ] && args+=(--exclude ${exclude//,/ })
+    "$PY" - "${args[@]}" > "/tmp/tune/$name.log" 2>&1 <<'EOF' &
+import runpy, sys, types
+import spacy_llmner
+backends = types.ModuleType("spacy_llmner.backends")
+backends.__path__ = [spacy_llmner.__path__[0] + "/backends"]
+sys.modules["spacy_llmner.backends"] = spacy_llmner.backends = backends
+sys.argv = ["scripts/tune_adapter.py", *sys.argv[1:]]
+runpy.run_path("scripts/tune_adapter.py", run_name="__main__")
+EOF
   done
-  tail -n 3 "$OUT"/*.log
+  sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; tail -qn 1 /tmp/tune/*.log
+  wait || true
+  for log in /tmp/tune/*.log; do
+    name=$(basename "$log" .log)
+    ckpt=$(ls -d /tmp/tune/"$name"/ckpt-* 2>/dev/null | sort | tail -1 || true)
+    echo "== $name: ${ckpt:-no checkpoint}"; tail -n 3 "$log"
+    files=("$name.log")
+    [ -n "$ckpt" ] && files+=("$name/$(basename "$ckpt")")
+    [ -f "/tmp/tune/$name/tuning.json" ] && files+=("$name/tuning.json")
+    tar cf "$OUT/$name.tar" -C /tmp/tune "${files[@]}"
+  done
+  ls -la "$OUT"
   ;;
 esac
