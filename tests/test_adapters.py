@@ -9,7 +9,7 @@ import pytest
 
 from spacy_llmner import adapters
 from spacy_llmner.backends.llamacpp import LlamaCppBackend, resolve_adapter
-from spacy_llmner.finetune.package import licence_of, package_adapter, sha256
+from spacy_llmner.finetune.package import attribution, licence_of, package_adapter, sha256
 from spacy_llmner.ty import BackendError
 
 
@@ -51,6 +51,17 @@ def test_research_only_data_is_refused_for_a_shipped_adapter(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_extra_sets_licences_and_credits_follow_the_sources():
+    """BTC, SEC filings and AnEM allow a derived model, each credited in ATTRIBUTION.md only when tuned on; re3d's
+    licences differ per source and wikigold is held out of tuning: neither counts as shippable data."""
+    for path in ("/d/extra/btc/a.conll", "/d/extra/sec_filings/train.FIN5.txt", "/d/extra/anem/AnEM.train"):
+        assert licence_of(path)["redistributable"], path
+    assert not licence_of("/d/extra/re3d/x/y.conll")["redistributable"]
+    text = attribution(["/d/crossner/ai/train.txt", "/d/extra/btc/a.conll", "/d/extra/btc/b.conll"])
+    assert "CrossNER" in text and text.count("Broad Twitter Corpus**") == 1 and "AnEM" not in text
+    assert "BY-SA" in attribution(["/d/extra/anem/AnEM.train"]) and "GENIA" not in text
+
+
 def test_the_backend_applies_ner_v2_to_gemma_by_default_and_nothing_else():
     assert LlamaCppBackend().adapter == "ner-v2"
     assert LlamaCppBackend(adapter=None).adapter is None
@@ -63,6 +74,9 @@ def test_the_backend_applies_ner_v2_to_gemma_by_default_and_nothing_else():
     # answers differ with the adapter: cached answers of the base model are never served for it
     assert LlamaCppBackend().identity() != LlamaCppBackend(adapter=None).identity()
     assert "adapter" not in LlamaCppBackend(adapter=None).identity()
+    # two adapters of one rank have one file size: named by content, a cache never serves one's answers for the other
+    assert adapters.adapter_path("ner-v1").stat().st_size == adapters.adapter_path("ner-v2").stat().st_size
+    assert LlamaCppBackend(adapter="ner-v1").identity() != LlamaCppBackend(adapter="ner-v2").identity()
 
 
 def test_lora_export_layout_and_rank_truncation(tmp_path):

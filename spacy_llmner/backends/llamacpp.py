@@ -60,6 +60,24 @@ def register_model(name: str, path: str) -> None:
     gguf_models.register(name, func=lambda: str(path))
 
 
+def file_identity(path: str) -> str:
+    """A model or adapter file named by content, not location: its name and the start of its SHA-256 (adapters of
+    one rank have one size, so name and size alone let a cache mix their answers)."""
+    st = os.stat(path)
+    return f"{Path(path).name}:{_digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)[:16]}"
+
+
+@lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is hashed again
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def resolve_model_path(model: str) -> str:
     if model in gguf_models:
         return gguf_models.get(model)()
@@ -349,16 +367,13 @@ class LlamaCppBackend(BackendBase):
         return load_calibration(path, f"llama.cpp backend, adapter {self.adapter!r}") if path.exists() else None
 
     def identity(self) -> Dict[str, Any]:
-        name = self.model
-        if os.path.isfile(self.model):  # a path: name it by content, not location
-            st = os.stat(self.model)
-            name = f"{Path(self.model).name}:{st.st_size}"
+        name = file_identity(self.model) if os.path.isfile(self.model) else self.model  # a path: by content
         ident = {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
         if self.engine != "llama.cpp":  # other arithmetic, other rounding: a cache must not mix them
             ident.update(engine=self.engine, head=self.head, dtype=self.dtype)
         if self.adapter is not None:  # answers differ with an adapter: a cache must not mix them
             path = self.adapter_file
-            ident["adapter"] = f"{Path(path).name}:{os.stat(path).st_size}" if os.path.isfile(path) else self.adapter
+            ident["adapter"] = file_identity(path) if os.path.isfile(path) else self.adapter
         return ident
 
     @cached_property
