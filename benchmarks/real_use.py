@@ -18,6 +18,12 @@ Sections (--sections):
               trained on the same 200 (checkpoint picked on 100 other train sentences: an advantage the LLM rows lack)
   genia       GENIA nested: --pool train sentences as the pool, k = 3, every span (nested too) scored
 --variants cased,lower: each row as it is and with every text (test, pool, training) lower-cased.
+--adapter: the adapter of every row that has no leave-one-domain-out adapter (default: the shipped default; a
+shipped name, or NAME=PATH for a GGUF LoRA file); each row's key ends in @ its name, so the tables of two adapters
+("before" and "after") sit side by side in one file. --lodo-tag names the leave-one-domain-out adapters' rows.
+--extra-split dev scores the extra sets on --dev seeded train sentences outside the pool and the spaCy model's
+checkpoint sentences (for choosing between adapters: wikigold and re3d are in no adapter's tuning data).
+--limit N: the first N test sentences of each CrossNER domain (paragraphs, lodo); 0 = the full split.
 
 Each row is written to --out (and --out's .md) once measured; a rerun skips the rows already there (--fresh
 measures them again), so a stopped run resumes. The table states the run's wall and CPU seconds.
@@ -40,6 +46,7 @@ from spacy.tokens import Doc, DocBin, Span
 from spacy.training import Example
 
 from spacy_llmner.annotation import distill as D
+from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS
 from spacy_llmner.corpora import read_bio, read_jsonl, unannotated
 
 from common import CROSSNER_LABELS, load_split
@@ -270,18 +277,26 @@ def cpu_name() -> str:
 def crossner(args, domain: str, variant: str) -> Tuple[List[Doc], List[Doc]]:
     """(test, train) of a CrossNER domain, lower-cased for the "lower" variant."""
     test, train = (load_split(args.data, domain, split, spacy.blank("en")) for split in ("test", "train"))
+    test = test[: args.limit] if args.limit else test
     return (lowered(test), lowered(train)) if variant == "lower" else (test, train)
+
+
+def with_variant(key: str, variant: str) -> str:
+    """``section/.../condition@adapter`` → ``section/.../condition/variant@adapter``."""
+    stem, _, adapter = key.partition("@")
+    return f"{stem}/{variant}@{adapter}"
 
 
 def section_paragraphs(args, table: Table) -> None:
     for domain in args.domains:
         keys = {c: f"paragraphs/{domain}/{c}" for c in ("sentences", "sentencizer", "doc_sents")}
+        keys = {c: f"{key}@{args.adapter_name}" for c, key in keys.items()}
         for variant in args.variants:
-            todo = [c for c, key in keys.items() if not table.has(f"{key}/{variant}")]
+            todo = [c for c, key in keys.items() if not table.has(with_variant(key, variant))]
             if not todo:
                 continue
             gold, pool = crossner(args, domain, variant)
-            nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, 3)
+            nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, 3, args.adapter)
             docs = paragraphs(gold, args.per, nlp.vocab)
             for condition in todo:
                 if condition == "sentences":
@@ -289,17 +304,18 @@ def section_paragraphs(args, table: Table) -> None:
                 else:
                     row = run_llm(args, nlp, docs, inputs(docs, nlp.vocab, condition == "doc_sents"))
                     row["sentences"] = len(gold)
-                table.add(f"{keys[condition]}/{variant}", row)
+                table.add(with_variant(keys[condition], variant), row)
 
 
 def section_lodo(args, table: Table) -> None:
     for domain in args.domains:
-        adapter = args.lodo_adapters.get(domain, "auto")
+        adapter = args.lodo_adapters.get(domain, args.adapter)
+        tag = args.lodo_tag if domain in args.lodo_adapters else args.adapter_name
         for variant in args.variants:
-            todo = [k for k in args.ks if not table.has(f"lodo/{domain}/k{k}/{variant}")]
+            todo = [k for k in args.ks if not table.has(f"lodo/{domain}/k{k}/{variant}@{tag}")]
             gold, pool = crossner(args, domain, variant) if todo else ([], [])
             for k in todo:
-                key = f"lodo/{domain}/k{k}/{variant}"
+                key = f"lodo/{domain}/k{k}/{variant}@{tag}"
                 nlp = pipeline(args, CROSSNER_LABELS[domain].split(), pool, k, adapter)
                 row = run_llm(args, nlp, gold)
                 row.update(k=k, adapter=adapter, in_domain_adapter=domain not in args.lodo_adapters)
@@ -310,32 +326,35 @@ def section_extra(args, table: Table) -> None:
     for name in args.extra:
         train, test = extra_set(Path(args.data), name, spacy.blank("en").vocab, args.seed)
         pool, dev = sample(train, args.pool, args.seed), sample(train, args.spacy_dev, args.seed, skip=args.pool)
+        section = "extra"
+        if args.extra_split == "dev":  # train sentences outside the pool and the spaCy checkpoint's sentences
+            section, test = "extra-dev", sample(train, args.dev, args.seed, skip=args.pool + args.spacy_dev)
         labels = sorted({e.label_ for d in train + test for e in d.ents})
         for variant in args.variants:
             lower = variant == "lower"
             v_test, v_pool, v_dev = (lowered(x) if lower else x for x in (test, pool, dev))
-            key = f"extra/{name}/{variant}"
-            if not table.has(key):
-                row = run_llm(args, pipeline(args, labels, v_pool, 3), v_test)
+            key = f"{section}/{name}/{variant}"
+            if not table.has(f"{key}@{args.adapter_name}"):
+                row = run_llm(args, pipeline(args, labels, v_pool, 3, args.adapter), v_test)
                 row.update(k=3, pool=len(pool), labels=labels)
-                table.add(key, row)
-            if not table.has(f"{key}/spacy"):
+                table.add(f"{key}@{args.adapter_name}", row)
+            if section == "extra" and not table.has(f"{key}/spacy"):
                 table.add(f"{key}/spacy", {**run_spacy(args, f"{key}/spacy", v_pool, v_dev, v_test), "pool": len(pool)})
 
 
 def section_genia(args, table: Table) -> None:
-    todo = [v for v in args.variants if not table.has(f"genia/nested/{v}")]
+    todo = [v for v in args.variants if not table.has(f"genia/nested/{v}@{args.adapter_name}")]
     if not todo:
         return
     prefix = args.genia or str(Path(args.data) / "genia" / "genia_nested")
     train, gold = (read_jsonl(f"{prefix}.{split}.jsonl", spacy.blank("en")) for split in ("train", "test"))
     labels = sorted({s.label_ for d in train for s in d.spans["sc"]})
     for variant in todo:
-        key = f"genia/nested/{variant}"
+        key = f"genia/nested/{variant}@{args.adapter_name}"
         test, pool = gold, sample(train, args.pool, args.seed)
         if variant == "lower":
             test, pool = lowered(test), lowered(pool)
-        nlp = pipeline(args, labels, pool, 3, nested=True)
+        nlp = pipeline(args, labels, pool, 3, args.adapter, nested=True)
         row = run_llm(args, nlp, test, nested=True)
         row.update(k=3, pool=len(pool), spans=sum(len(d.spans["sc"]) for d in test))
         table.add(key, row)
@@ -353,78 +372,98 @@ def cell(rows: Dict, key: str, gap_to: Optional[str] = None) -> str:
     return text
 
 
+def adapters_of(rows: Dict, prefix: str) -> List[str]:
+    """The adapter names (key suffixes after @) of the rows whose keys start with ``prefix``, in first-seen order."""
+    return list(dict.fromkeys(k.partition("@")[2] for k in rows if k.startswith(prefix) and "@" in k))
+
+
 def markdown(result: Dict) -> str:
     rows, args = result["rows"], result["args"]
     domains = ["politics", "science", "music", "literature", "ai"]
-    variants = [v for v in ("cased", "lower") if any(k.endswith(f"/{v}") or f"/{v}/" in k for k in rows)]
+    variants = [v for v in ("cased", "lower") if any(f"/{v}@" in k or f"/{v}/" in k for k in rows)]
     out = [
         "# Quality where users are",
         "",
         f"`python benchmarks/real_use.py` ({result['date']}, {result['machine']['cpu']}): "
         f"{result['wall_seconds'] / 60:.0f} min wall, {result['cpu_seconds'] / 60:.0f} min CPU so far. "
-        f"Engine {args.get('engine')}; strict F1 on full test splits; the default pipeline (Gemma 3 270M + the "
-        "shipped adapter) with span retrieval.",
+        f"Engine {args.get('engine')}; strict F1; Gemma 3 270M with the adapter each row names (after @), span "
+        "retrieval. Sentence counts are given per row where a row ran on part of a split.",
         "",
     ]
     if any(k.startswith("paragraphs/") for k in rows):
         out += [
             f"## Documents: {args.get('per')} consecutive sentences per Doc (F1, gap to one sentence per Doc), k = 3",
             "",
-            "| domain | variant | sentences | no boundaries given | boundaries from doc.sents |",
-            "|---|---|---|---|---|",
+            "| domain | variant | adapter | sentences | one per Doc | no boundaries given | boundaries from "
+            "doc.sents |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for d in domains:
-            for v in variants:
-                base = f"paragraphs/{d}/sentences/{v}"
-                if base in rows:
-                    cells = [cell(rows, f"paragraphs/{d}/{c}/{v}", base) for c in ("sentencizer", "doc_sents")]
-                    out.append(f"| {d} | {v} | {cell(rows, base)} | {' | '.join(cells)} |")
+        for a in adapters_of(rows, "paragraphs/"):
+            for d in domains:
+                for v in variants:
+                    base = f"paragraphs/{d}/sentences/{v}@{a}"
+                    if base in rows:
+                        cells = [cell(rows, f"paragraphs/{d}/{c}/{v}@{a}", base) for c in ("sentencizer", "doc_sents")]
+                        n = rows[base]["docs"]
+                        out.append(f"| {d} | {v} | {a} | {n} | {cell(rows, base)} | {' | '.join(cells)} |")
         out.append("")
     lodo = sorted({k.split("/")[2] for k in rows if k.startswith("lodo/")}, key=lambda s: int(s[1:]))
     if lodo:
         out += [
-            "## CrossNER: the domain's train split as the only pool (F1)",
+            "## CrossNER: the domain's train split as the only pool (F1; sentences per domain after the label)",
             "",
-            "Rows marked * ran the shipped adapter, which was tuned on that domain's train split: not "
-            "leave-one-domain-out.",
+            "Rows marked * ran an adapter tuned on that domain's train split: not leave-one-domain-out.",
             "",
             "| system | " + " | ".join(domains) + " | average |",
             "|---|" + "---|" * (len(domains) + 1),
         ]
-        for v in variants:
-            for k in lodo:
-                keys = [f"lodo/{d}/{k}/{v}" for d in domains]
-                if not any(key in rows for key in keys):
-                    continue
-                f1 = [rows[key]["f1"] for key in keys if key in rows]
-                marks = ["*" if rows.get(key, {}).get("in_domain_adapter") else "" for key in keys]
-                cells = [cell(rows, key) + m for key, m in zip(keys, marks)]
-                avg = f"{sum(f1) / len(f1):.1f}" if len(f1) == len(domains) else "—"
-                out.append(f"| ours, k = {k[1:]}, {v} | " + " | ".join(cells) + f" | {avg} |")
+        for tag in adapters_of(rows, "lodo/"):
+            for v in variants:
+                for k in lodo:
+                    keys = [f"lodo/{d}/{k}/{v}@{tag}" for d in domains]
+                    if not any(key in rows for key in keys):
+                        continue
+                    f1 = [rows[key]["f1"] for key in keys if key in rows]
+                    marks = ["*" if rows.get(key, {}).get("in_domain_adapter") else "" for key in keys]
+                    cells = [cell(rows, key) + m for key, m in zip(keys, marks)]
+                    sizes = sorted({rows[key]["docs"] for key in keys if key in rows})
+                    avg = f"{sum(f1) / len(f1):.1f}" if len(f1) == len(domains) else "—"
+                    label = f"ours ({tag}), k = {k[1:]}, {v}, n = {'/'.join(map(str, sizes))}"
+                    out.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
         for name, (f1, source) in PEERS.items():
             avg = sum(f1.values()) / len(f1)
             out.append(f"| {name} ({source}) | " + " | ".join(f"{f1[d]:.1f}" for d in domains) + f" | {avg:.1f} |")
         out.append("")
-    extra = sorted({k.split("/")[1] for k in rows if k.startswith("extra/")})
-    if extra:
+    titles = {"extra": "test split or held-out 30 %", "extra-dev": "dev: train sentences outside the pool"}
+    for section, title in titles.items():
+        names = sorted({k.split("/")[1] for k in rows if k.startswith(section + "/")})
+        if not names:
+            continue
+        adapters = adapters_of(rows, section + "/")
+        spacy_col = " | spaCy tok2vec on the same sentences" if section == "extra" else ""
         out += [
-            f"## Other domains and label sets: {args.get('pool')} of the set's own sentences (F1 / P / R)",
+            f"## Other domains and label sets, {title}: {args.get('pool')} of the set's own sentences as the pool, "
+            "k = 3 (F1 / P / R)",
             "",
-            "| set | variant | test sentences | ours, k = 3 | spaCy tok2vec on the same sentences |",
-            "|---|---|---|---|---|",
+            "| set | variant | sentences | " + " | ".join(f"ours ({a})" for a in adapters) + spacy_col + " |",
+            "|---|---|---|" + "---|" * (len(adapters) + bool(spacy_col)),
         ]
-        for name in extra:
+        for name in names:
             for v in variants:
-                ours, theirs = rows.get(f"extra/{name}/{v}"), rows.get(f"extra/{name}/{v}/spacy")
-                if ours or theirs:
-                    n = (ours or theirs)["docs"]
-                    out.append(f"| {name} | {v} | {n} | {prf_text(ours)} | {prf_text(theirs)} |")
+                ours = [rows.get(f"{section}/{name}/{v}@{a}") for a in adapters]
+                theirs = rows.get(f"{section}/{name}/{v}/spacy")
+                seen = [r for r in ours + [theirs] if r]
+                if seen:
+                    cells = [prf_text(r) for r in ours] + ([prf_text(theirs)] if spacy_col else [])
+                    out.append(f"| {name} | {v} | {seen[0]['docs']} | " + " | ".join(cells) + " |")
         out.append("")
     genia = [k for k in rows if k.startswith("genia/")]
     if genia:
-        out += ["## GENIA nested (every span, nested ones too)", "", "| variant | test sentences | F1 / P / R |"]
-        out += ["|---|---|---|"]
-        out += [f"| {k.split('/')[-1]} | {rows[k]['docs']} | {prf_text(rows[k])} |" for k in sorted(genia)]
+        out += ["## GENIA nested (every span, nested ones too)", ""]
+        out += ["| variant | adapter | test sentences | F1 / P / R |", "|---|---|---|---|"]
+        for k in sorted(genia):
+            stem, _, a = k.partition("@")
+            out.append(f"| {stem.split('/')[-1]} | {a} | {rows[k]['docs']} | {prf_text(rows[k])} |")
         out.append("")
     return "\n".join(out)
 
@@ -443,6 +482,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--variants", default="cased,lower")
     ap.add_argument("--ks", default="0,3,8", help="demonstrations per prompt in the lodo section")
     ap.add_argument("--lodo-adapters", default="", help="domain=adapter (a GGUF LoRA path or a shipped name),...")
+    ap.add_argument("--lodo-tag", default="lodo", help="the key suffix of rows run with --lodo-adapters")
+    ap.add_argument("--adapter", default="auto", help="the other rows' adapter: auto, a shipped name or NAME=PATH")
+    ap.add_argument("--extra-split", default="test", choices=["test", "dev"])
+    ap.add_argument("--dev", type=int, default=200, help="sentences per extra set with --extra-split dev")
+    ap.add_argument("--limit", type=int, default=0, help="test sentences per CrossNER domain (0: all)")
     ap.add_argument("--per", type=int, default=8, help="sentences per document (paragraphs)")
     ap.add_argument("--pool", type=int, default=200, help="pool sentences of the extra sets and GENIA")
     ap.add_argument("--spacy-dev", type=int, default=100, help="sentences the spaCy model's checkpoint is picked on")
@@ -462,6 +506,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     )
     args.ks = [int(k) for k in args.ks.split(",")]
     args.lodo_adapters = dict(pair.split("=", 1) for pair in args.lodo_adapters.split(",") if pair)
+    args.adapter_name, _, path = args.adapter.partition("=")
+    args.adapter = path or args.adapter
+    if args.adapter_name == "auto":
+        args.adapter_name = DEFAULT_ADAPTERS["gemma3-270m"]
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS] + [s for s in args.extra if s not in EXTRA]
     unknown += [v for v in args.variants if v not in ("cased", "lower")]

@@ -348,7 +348,8 @@ def main(argv=None):
         "losses": losses,
     }
     (out / "tuning.json").write_text(json.dumps(log, indent=1))
-    print(f"tune_adapter: done, {len(plan)} steps in {seconds:.0f} s; loss {ref:.4f} -> {final:.4f}", flush=True)
+    what = "done" if len(losses) == len(plan) else "stopped"
+    print(f"tune_adapter: {what}, {len(losses)}/{len(plan)} steps in {seconds:.0f} s; loss {ref:.4f} -> {final:.4f}")
 
 
 if __name__ == "__main__":

@@ -268,16 +268,18 @@ def adapter_package(
 ):
     """Exports a tuned LoRA as a GGUF adapter folder with its manifest (data, licences, hashes) and attribution."""
     from .backends.llamacpp import resolve_model_path
-    from .finetune import load_settings
-    from .finetune.package import package_adapter
+    from .finetune import load_settings, source_names
+    from .finetune.package import package_adapter, tuning_log
 
     settings = load_settings(config_path, {"paths.data": data})
+    left_out = set(tuning_log(lora).get("settings", {}).get("exclude") or [])  # leave-one-domain-out runs
+    names = source_names(settings["data"])
     manifest = package_adapter(
         lora,
         output,
         base_model=model,
         base_path=resolve_model_path(model),
-        sources=list(settings["data"]["sources"]),
+        sources=[s for s, n in zip(settings["data"]["sources"], names) if n not in left_out],
         config_path=config_path,
         name=name,
         rank=rank,

@@ -184,7 +184,7 @@ def test_label_set_levers(component):
 
 
 def test_sources_can_be_globs_named_and_relabelled(tmp_path):
-    from spacy_llmner.finetune import read_sources
+    from spacy_llmner.finetune import read_sources, source_files, source_names
 
     for part in ("a", "b"):
         (tmp_path / "tweets").mkdir(exist_ok=True)
@@ -197,6 +197,9 @@ def test_sources_can_be_globs_named_and_relabelled(tmp_path):
         read_sources({**data, "names": ["a", "b"]})
     with pytest.raises(ValueError, match="no file matches"):
         read_sources({**data, "sources": [str(tmp_path / "none" / "*.conll")]})
+    # the files and names of sources, without reading them (what an adapter's manifest lists and hashes)
+    assert source_files(data["sources"][0]) == [str(tmp_path / "tweets" / f"{p}.conll") for p in "ab"]
+    assert source_names(data) == ["tweets"] and source_names({**data, "names": ["btc"]}) == ["btc"]
 
 
 def test_bad_settings_are_named():

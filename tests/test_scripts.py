@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import spacy
 
+from spacy_llmner.adapters import adapter_path
+from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "fixtures" / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -594,13 +597,13 @@ def test_tune_adapter_steps_and_resumes(tmp_path):
     args = ["--model", "gemma3-270m", "--data", tmp_path / "data.npz", "--device", "cpu", "--batch", 2, "--r", 2]
     args += ["--max-steps", 2, "--save-every", 1]
     out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "whole")
-    assert "tune_adapter: done, 2 steps" in out
+    assert "tune_adapter: done, 2/2 steps" in out
     whole = json.loads((tmp_path / "whole/tuning.json").read_text())
     assert whole["steps_done"] == 2 and whole["checkpoints"] == ["ckpt-1.00"] and whole["examples"] == 4
     assert whole["resumed_after_step"] == 0
 
     out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "stopped", "--max-minutes", 0)
-    assert "stopped after 0" in out and "step 1/2" in out
+    assert "stopped after 0" in out and "step 1/2" in out and "tune_adapter: stopped, 1/2 steps" in out
     assert json.loads((tmp_path / "stopped/tuning.json").read_text())["steps_done"] == 1
     out = run("scripts/tune_adapter.py", *args, "--out", tmp_path / "stopped")
     assert "resumed after step 1/2" in out
@@ -725,9 +728,9 @@ def test_real_use(tmp_path):
     )  # fmt: skip
     run("benchmarks/real_use.py", *args)
     res = json.loads((tmp_path / "real_use.json").read_text())
-    rows = res["rows"]
+    rows, a = res["rows"], DEFAULT_ADAPTERS["gemma3-270m"]  # each key ends in @ the adapter's name
     expected = {
-        f"{k}/{v}"
+        f"{k}/{v}@{a}"
         for v in ("cased", "lower")
         for k in (
             *(f"paragraphs/politics/{c}" for c in ("sentences", "sentencizer", "doc_sents")),
@@ -738,15 +741,24 @@ def test_real_use(tmp_path):
         )
     } | {f"extra/fixture/{v}/spacy" for v in ("cased", "lower")}
     assert set(rows) == expected
-    assert rows["paragraphs/politics/sentences/cased"]["docs"] == 4
-    assert rows["paragraphs/politics/sentencizer/cased"]["docs"] == 2
-    assert rows["lodo/politics/k0/cased"]["in_domain_adapter"] is True
-    assert rows["extra/fixture/cased"]["labels"] == ["location", "misc", "organisation", "person"]
-    assert rows["extra/fixture/cased"]["docs"] == 3 and rows["extra/fixture/cased/spacy"]["docs"] == 3
+    assert rows[f"paragraphs/politics/sentences/cased@{a}"]["docs"] == 4
+    assert rows[f"paragraphs/politics/sentencizer/cased@{a}"]["docs"] == 2
+    assert rows[f"lodo/politics/k0/cased@{a}"]["in_domain_adapter"] is True
+    assert rows[f"extra/fixture/cased@{a}"]["labels"] == ["location", "misc", "organisation", "person"]
+    assert rows[f"extra/fixture/cased@{a}"]["docs"] == 3 and rows["extra/fixture/cased/spacy"]["docs"] == 3
     assert all(0 <= r["f1"] <= 100 for r in rows.values())
     assert res["cpu_seconds"] > 0 and set(res["peers"]) >= {"GLiNER-L (0.3 B), zero-shot"}
     table = (tmp_path / "real_use.md").read_text()
-    assert "| politics | cased |" in table and "GLiNER-L" in table and "| fixture | lower | 3 |" in table
+    assert f"| politics | cased | {a} |" in table and "GLiNER-L" in table and "| fixture | lower | 3 |" in table
     again = run("benchmarks/real_use.py", *args)
     assert "F1" not in again.split("# Quality where users are")[0]  # no row measured again
     assert json.loads((tmp_path / "real_use.json").read_text())["rows"] == rows
+    # another adapter's rows join the same table beside the first ones: a leave-one-domain-out adapter (here
+    # ner-v1 stands in for one) and the extra sets' dev sentences (outside the pool and the spaCy checkpoint's)
+    one = ("--variants", "cased", "--lodo-adapters", f"politics={adapter_path('ner-v1')}", "--lodo-tag", "lodo-x")
+    one += ("--sections", "lodo,extra", "--ks", "0", "--extra-split", "dev", "--dev", 3)
+    run("benchmarks/real_use.py", *args, *one)
+    more = json.loads((tmp_path / "real_use.json").read_text())["rows"]
+    assert set(more) - set(rows) == {"lodo/politics/k0/cased@lodo-x", f"extra-dev/fixture/cased@{a}"}
+    assert more["lodo/politics/k0/cased@lodo-x"]["in_domain_adapter"] is False
+    assert "ours (lodo-x), k = 0, cased" in (tmp_path / "real_use.md").read_text()

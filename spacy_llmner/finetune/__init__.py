@@ -127,6 +127,29 @@ def build_examples(settings: Dict[str, Any], log=print) -> List[TuningExample]:
     return examples
 
 
+def source_files(source: str) -> List[str]:
+    """The files one ``[data] sources`` entry names: the file itself, or every file its glob pattern matches."""
+    files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+    if not files:
+        raise ValueError(f"finetune: no file matches the source {source!r}")
+    return files
+
+
+def source_names(data: Dict[str, Any]) -> List[str]:
+    """The dataset name of each ``[data] sources`` entry (see :func:`read_sources`)."""
+    names = list(data.get("names") or [])
+    if names:
+        if len(names) != len(data["sources"]):
+            raise ValueError(f"finetune: [data] names has {len(names)} names for {len(data['sources'])} sources")
+        return names
+    for source in data["sources"]:
+        files = source_files(source)
+        path = Path(files[0])
+        tail = path.stem in ("train", "dev", "test") or path.suffix == ".jsonl" or len(files) > 1
+        names.append(path.parent.name if tail else path.stem)
+    return names
+
+
 def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
     """[(dataset name, its sentences)] per ``[data] sources`` entry: a file or a glob pattern (every file it matches
     is one dataset, e.g. a corpus split into sections), named by ``[data] names`` (same order) or else by its
@@ -136,22 +159,10 @@ def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
 
     from ..demonstrations import load_demonstrations
 
-    names, label_names = list(data.get("names") or []), dict(data.get("label_names") or {})
-    if names and len(names) != len(data["sources"]):
-        raise ValueError(f"finetune: [data] names has {len(names)} names for {len(data['sources'])} sources")
+    label_names = dict(data.get("label_names") or {})
     vocab, out = spacy.blank("en").vocab, []
-    for i, source in enumerate(data["sources"]):
-        files = sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
-        if not files:
-            raise ValueError(f"finetune: no file matches the source {source!r}")
-        path = Path(files[0])
-        if names:
-            name = names[i]
-        elif path.stem in ("train", "dev", "test") or path.suffix == ".jsonl" or len(files) > 1:
-            name = path.parent.name
-        else:
-            name = path.stem
-        pool = [d for f in files for d in load_demonstrations(Path(f), vocab)][: data["pool_limit"]]
+    for name, source in zip(source_names(data), data["sources"]):
+        pool = [d for f in source_files(source) for d in load_demonstrations(Path(f), vocab)][: data["pool_limit"]]
         pool = [Demonstration(d.text, [(s, e, label_names.get(lab, lab)) for s, e, lab in d.spans]) for d in pool]
         if not any(d.spans for d in pool):
             raise ValueError(f"finetune: {source} holds no entities")

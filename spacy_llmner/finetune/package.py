@@ -36,23 +36,60 @@ LICENCES = [
         True,
         "Kim et al., GENIA corpus, 2003",
     ),
+    ("extra/wikigold", "CC BY 4.0 (wikigold; text from Wikipedia)", True, "Balasuriya et al., wikigold, 2009"),
+    ("extra/btc", "CC BY 4.0 (Broad Twitter Corpus)", True, "Derczynski et al., Broad Twitter Corpus, COLING 2016"),
+    (
+        "extra/sec_filings",
+        "CC BY 3.0 (SEC filings NER data)",
+        True,
+        "Salinas Alvarado et al., Domain adaption of named entity recognition to support credit risk assessment, 2015",
+    ),
+    ("extra/anem", "CC BY-SA 3.0 (AnEM corpus; share-alike)", True, "Ohta et al., AnEM, 2012"),
 ]
 
-ATTRIBUTION = """# Attribution
-
-This adapter is a model derived from the following data. It contains no text of it.
-
+# each dataset's credit, licence and changes, written into ATTRIBUTION.md when its files are among the sources
+ATTRIBUTIONS = {
+    "crossner/": """\
 - **CrossNER** (politics, science, music, literature, ai train splits): Zihan Liu, Yan Xu, Tiezheng Yu, Wenliang
   Dai, Ziwei Ji, Samuel Cahyawijaya, Andrea Madotto, Pascale Fung. "CrossNER: Evaluating Cross-Domain Named Entity
   Recognition", AAAI 2021. https://github.com/zliucr/CrossNER. Annotations under the MIT License, Copyright (c) 2020
-  Zihan Liu; sentences from Wikipedia (CC BY-SA).
+  Zihan Liu; sentences from Wikipedia (CC BY-SA).""",
+    "genia": """\
 - **GENIA** term corpus 3.02: Jin-Dong Kim, Tomoko Ohta, Yuka Tateisi, Jun'ichi Tsujii. "GENIA corpus — a
   semantically annotated corpus for bio-textmining", Bioinformatics 19 (suppl. 1), 2003. Annotations (c) GENIA
   Project, licensed under Creative Commons Attribution 3.0 (https://creativecommons.org/licenses/by/3.0/).
-  Changes: entity types reduced to DNA, RNA, cell_line, cell_type, protein; sentences rendered as tuning prompts.
+  Changes: entity types reduced to DNA, RNA, cell_line, cell_type, protein; sentences rendered as tuning prompts.""",
+    "extra/btc": """\
+- **Broad Twitter Corpus**: Leon Derczynski, Kalina Bontcheva, Ian Roberts. "Broad Twitter Corpus: A Diverse
+  Named Entity Recognition Resource", COLING 2016. Licensed under Creative Commons Attribution 4.0
+  (https://creativecommons.org/licenses/by/4.0/). Changes: labels PER / ORG / LOC named person / organisation /
+  location; tweets rendered as tuning prompts.""",
+    "extra/sec_filings": """\
+- **SEC filings NER data**: Julio Cesar Salinas Alvarado, Karin Verspoor, Timothy Baldwin. "Domain Adaption of
+  Named Entity Recognition to Support Credit Risk Assessment", ALTA 2015. Licensed under Creative Commons
+  Attribution 3.0 Unported (http://creativecommons.org/licenses/by/3.0/). Changes: labels renamed as above;
+  sentences rendered as tuning prompts.""",
+    "extra/anem": """\
+- **AnEM** anatomical entity mentions: Tomoko Ohta, Sampo Pyysalo, Jun'ichi Tsujii, Sophia Ananiadou.
+  "Open-domain Anatomical Entity Mention Detection", ACL 2012 Workshop DSSD; http://www.nactem.ac.uk/anatomy/.
+  Annotations licensed under Creative Commons BY-SA 3.0 (http://creativecommons.org/licenses/by-sa/3.0/); texts from
+  PubMed (U.S. National Library of Medicine). Changes: sentences rendered as tuning prompts. As far as this adapter is
+  an adaptation of AnEM's annotations, it is shared under CC BY-SA 3.0, as that licence asks.""",
+}
 
+
+def attribution(sources: List[str]) -> str:
+    """ATTRIBUTION.md for an adapter tuned on ``sources``: the credit of every dataset among them."""
+    paths = [str(s).replace("\\", "/") for s in sources]
+    credits = [text for fragment, text in ATTRIBUTIONS.items() if any(fragment in p for p in paths)]
+    return (
+        "# Attribution\n\nThis adapter is a model derived from the following data. It contains no text of it.\n\n"
+        + "\n".join(credits)
+        + "\n"
+        + """
 The base model, Gemma 3 270M, is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).
 """
+    )
 
 
 def licence_of(source: str):
@@ -95,10 +132,11 @@ def package_adapter(
     """Writes ``out_dir`` (see the module's docstring); returns the manifest."""
     from ..backends.llamacpp import HF_NAMES
     from ..backends.weights import write_peft_adapter
+    from . import source_files
     from .export import export_lora_gguf
 
     entries = []
-    for source in sources:
+    for source in (f for pattern in sources for f in source_files(str(pattern))):
         entry = {"path": str(source), "sha256": sha256(source), **licence_of(str(source))}
         if not entry["redistributable"] and not local:
             raise ValueError(
@@ -112,7 +150,7 @@ def package_adapter(
     write_peft_adapter(str(out / "adapter.gguf"), base_path, out / "peft", HF_NAMES.get(base_model))
     tuning = tuning_log(lora_dir)
     shutil.copyfile(config_path, out / "tuning.cfg")
-    (out / "ATTRIBUTION.md").write_text(ATTRIBUTION, encoding="utf8")
+    (out / "ATTRIBUTION.md").write_text(attribution([e["path"] for e in entries]), encoding="utf8")
     settings = dict(tuning.get("settings", {}))
     for key in ("model", "data", "out"):
         settings.pop(key, None)
