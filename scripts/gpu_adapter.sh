@@ -15,7 +15,18 @@
 set -euo pipefail
 PY=$(command -v python3 || command -v python)
 PIECES=4
+STASH=${STASH:-/tmp/stash}  # where the pieces, the model and the token files lie on the device
+TUNE=${TUNE:-/tmp/tune}     # the runs' output folders
+run_args() {  # name and the tune_adapter.py arguments (args) of one RUNS entry, name:data:epochs[:exclude,...]
+  IFS=: read -r name data epochs exclude <<< "$1"
+  args=(--model "$STASH/model.gguf" --data "$STASH/data/$data" --epochs "$epochs" --bf16 --seed 0
+        --checkpoints 1.0 --max-minutes "${MINUTES:-7}" --out "$TUNE/$name" ${EXPECT:+--expect-loss "$EXPECT"})
+  if [ -n "${exclude:-}" ]; then args+=(--exclude ${exclude//,/ }); fi
+}
 case "$1" in
+args)  # the arguments one RUNS entry gives tune_adapter.py, a line each (tests/test_scripts.py runs them dry)
+  run_args "$2"; printf '%s\n' "${args[@]}"
+  ;;
 pack)
   shift
   gguf=$("${PY}" -c "from spacy_llmner.backends.llamacpp import resolve_model_path; print(resolve_model_path('gemma3-270m'))")
@@ -36,13 +47,13 @@ pack)
   ls -la .dev/*/part
   ;;
 recv)
-  mkdir -p /tmp/stash && cp ".dev/$2/part" "/tmp/stash/part-$2"
-  ls -la /tmp/stash; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
+  mkdir -p "$STASH" && cp ".dev/$2/part" "$STASH/part-$2"
+  ls -la "$STASH"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader; nproc
   ;;
 tune)
   last=$((PIECES - 1))
-  mkdir -p /tmp/stash /tmp/pylib /tmp/tune && cp ".dev/$last/part" "/tmp/stash/part-$last"
-  cd /tmp/stash
+  mkdir -p "$STASH" /tmp/pylib "$TUNE" && cp ".dev/$last/part" "$STASH/part-$last"
+  cd "$STASH"
   cat $(for i in $(seq 0 $last); do echo "part-$i"; done) > blob.xz
   echo "$(cat "$OLDPWD/.dev/$last/blob.md5")  blob.xz" | md5sum -c
   xz -dc blob.xz | tar xf - && rm blob.xz && md5sum -c model.md5
@@ -50,11 +61,8 @@ tune)
   cd "$OLDPWD"
   export PYTHONPATH=/tmp/pylib OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
   for run in ${RUNS:?RUNS names the runs: name:data:epochs[:exclude,...]}; do
-    IFS=: read -r name data epochs exclude <<< "$run"
-    args=(--model /tmp/stash/model.gguf --data "/tmp/stash/data/$data" --epochs "$epochs" --bf16 --seed 0
-          --checkpoints 1.0 --max-minutes "${MINUTES:-7}" --out "/tmp/tune/$name" ${EXPECT:+--expect-loss "$EXPECT"})
-    [ -n "${exclude:-}" ] && args+=(--exclude ${exclude//,/ })
-    "$PY" - "${args[@]}" > "/tmp/tune/$name.log" 2>&1 <<'EOF' &
+    run_args "$run"
+    "$PY" - "${args[@]}" > "$TUNE/$name.log" 2>&1 <<'EOF' &
 import runpy, sys, types
 import spacy_llmner
 backends = types.ModuleType("spacy_llmner.backends")
@@ -64,16 +72,16 @@ sys.argv = ["scripts/tune_adapter.py", *sys.argv[1:]]
 runpy.run_path("scripts/tune_adapter.py", run_name="__main__")
 EOF
   done
-  sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; tail -qn 1 /tmp/tune/*.log
+  sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; tail -qn 1 "$TUNE"/*.log
   wait || true
-  for log in /tmp/tune/*.log; do
+  for log in "$TUNE"/*.log; do
     name=$(basename "$log" .log)
-    ckpt=$(ls -d /tmp/tune/"$name"/ckpt-* 2>/dev/null | sort | tail -1 || true)
+    ckpt=$(ls -d "$TUNE/$name"/ckpt-* 2>/dev/null | sort | tail -1 || true)
     echo "== $name: ${ckpt:-no checkpoint}"; tail -n 3 "$log"
     files=("$name.log")
     [ -n "$ckpt" ] && files+=("$name/$(basename "$ckpt")")
-    [ -f "/tmp/tune/$name/tuning.json" ] && files+=("$name/tuning.json")
-    tar cf "$OUT/$name.tar" -C /tmp/tune "${files[@]}"
+    [ -f "$TUNE/$name/tuning.json" ] && files+=("$name/tuning.json")
+    tar cf "$OUT/$name.tar" -C "$TUNE" "${files[@]}"
   done
   ls -la "$OUT"
   ;;
