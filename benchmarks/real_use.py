@@ -53,6 +53,7 @@ from common import CROSSNER_LABELS, load_split
 from documents import inputs, paragraphs
 
 SECTIONS = ("paragraphs", "lodo", "extra", "genia")
+PARAGRAPH_CONDITIONS = ("sentences", "sentencizer", "doc_sents")
 ORG = {"PER": "person", "ORG": "organisation", "LOC": "location", "MISC": "misc"}
 # set → (folder under --data, train files, test files or None for a seeded held-out part, label names given to the
 # model; None: the set's own names, lower-cased). "fixture": the test suite's smoke run (a CrossNER fixture split).
@@ -281,18 +282,11 @@ def crossner(args, domain: str, variant: str) -> Tuple[List[Doc], List[Doc]]:
     return (lowered(test), lowered(train)) if variant == "lower" else (test, train)
 
 
-def with_variant(key: str, variant: str) -> str:
-    """``section/.../condition@adapter`` → ``section/.../condition/variant@adapter``."""
-    stem, _, adapter = key.partition("@")
-    return f"{stem}/{variant}@{adapter}"
-
-
 def section_paragraphs(args, table: Table) -> None:
     for domain in args.domains:
-        keys = {c: f"paragraphs/{domain}/{c}" for c in ("sentences", "sentencizer", "doc_sents")}
-        keys = {c: f"{key}@{args.adapter_name}" for c, key in keys.items()}
         for variant in args.variants:
-            todo = [c for c, key in keys.items() if not table.has(with_variant(key, variant))]
+            keys = {c: f"paragraphs/{domain}/{c}/{variant}@{args.adapter_name}" for c in PARAGRAPH_CONDITIONS}
+            todo = [c for c, key in keys.items() if not table.has(key)]
             if not todo:
                 continue
             gold, pool = crossner(args, domain, variant)
@@ -304,7 +298,7 @@ def section_paragraphs(args, table: Table) -> None:
                 else:
                     row = run_llm(args, nlp, docs, inputs(docs, nlp.vocab, condition == "doc_sents"))
                     row["sentences"] = len(gold)
-                table.add(with_variant(keys[condition], variant), row)
+                table.add(keys[condition], row)
 
 
 def section_lodo(args, table: Table) -> None:
@@ -403,7 +397,7 @@ def markdown(result: Dict) -> str:
                 for v in variants:
                     base = f"paragraphs/{d}/sentences/{v}@{a}"
                     if base in rows:
-                        cells = [cell(rows, f"paragraphs/{d}/{c}/{v}@{a}", base) for c in ("sentencizer", "doc_sents")]
+                        cells = [cell(rows, f"paragraphs/{d}/{c}/{v}@{a}", base) for c in PARAGRAPH_CONDITIONS[1:]]
                         n = rows[base]["docs"]
                         out.append(f"| {d} | {v} | {a} | {n} | {cell(rows, base)} | {' | '.join(cells)} |")
         out.append("")
