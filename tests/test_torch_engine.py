@@ -32,6 +32,33 @@ def test_the_gguf_reader_agrees_with_gguf_py():
         np.testing.assert_array_equal(tensors[t.name], ref.reshape(tensors[t.name].shape))
 
 
+def test_dequantizing_many_rows_at_a_time_equals_gguf_py():
+    """weights.dequantize feeds gguf-py's per-type code 256 rows at a time (gguf.quants.dequantize: 16); every
+    quantized type of the shipped model, over 600 rows (two whole calls and a part), gives the same floats."""
+    import gguf
+
+    from spacy_llmner.backends.gguf_check import read_header
+    from spacy_llmner.backends.llamacpp import resolve_model_path
+    from spacy_llmner.backends.weights import dequantize
+
+    path = resolve_model_path("gemma3-270m")
+    info = read_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    seen = {}
+    for name, dims in info.tensors.items():
+        qtype = gguf.GGMLQuantizationType(info.tensor_types[name])
+        if qtype in seen.values() or qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, row_bytes = min(600, int(np.prod(dims[1:]))), dims[0] // block * size
+        at = info.data_start + info.offsets[name]
+        raw = buf[at : at + rows * row_bytes].reshape(rows, row_bytes)
+        ref = gguf.quants.dequantize(np.asarray(raw), qtype)
+        np.testing.assert_array_equal(dequantize(raw, qtype), ref)
+        seen[name] = qtype
+    assert len(seen) >= 4  # Q8_0, Q5_0, Q4_K, Q6_K in this file
+
+
 @pytest.fixture(scope="module")
 def base_model():
     from spacy_llmner.backends.llamacpp import resolve_model_path

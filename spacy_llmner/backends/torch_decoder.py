@@ -76,16 +76,8 @@ class TorchDecoder:
     def pieces(self) -> Dict[str, List[int]]:
         """Token text → token ids, over the whole vocabulary (built once)."""
         if self._pieces is None:
-            table: Dict[str, List[int]] = {}
-            for t in range(self.n_vocab):
-                try:
-                    text = self.vocab.piece(t).decode("utf8")
-                except UnicodeDecodeError:
-                    continue  # a byte piece: reachable through the prompt's own tokens only
-                if text:
-                    table.setdefault(text, []).append(t)
-            self._pieces = table
-            self._max_piece = max(len(p) for p in table)
+            self._pieces = self.vocab.by_text()
+            self._max_piece = max(len(p) for p in self._pieces)
         return self._pieces
 
     def candidates(self, tokens: Sequence[int], grammar: str = "", common: int = 0) -> np.ndarray:

@@ -105,6 +105,7 @@ class Vocab:
         self.eog: List[int] = sorted(eog)
         self._eog = frozenset(self.eog)
         self._llg = None
+        self._by_text: Optional[Dict[str, List[int]]] = None
 
     def _spm_piece(self, i: int) -> bytes:
         tok, kind = self.tokens[i], self.types[i]
@@ -134,6 +135,21 @@ class Vocab:
 
     def is_eog(self, token: int) -> bool:
         return token in self._eog
+
+    def by_text(self) -> Dict[str, List[int]]:
+        """Token text → token ids, over the whole vocabulary (built once; byte pieces that are not UTF-8 alone
+        are left out: they are reachable through a prompt's own tokens only)."""
+        if self._by_text is None:
+            table: Dict[str, List[int]] = {}
+            for t, piece in enumerate(self.pieces):
+                try:
+                    text = piece.decode("utf8")
+                except UnicodeDecodeError:
+                    continue
+                if text:
+                    table.setdefault(text, []).append(t)
+            self._by_text = table
+        return self._by_text
 
     def text_of(self, tokens: Sequence[int]) -> str:
         return b"".join(self.pieces[t] for t in tokens).decode("utf8", errors="ignore")

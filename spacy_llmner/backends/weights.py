@@ -18,6 +18,7 @@ torch, transformers, peft and gguf are imported on first use only.
 
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -56,9 +57,30 @@ def read_gguf(
         elif qtype == gguf.GGMLQuantizationType.F16:
             data = raw.view(np.float16).astype(np.float32)
         else:
-            data = gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+            data = dequantize(raw, qtype)
         out[name] = data.reshape(dims[::-1]) if len(dims) > 1 else data.reshape(-1)
     return meta, out
+
+
+ROWS_PER_CALL = 256
+
+
+def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
+    """gguf-py's dequantization of ``raw`` (rows of quantized bytes) to float32 rows. ``gguf.quants.dequantize``
+    hands its numpy code 16 rows at a time, which is Python-bound on a 262,144-row embedding (seconds); the same
+    per-type code (``dequantize_rows`` of gguf-py's class for the type) is given ``ROWS_PER_CALL`` rows here, with
+    equal results."""
+    import gguf
+
+    kind = vars(gguf.quants).get(qtype.name)  # gguf-py names its classes after the types (Q8_0, Q4_K, ...)
+    if kind is None:
+        return gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((raw.shape[0], raw.shape[1] // size * block), dtype=np.float32)
+    kind.init_grid()  # the i-quants' lookup grids (a no-op for the others)
+    for at in range(0, raw.shape[0], ROWS_PER_CALL):
+        out[at : at + ROWS_PER_CALL] = kind.dequantize_rows(np.asarray(raw[at : at + ROWS_PER_CALL]))
+    return out
 
 
 def _cpu_flags() -> set:
@@ -136,10 +158,19 @@ def hf_config(meta: Dict[str, object], shapes: Dict[str, tuple]):
 
 
 def _weights_map(model) -> Dict[str, str]:
-    """GGUF tensor name → transformers parameter name."""
+    """GGUF tensor name → transformers parameter name, by transformers' ``get_gguf_hf_weights_map``. That function
+    visits every submodule (~600 for Gemma 3 270M) and asks gguf-py for its name map at each one, which gguf-py
+    rebuilds from thousands of patterns every time (3 s per call here); the map depends only on (architecture,
+    layers), so gguf-py's constructor is memoised for the duration of the call."""
+    import gguf
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    return get_gguf_hf_weights_map(model)
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = lru_cache(maxsize=None)(original)  # transformers imports it from gguf at each call
+    try:
+        return get_gguf_hf_weights_map(model)
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def _processor(arch: str, config):
@@ -168,19 +199,21 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attention)
         arch = None
     else:
-        meta, weights = read_gguf(path)
+        meta, shapes = read_gguf(path, tensors=False)
         arch = str(meta.get("general.architecture"))
-        config = hf_config(meta, {k: v.shape for k, v in weights.items()})
+        config = hf_config(meta, shapes)
         with no_init_weights():  # every parameter is assigned below: no random initialisation
             model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype, attn_implementation=attention)
         names = _weights_map(model)
+        weights = read_gguf(path)[1]
         process = _processor(arch, config)
         state = {}
         for name in list(weights):
             array = process.process(weights=weights.pop(name), name=name).weights
             if name not in names:
                 raise ValueError(f"{path}: GGUF tensor {name} has no place in transformers' {config.model_type}")
-            owned = np.array(array, dtype=np.float32)  # a copy: the file's memory map is read-only
+            # dequantized tensors are fresh arrays; float32 ones are views of the read-only memory map: copied
+            owned = np.ascontiguousarray(array, np.float32) if array.flags.writeable else np.array(array, np.float32)
             state[names[name]] = torch.from_numpy(owned).to(torch_dtype)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
