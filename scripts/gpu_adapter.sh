@@ -10,8 +10,8 @@
 # `tune` joins and unpacks the pieces, checks the model, installs the wheels into /tmp/pylib and trains every run of
 # RUNS at once on the one GPU; each run's last checkpoint, tuning.json and log come back as $OUT/<name>.tar (a call
 # returns at most eight files). The device image has no spaCy: scripts/tune_adapter.py needs only the package's
-# GGUF loader (spacy_llmner/backends/weights.py), so the launcher below imports it without running
-# spacy_llmner/backends/__init__.py (which registers spaCy factories).
+# GGUF loader (spacy_llmner/backends/weights.py) and training loop (spacy_llmner/finetune/loop.py), so the launcher
+# below imports them without running the __init__ modules of backends/ and finetune/ (which import spaCy).
 set -euo pipefail
 PY=$(command -v python3 || command -v python)
 PIECES=4
@@ -65,9 +65,11 @@ tune)
     "$PY" - "${args[@]}" > "$TUNE/$name.log" 2>&1 <<'EOF' &
 import runpy, sys, types
 import spacy_llmner
-backends = types.ModuleType("spacy_llmner.backends")
-backends.__path__ = [spacy_llmner.__path__[0] + "/backends"]
-sys.modules["spacy_llmner.backends"] = spacy_llmner.backends = backends
+for sub in ("backends", "finetune"):  # their __init__ modules import spaCy: the packages without them
+    pkg = types.ModuleType(f"spacy_llmner.{sub}")
+    pkg.__path__ = [f"{spacy_llmner.__path__[0]}/{sub}"]
+    sys.modules[pkg.__name__] = pkg
+    setattr(spacy_llmner, sub, pkg)
 sys.argv = ["scripts/tune_adapter.py", *sys.argv[1:]]
 runpy.run_path("scripts/tune_adapter.py", run_name="__main__")
 EOF
