@@ -6,13 +6,17 @@ train split as the pool), on the first --n dev sentences of each domain.
 
 The spans are scored raw (``calibrate = false``) and then through a calibration map: the backend's own (the
 shipped adapter's ``calibration.json``; ``--calibration auto``), a file, or one fitted here (``--fit PATH``: isotonic
-regression on these spans, written to PATH; its reliability on the same spans is in-sample, check it on other
-sentences with ``--calibration PATH``). Both reliabilities are reported; ``threshold`` acts on calibrated scores.
+regression on these spans; its reliability on the same spans is in-sample, check it on other sentences with
+``--calibration PATH``). Both reliabilities are reported; ``threshold`` acts on calibrated scores. A calibration file
+holds one map per condition (``calibration.Calibrations``): ``--fit`` replaces the map for prompts without
+demonstrations when ``--k 0``, for prompts with some otherwise, and keeps the other. The shipped maps:
 
+    python benchmarks/confidence.py --n 60 --k 0 --fit spacy_llmner/adapters/ner-v2/calibration.json \
+        --out metrics/adapter/reliability_dev60_k0.json
     python benchmarks/confidence.py --n 60 --k 3 --fit spacy_llmner/adapters/ner-v2/calibration.json \
-        --system gemma3-270m+auto@torch --out metrics/adapter/reliability_dev60.json
-    python benchmarks/confidence.py --split test --n 40 --k 3 --system gemma3-270m+auto@torch \
-        --out metrics/adapter/reliability_test40.json
+        --out metrics/adapter/reliability_dev60.json
+    python benchmarks/confidence.py --split test --n 40 --k 0 --out metrics/adapter/reliability_test40_k0.json
+    python benchmarks/confidence.py --split test --n 40 --k 3 --out metrics/adapter/reliability_test40.json
 """
 
 import argparse
@@ -37,7 +41,7 @@ def main():
     ap.add_argument("--domains", default="politics,science,music,literature,ai")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--system", default="gemma3-270m+auto", help="MODEL or MODEL+ADAPTER, as in finetune.py")
+    ap.add_argument("--system", default="gemma3-270m+auto@torch", help="MODEL or MODEL+ADAPTER, as in finetune.py")
     ap.add_argument("--split", default="dev")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--calibration", default="auto", help="auto (the backend's), none, or a calibration.json")
@@ -60,16 +64,23 @@ def main():
             for span, score in zip(group, group.attrs["scores"]):
                 pairs.append((score, (span.start, span.end, span.label_) in truth))
         print(f"{domain}: {len(pairs)} spans so far", flush=True)
+    cals = None
     if args.fit:
         cal = calib.fit([(s, c) for s, c in pairs if s is not None], fitted_on=fitted_on(args))
-        calib.save(cal, args.fit)
-        print(f"calibration: {len(cal.knots)} knots written to {args.fit} (in-sample below)")
+        start = 0 if args.k == 0 else 1
+        if Path(args.fit).exists():
+            cals = calib.load(args.fit).with_map(start, cal)
+        else:  # a new file: this map serves every prompt until the other condition's is fitted
+            cals = calib.Calibrations(((0, cal),))
+        calib.save(cals, args.fit)
+        print(
+            f"calibration: {len(cal.knots)} knots for {start}+ demonstrations written to {args.fit} (in-sample below)"
+        )
     elif args.calibration == "auto":
-        cal = own
-    elif args.calibration == "none":
-        cal = None
-    else:
-        cal = calib.load(args.calibration)
+        cals = own
+    elif args.calibration != "none":
+        cals = calib.load(args.calibration)
+    cal = cals.for_demonstrations(args.k) if cals is not None else None
     raw = reliability(pairs, n_gold)
     calibrated = reliability([(cal(s), c) for s, c in pairs], n_gold) if cal is not None else None
     out = {

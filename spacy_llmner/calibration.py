@@ -4,8 +4,13 @@ the answer tokens that stated it, ``formats.spans.confidence``) to the precision
 Raw token probabilities rank spans well but are over-confident (a span at 0.95 raw is right far less than 95 % of
 the time). ``fit`` learns the map by isotonic regression (pool adjacent violators) on (raw confidence, correct)
 pairs from a dev set; each pooled block's precision is add-one smoothed, so no span is ever certain or impossible.
-A shipped adapter carries its map as ``calibration.json`` beside ``adapter.gguf``; the backend that serves the
-adapter offers it (``Backend.calibration``) and the component applies it before ``threshold``.
+A shipped adapter carries its maps as ``calibration.json`` beside ``adapter.gguf``; the backend that serves the
+adapter offers them (``Backend.calibration``) and the component applies them before ``threshold``.
+
+Spans of a prompt without demonstrations are right less often than spans of a prompt with some, at the same raw
+confidence, so a file holds one map per condition (``Calibrations``): each map applies from its
+``min_demonstrations`` on, and a prompt takes the map of the largest ``min_demonstrations`` it reaches. A file in
+the older one-map form (``{"fitted_on", "knots"}``) is one map for every prompt.
 """
 
 import json
@@ -43,6 +48,39 @@ class Calibration:
         return cls(tuple((float(x), float(y)) for x, y in data["knots"]), data.get("fitted_on", ""))
 
 
+@dataclass(frozen=True)
+class Calibrations:
+    """Calibration maps by the number of demonstrations a prompt showed: ``((min_demonstrations, map), ...)``,
+    sorted, the first at 0 (every prompt has a map)."""
+
+    maps: Tuple[Tuple[int, Calibration], ...]
+
+    def __post_init__(self):
+        starts = [n for n, _ in self.maps]
+        if not starts or starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError(f"calibration: maps must start at min_demonstrations 0 and increase, not at {starts!r}")
+
+    def for_demonstrations(self, n: int) -> Calibration:
+        """The map for a prompt that showed ``n`` demonstrations."""
+        return [cal for start, cal in self.maps if start <= n][-1]
+
+    def with_map(self, min_demonstrations: int, calibration: Calibration) -> "Calibrations":
+        """These maps with the one from ``min_demonstrations`` on replaced (or added); a new first map must start
+        at 0."""
+        kept = dict(self.maps)
+        kept[min_demonstrations] = calibration
+        return Calibrations(tuple(sorted(kept.items())))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"maps": [{"min_demonstrations": n, **cal.to_dict()} for n, cal in self.maps]}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Calibrations":
+        if "maps" not in data:  # the one-map form
+            return cls(((0, Calibration.from_dict(data)),))
+        return cls(tuple((int(m["min_demonstrations"]), Calibration.from_dict(m)) for m in data["maps"]))
+
+
 def fit(pairs: Iterable[Tuple[float, bool]], fitted_on: str = "", min_block: int = 20) -> Calibration:
     """Isotonic regression of correctness on raw confidence. Blocks hold at least ``min_block`` spans (merged with
     their neighbour otherwise) so that no knot rests on a handful of spans; a knot sits at each block's mean raw
@@ -75,12 +113,12 @@ def _pool_last(blocks: list) -> None:
     blocks[-1] = [blocks[-1][0] + s, blocks[-1][1] + c, blocks[-1][2] + n]
 
 
-def load(path: Union[str, Path], owner: str = "calibration") -> Calibration:
-    """A saved map; a damaged file is a ``reading.FileReadError`` naming ``owner`` and the file."""
+def load(path: Union[str, Path], owner: str = "calibration") -> Calibrations:
+    """Saved maps; a damaged file is a ``reading.FileReadError`` naming ``owner`` and the file."""
     from .reading import read_json
 
-    return read_json(owner, path, Calibration.from_dict)
+    return read_json(owner, path, Calibrations.from_dict)
 
 
-def save(calibration: Calibration, path: Union[str, Path]) -> None:
-    Path(path).write_text(json.dumps(calibration.to_dict(), indent=1) + "\n", encoding="utf8")
+def save(calibrations: Calibrations, path: Union[str, Path]) -> None:
+    Path(path).write_text(json.dumps(calibrations.to_dict(), indent=1) + "\n", encoding="utf8")

@@ -532,14 +532,16 @@ class LLMNER(Pipe):
             calibration = self.backend.calibration if self.calibrate else None
         except FileReadError as e:
             raise e.for_owner(self.name) from e
-        for chunk, found, answer in zip(chunks, candidates, run.generate([c.doc_index for c in chunks], requests)):
+        answers = run.generate([c.doc_index for c in chunks], requests)
+        for chunk, shown_demos, found, answer in zip(chunks, demos, candidates, answers):
             if answer is not None:
                 usage = run.usage[chunk.doc_index]
                 spans = answer_spans(
                     self.format, answer.text, chunk.shown, self.label_set, usage, extract, answer.token_logprobs
                 )
+                mapping = calibration.for_demonstrations(len(shown_demos)) if calibration is not None else None
                 for start, end, label, conf in spans:
-                    conf = calibration(conf) if calibration is not None else conf
+                    conf = mapping(conf) if mapping is not None else conf
                     found.setdefault((start, end), Candidate(start, end, label=label, confidence=conf))
 
     def set_annotations(self, doc: Doc, spans: List[Span]) -> None:

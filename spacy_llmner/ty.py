@@ -6,9 +6,12 @@ Data flows one way: doc → chunks (``chunking.py``) → prompts (``prompt.py``)
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from .usage import Usage
+
+if TYPE_CHECKING:
+    from .calibration import Calibrations
 
 
 class BackendError(RuntimeError):
@@ -63,8 +66,9 @@ class Backend(Protocol):
     supports_scoring: bool  # ``score`` ranks fixed continuations in one forward pass; else choices are generated
     parallel: int  # requests decoded together: the answers of such a group arrive together
     remote: bool  # waits on a server, not this machine's cores: an ensemble runs it beside in-process members
-    # raw span confidence -> calibrated (``calibration.Calibration``), or None: the component applies it
-    calibration: Optional[Callable[[Optional[float]], Optional[float]]]
+    # maps raw span confidence -> calibrated, one per number of demonstrations shown (``calibration.Calibrations``),
+    # or None: the component applies them
+    calibration: Optional["Calibrations"]
 
     def identity(self) -> Dict[str, Any]:
         """Everything that changes an answer (model, sampling): the answer cache's key."""

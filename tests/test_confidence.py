@@ -106,11 +106,32 @@ def test_isotonic_calibration_is_monotone_smoothed_and_maps_over_confidence_down
         fit([(0.5, True)] * 5)
 
 
+def test_calibration_maps_by_demonstrations_shown_and_the_one_map_form_still_reads(tmp_path):
+    from spacy_llmner.calibration import Calibration, Calibrations, load, save
+
+    few = Calibration(((0.2, 0.1), (0.9, 0.6)), "k = 3")
+    none = Calibration(((0.2, 0.05), (0.9, 0.3)), "k = 0")
+    cals = Calibrations(((0, none), (1, few)))
+    assert cals.for_demonstrations(0) is none and cals.for_demonstrations(1) is few
+    assert cals.for_demonstrations(8) is few
+    save(cals, tmp_path / "c.json")
+    assert load(tmp_path / "c.json") == cals
+    (tmp_path / "old.json").write_text('{"fitted_on": "old", "knots": [[0.2, 0.1], [0.9, 0.6]]}')
+    old = load(tmp_path / "old.json")
+    assert old.for_demonstrations(0) == old.for_demonstrations(5) == Calibration(few.knots, "old")
+    assert Calibrations(((0, few),)).with_map(1, none).for_demonstrations(2) is none
+    with pytest.raises(ValueError, match="start at min_demonstrations 0"):
+        Calibrations(((1, few),))
+
+
 def test_the_component_calibrates_before_threshold_unless_told_not_to():
-    from spacy_llmner.calibration import Calibration
+    from spacy_llmner.calibration import Calibration, Calibrations
 
     class CalibratedBackend(LogprobBackend):
-        calibration = Calibration(((0.2, 0.1), (0.9, 0.6)))  # raw 0.9 → 0.6, raw 0.2 → 0.1
+        # raw 0.9 → 0.6, raw 0.2 → 0.1 where demonstrations were shown; lower without (not these prompts)
+        calibration = Calibrations(
+            ((0, Calibration(((0.2, 0.0), (0.9, 0.0)))), (1, Calibration(((0.2, 0.1), (0.9, 0.6)))))
+        )
 
     for calibrate, threshold, expected in [
         (True, 0.0, {("Angela Merkel", 0.6), ("Paris", 0.1)}),
@@ -120,10 +141,16 @@ def test_the_component_calibrates_before_threshold_unless_told_not_to():
     ]:
         nlp = spacy.blank("en")
         ner = add_fake_ner(nlp, lambda q: ANSWER, threshold=threshold, calibrate=calibrate)
+        ner.set_demonstrations([{"text": "Bob met Ada.", "spans": [{"start": 0, "end": 3, "label": "person"}]}])
         ner.backend = CalibratedBackend(lambda q: ANSWER)
         doc = nlp("Angela Merkel flew to Paris.")
         group = doc.spans["llm_ner"]
         assert {(s.text, round(score, 3)) for s, score in zip(group, group.attrs["scores"])} == expected
+    # the same answer to a prompt without demonstrations takes the other map
+    nlp = spacy.blank("en")
+    ner = add_fake_ner(nlp, lambda q: ANSWER)
+    ner.backend = CalibratedBackend(lambda q: ANSWER)
+    assert nlp("Angela Merkel flew to Paris.").spans["llm_ner"].attrs["scores"] == [0.0, 0.0]
 
 
 def test_the_shipped_adapter_carries_a_calibration_its_backend_offers():
@@ -132,9 +159,12 @@ def test_the_shipped_adapter_carries_a_calibration_its_backend_offers():
     from spacy_llmner.backends.llamacpp import LlamaCppBackend
 
     assert (adapters.folder("ner-v2") / "calibration.json").exists()
-    cal = LlamaCppBackend().calibration  # read from the file: nothing loaded
-    assert cal is not None and len(cal.knots) >= 3 and "dev" in cal.fitted_on
-    assert cal(0.999) > cal(0.8)  # confident answers stay more confident
+    cals = LlamaCppBackend().calibration  # read from the file: nothing loaded
+    assert cals is not None and [n for n, _ in cals.maps] == [0, 1]  # without demonstrations, with some
+    for n, cal in cals.maps:
+        assert len(cal.knots) >= 3 and "dev" in cal.fitted_on and f"k = {0 if n == 0 else 3}" in cal.fitted_on
+        assert cal(0.999) > cal(0.8)  # confident answers stay more confident
+    cal = cals
     assert LlamaCppBackend(adapter=None).calibration is None
     assert LlamaCppBackend(adapter="ner-v1").calibration is None
     assert CachedBackend(LlamaCppBackend(), ":memory:").calibration == cal

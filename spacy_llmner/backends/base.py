@@ -4,7 +4,7 @@ per-doc prompt lists to per-doc response lists)."""
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from ..calibration import Calibration
+from ..calibration import Calibrations
 from ..ty import Generation, GenerationRequest, ScoreRequest, Scores
 
 
@@ -31,7 +31,7 @@ class BackendBase:
     supports_scoring = False
     parallel = 1
     remote = False
-    calibration: Optional[Calibration] = None
+    calibration: Optional[Calibrations] = None
     max_tokens_for_spacy_llm = 512
 
     def identity(self) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ import catalogue
 
 from ..adapters import adapter_path, adapters, manifest
 from ..calibration import FILE as CALIBRATION_FILE
-from ..calibration import Calibration
+from ..calibration import Calibrations
 from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
@@ -274,8 +274,8 @@ class LlamaCppBackend(BackendBase):
     engine (str): what runs greedy generation: "torch" (the default: ``torch_decoder.TorchDecoder``, the same GGUF
         weights and adapter in transformers' model code, merged by peft, batches of ``parallel`` sequences, the
         output head restricted to the prompt's tokens, tokens and grammars from ``vocab.Vocab``: no llama.cpp;
-        the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring and sampling
-        (temperature > 0) use llama.cpp with either engine.
+        the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring (LAR typing,
+        self-validation) runs on the engine chosen; sampling (temperature > 0) uses llama.cpp with either engine.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
     dtype (str): torch engine: "auto" (bfloat16 on a GPU and on CPUs with AVX-512 BF16 or AMX, else float32),
         "bfloat16", "float16" or "float32".
@@ -337,11 +337,11 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def llm(self):
-        """llama.cpp's model (engine "llama.cpp", scoring, sampling), loaded on first use."""
+        """llama.cpp's model (engine "llama.cpp", and sampling with either engine), loaded on first use."""
         if importlib.util.find_spec("llama_cpp") is None:
             raise BackendError(
                 f"llama.cpp backend: llama-cpp-python is not installed; engine = {self.engine!r} needs it for "
-                "engine = 'llama.cpp', LAR / self-validation scoring and sampling (temperature > 0): "
+                "engine = 'llama.cpp' and for sampling (temperature > 0): "
                 "pip install 'spacy-llmner[llamacpp]' (it compiles llama.cpp), or decode greedily with engine = 'torch'"
             )
         return _load(resolve_model_path(self.model), self.adapter_file, self.n_ctx, self.n_threads, self.seed)
@@ -358,8 +358,8 @@ class LlamaCppBackend(BackendBase):
         return str(adapter_path(adapter))
 
     @cached_property
-    def calibration(self) -> Optional[Calibration]:
-        """The adapter's calibration map (``calibration.json`` beside its GGUF file), read on first use; None
+    def calibration(self) -> Optional[Calibrations]:
+        """The adapter's calibration maps (``calibration.json`` beside its GGUF file), read on first use; None
         for the base model or an adapter without one."""
         if self.adapter is None:
             return None
@@ -410,11 +410,14 @@ class LlamaCppBackend(BackendBase):
             return [self._generate_sampled(req) for req in requests]
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
-        """Each option's log-probability after its context, without generating (``scoring.TrieScorer``)."""
-        from .scoring import TrieScorer
-
+        """Each option's log-probability after its context, without generating: the torch engine's decoder
+        (``TorchDecoder.score``) or llama.cpp's (``scoring.TrieScorer``)."""
         if not requests:
             return []
+        if self.engine == "torch":
+            return self._score_torch(requests)
+        from .scoring import TrieScorer
+
         with self._lock:
             llm = self.llm
             if self._scorer is None:
@@ -434,6 +437,20 @@ class LlamaCppBackend(BackendBase):
             per = (time.perf_counter() - t0) / len(requests)
             # Shared context is evaluated once: each request is charged an equal share of what was evaluated.
             share, extra = divmod(self._scorer.evaluated, len(requests))
+        return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
+
+    def _score_torch(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
+        with self._lock:
+            decoder, vocab = self.decoder, self.vocab
+            items = []
+            for r in requests:
+                opts = [vocab.tokenize(o) for o in r.options]  # as continuations: without the model's BOS
+                opts = [ids[1:] if vocab.add_bos and ids[:1] == [vocab.bos] else ids for ids in opts]
+                items.append((vocab.tokenize(r.context), opts))
+            t0 = time.perf_counter()
+            logprobs, evaluated = decoder.score(items)
+            per = (time.perf_counter() - t0) / len(requests)
+        share, extra = divmod(evaluated, len(requests))  # shared tokens charged in equal shares
         return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
 
     def compute_usage(self) -> Dict[str, float]:

@@ -132,6 +132,61 @@ class TorchDecoder:
             self.prefix_cache = cache
         self.prefix = list(prefix)
 
+    # -- scoring ----------------------------------------------------------------------------------------------
+    def score(self, items: Sequence[Tuple[List[int], Sequence[List[int]]]]) -> Tuple[List[List[float]], int]:
+        """Each option's summed log-probability after its context (``items``: (context tokens, [option tokens,
+        ...])), normalised over the whole vocabulary as the llama.cpp engine's trie scorer gives them, and the
+        tokens evaluated. The prefix every (context + option) row of the call shares is evaluated once and kept
+        (as for generation); each row then runs past it, right-padded, in sub-batches of at most
+        ``max_batch_tokens``."""
+        torch = self.torch
+        rows = [(i, j, list(ctx), list(opt)) for i, (ctx, opts) in enumerate(items) for j, opt in enumerate(opts)]
+        out: List[List[float]] = [[0.0] * len(opts) for _, opts in items]
+        if not rows:
+            return out, 0
+        before = self.usage["evaluated_tokens"]
+        # the hidden state that predicts an option's first token is the context's last: past the prefix
+        common = shared_prefix([c + o for _, _, c, o in rows], min(len(c) for _, _, c, _ in rows) - 1)
+        rows.sort(key=lambda r: len(r[2]) + len(r[3]))
+        with torch.inference_mode():
+            self.set_prefix([] if common == 0 else rows[0][2][:common])
+            at = 0
+            while at < len(rows):
+                n, width = 1, len(rows[at][2]) + len(rows[at][3]) - common
+                while at + n < len(rows):
+                    w = max(width, len(rows[at + n][2]) + len(rows[at + n][3]) - common)
+                    if w * (n + 1) > self.max_batch_tokens:
+                        break
+                    width, n = w, n + 1
+                part = rows[at : at + n]
+                ids = np.zeros((n, width), dtype=np.int64)
+                mask = np.zeros((n, common + width), dtype=np.int64)
+                mask[:, :common] = 1
+                picks, targets, owners = [], [], []
+                for r, (_, _, ctx, opt) in enumerate(part):
+                    seq = (ctx + opt)[common:]
+                    ids[r, : len(seq)] = seq
+                    mask[r, common : common + len(seq)] = 1
+                    first = len(ctx) - 1 - common  # the position whose output predicts the option's first token
+                    picks += [(r, first + k) for k in range(len(opt))]
+                    targets += opt
+                    owners += [r] * len(opt)
+                self.usage["padding_tokens"] += int(ids.size) - int(mask[:, common:].sum())
+                cache = self.model.new_cache(n, common + width, self.prefix_cache if common else None)
+                positions = np.tile(np.arange(common, common + width), (n, 1))
+                hidden = self._forward(ids, positions, cache, mask)
+                sums = np.zeros(n)
+                for lo in range(0, len(picks), 128):  # full-head logits of at most 128 positions at a time
+                    chunk = picks[lo : lo + 128]
+                    h = hidden[[r for r, _ in chunk], [c for _, c in chunk]]
+                    logp = torch.log_softmax(self._head(h), dim=-1)
+                    got = logp[torch.arange(len(chunk)), self.model.tensor(targets[lo : lo + 128], torch.long)]
+                    np.add.at(sums, owners[lo : lo + 128], got.cpu().numpy())
+                for r, (i, j, _, _) in enumerate(part):
+                    out[i][j] = float(sums[r])
+                at += n
+        return out, self.usage["evaluated_tokens"] - before
+
     def generate(
         self,
         prompts: Sequence[List[int]],
