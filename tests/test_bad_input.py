@@ -296,6 +296,12 @@ def test_engine_and_adapter_the_model_cannot_take_are_refused_at_construction(tm
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(BackendError, match=r"engine 'torch' runs gemma3, llama.*mamba\.gguf'? is a mamba model"):
         LlamaCppBackend(model=str(mamba), engine="torch", adapter=None)
+    llama3 = tmp_path / "llama3.gguf"  # an architecture the engine runs, a tokenizer it does not build
+    w = gguf.GGUFWriter(str(llama3), arch="llama")
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("llama-bpe")
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(BackendError, match=r"tokenizer 'gpt2' \(pre-tokenizer 'llama-bpe'\).*engine = 'llama.cpp'"):
+        LlamaCppBackend(model=str(llama3), engine="torch", adapter=None)
     with pytest.raises(BackendError, match=r"made for a gemma3 model; 'smollm2-135m' is a llama model"):
         LlamaCppBackend(model="smollm2-135m", adapter=str(adapters.adapter_path("ner-v2")))
     cut = tmp_path / "cut.gguf"

@@ -27,7 +27,7 @@ from ..calibration import Calibrations
 from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
-from .gguf_check import GGUFFileError, architecture, check_adapter, check_model
+from .gguf_check import GGUFFileError, architecture, check_adapter, check_model, read_header
 from .weights import check_device
 
 
@@ -133,9 +133,13 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
     """What a backend of these settings could not serve, refused before anything loads: the torch engine on an
     architecture it does not implement, an adapter file made for another architecture (its tensors' shapes are
     checked against the model's when the model loads)."""
+    from .vocab import unsupported_tokenizer
+
     try:
         arch = model_architecture(model)
         adapter_arch = architecture(adapter) if adapter is not None and os.path.isfile(adapter) else None
+        # a packaged model's tokenizer is known to build; a file's kind is read from its header
+        tokenizer = unsupported_tokenizer(read_header(model).metadata) if os.path.isfile(model) else None
     except GGUFFileError as e:
         raise BackendError(f"llama.cpp backend: {e}") from e
     if engine == "torch" and arch is not None and arch not in TORCH_ARCHITECTURES:
@@ -143,6 +147,8 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
             f"llama.cpp backend: engine 'torch' runs {', '.join(TORCH_ARCHITECTURES)} models; {model!r} is a {arch} "
             "model: use engine = 'llama.cpp'"
         )
+    if engine == "torch" and tokenizer is not None:
+        raise BackendError(f"llama.cpp backend: engine 'torch': {model!r}: {tokenizer}; use engine = 'llama.cpp'")
     if arch is not None and adapter_arch is not None and adapter_arch != arch:
         raise BackendError(
             f"llama.cpp backend: the adapter {adapter} was made for a {adapter_arch} model; {model!r} is a {arch} "

@@ -58,6 +58,14 @@ class UnsupportedTokenizer(ValueError):
     """The GGUF's tokenizer kind is not built here (llama.cpp's tokenizer is used instead)."""
 
 
+def unsupported_tokenizer(meta) -> Optional[str]:
+    """Why the tokenizer of a GGUF with this metadata (header scalars are enough) is not built here, or None."""
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if kind == "llama" or (kind == "gpt2" and pre in PRE_TOKENIZERS):
+        return None
+    return f"tokenizer {kind!r} (pre-tokenizer {pre!r}) is not built without llama.cpp"
+
+
 def _bytes_of_gpt2() -> Dict[str, int]:
     """GPT-2's byte-level alphabet reversed: character → byte."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -88,18 +96,16 @@ class Vocab:
         self.bos = meta.get("tokenizer.ggml.bos_token_id")
         self.eos = meta.get("tokenizer.ggml.eos_token_id")
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", self.kind == "llama"))
+        why = unsupported_tokenizer(meta)
+        if why is not None:
+            raise UnsupportedTokenizer(f"{path}: {why}")
         if self.kind == "llama":
             self.tokenizer = _spm_bpe(self.tokens, meta["tokenizer.ggml.scores"], self.types, meta)
             self.pieces = [self._spm_piece(i) for i in range(n)]
-        elif self.kind == "gpt2" and meta.get("tokenizer.ggml.pre") in PRE_TOKENIZERS:
+        else:
             self.tokenizer = _gpt2_bpe(self.tokens, meta["tokenizer.ggml.merges"], self.types)
             table = _bytes_of_gpt2()
             self.pieces = [self._gpt2_piece(i, table) for i in range(n)]
-        else:
-            raise UnsupportedTokenizer(
-                f"{path}: tokenizer {self.kind!r} (pre-tokenizer {meta.get('tokenizer.ggml.pre')!r}) is not built "
-                "without llama.cpp"
-            )
         eog = {self.eos} if self.eos is not None else set()
         eog |= {i for i, t in enumerate(self.tokens) if self.types[i] in (CONTROL, USER_DEFINED) and t in EOG_TEXTS}
         self.eog: List[int] = sorted(eog)
