@@ -236,14 +236,16 @@ def _spm_bpe(tokens: List[str], scores: List[float], types: List[int], meta) -> 
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = []
-    for i, tok in enumerate(tokens):
+    get, merges = vocab.get, []
+    for i, tok in enumerate(tokens):  # 1.5 M splits for Gemma 3: the suffix is looked up only after the prefix
         if types[i] != NORMAL or len(tok) < 2:
             continue
         for k in range(1, len(tok)):
-            a, b = vocab.get(tok[:k]), vocab.get(tok[k:])
-            if a is not None and b is not None:
-                merges.append((-scores[i], i, a, b))
+            a = get(tok[:k])
+            if a is not None:
+                b = get(tok[k:])
+                if b is not None:
+                    merges.append((-scores[i], i, a, b))
     merges.sort()
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     tk = Tokenizer(
