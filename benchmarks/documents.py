@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import spacy
-from spacy.scorer import get_ner_prf
 from spacy.tokens import Doc
-from spacy.training import Example
 
-from common import CROSSNER_LABELS, load_split
+from common import CROSSNER_LABELS, annotate_and_score, load_split
 
 CONDITIONS = ("sentences", "packed", "sentencizer", "doc_sents")
 
@@ -81,26 +79,6 @@ def pipeline(config_path: str, engine: str, labels: List[str], pool: List[Doc], 
     return nlp
 
 
-def score(nlp, gold: List[Doc], docs: List[Doc], batch_size: int) -> Dict:
-    ner = nlp.get_pipe("llm_lar_ner")
-    ner.reset_usage()
-    t0 = time.perf_counter()
-    preds = list(nlp.pipe(docs, batch_size=batch_size))
-    seconds = time.perf_counter() - t0
-    prf = get_ner_prf([Example(p, g) for p, g in zip(preds, gold)])
-    usage = ner.reset_usage()
-    return {
-        "docs": len(gold),
-        "f1": 100 * prf["ents_f"],
-        "p": 100 * prf["ents_p"],
-        "r": 100 * prf["ents_r"],
-        "prompts": usage.calls + usage.cached_calls,
-        "decoded": usage.calls,
-        "truncated": usage.truncated,
-        "seconds": seconds,
-    }
-
-
 def run_domain(args, domain: str) -> Dict:
     blank = spacy.blank("en")
     gold = load_split(args.data, domain, "test", blank, limit=args.n or None)
@@ -111,9 +89,10 @@ def run_domain(args, domain: str) -> Dict:
     for condition in args.conditions.split(","):
         nlp.get_pipe("llm_lar_ner").max_chunk_sentences = None if condition == "packed" else 1
         if condition == "sentences":
-            out[condition] = score(nlp, gold, inputs(gold, nlp.vocab, False), args.batch_size)
+            out[condition] = annotate_and_score(nlp, gold, inputs(gold, nlp.vocab, False), args.batch_size)
         else:
-            out[condition] = score(nlp, docs, inputs(docs, nlp.vocab, condition == "doc_sents"), args.batch_size)
+            laid_out = inputs(docs, nlp.vocab, condition == "doc_sents")
+            out[condition] = annotate_and_score(nlp, docs, laid_out, args.batch_size)
         out[condition]["sentences"] = len(gold)
         print(f"  {domain} {condition}: F1 {out[condition]['f1']:.1f} (R {out[condition]['r']:.1f})", flush=True)
     return out

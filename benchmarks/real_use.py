@@ -41,15 +41,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import spacy
-from spacy.scorer import Scorer, get_ner_prf
 from spacy.tokens import Doc, DocBin, Span
-from spacy.training import Example
 
 from spacy_llmner.annotation import distill as D
 from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS
-from spacy_llmner.corpora import read_bio, read_jsonl, unannotated
+from spacy_llmner.corpora import read_bio, read_jsonl
 
-from common import CROSSNER_LABELS, load_split
+from common import CROSSNER_LABELS, annotate_and_score, load_split
 from documents import inputs, paragraphs
 
 SECTIONS = ("paragraphs", "lodo", "extra", "genia")
@@ -178,33 +176,7 @@ def pipeline(args, labels: List[str], pool: List[Doc], k: int, adapter: str = "a
 
 def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested: bool = False) -> Dict:
     """Strict P / R / F1 of ``nlp`` on unannotated copies of ``gold`` (or on ``docs``), with its usage and time."""
-    ner = nlp.get_pipe("llm_lar_ner")
-    ner.reset_usage()
-    docs = docs if docs is not None else [unannotated(g, nlp.vocab) for g in gold]
-    t0 = time.perf_counter()
-    preds = list(nlp.pipe(docs, batch_size=args.batch_size))
-    seconds = time.perf_counter() - t0
-    examples = [Example(p, g) for p, g in zip(preds, gold)]
-    if nested:
-        s = Scorer.score_spans(
-            examples, "spans_sc", getter=lambda doc, attr: doc.spans.get("sc", []), allow_overlap=True
-        )
-        prf = {"p": s["spans_sc_p"], "r": s["spans_sc_r"], "f": s["spans_sc_f"]}
-    else:
-        s = get_ner_prf(examples)
-        prf = {"p": s["ents_p"], "r": s["ents_r"], "f": s["ents_f"]}
-    usage = ner.reset_usage()
-    return {
-        "p": 100 * (prf["p"] or 0.0),
-        "r": 100 * (prf["r"] or 0.0),
-        "f1": 100 * (prf["f"] or 0.0),
-        "docs": len(gold),
-        "sentences_per_second": len(gold) / seconds if seconds else 0.0,
-        "decoded": usage.calls,
-        "cached": usage.cached_calls,
-        "truncated": usage.truncated,
-        "seconds": seconds,
-    }
+    return annotate_and_score(nlp, gold, docs, args.batch_size, nested)
 
 
 def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) -> Dict:
