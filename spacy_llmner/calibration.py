@@ -7,8 +7,8 @@ pairs from a dev set; each pooled block's precision is add-one smoothed, so no s
 A shipped adapter carries its maps as ``calibration.json`` beside ``adapter.gguf``; the backend that serves the
 adapter offers them (``Backend.calibration``) and the component applies them before ``threshold``.
 
-Spans of a prompt without demonstrations are right less often than spans of a prompt with some, at the same raw
-confidence, so a file holds one map per condition (``Calibrations``): each map applies from its
+A prompt without demonstrations and one with some need not be right equally often at the same raw confidence,
+and the component serves both, so a file holds one map per condition (``Calibrations``): each map applies from its
 ``min_demonstrations`` on, and a prompt takes the map of the largest ``min_demonstrations`` it reaches. A file in
 the older one-map form (``{"fitted_on", "knots"}``) is one map for every prompt.
 """
