@@ -17,7 +17,7 @@ import weakref
 from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import catalogue
 
@@ -417,47 +417,43 @@ class LlamaCppBackend(BackendBase):
 
     def score(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
         """Each option's log-probability after its context, without generating: the torch engine's decoder
-        (``TorchDecoder.score``) or llama.cpp's (``scoring.TrieScorer``)."""
+        (``TorchDecoder.score``) or llama.cpp's (``scoring.TrieScorer``). A context shared by several requests is
+        evaluated once: each request is charged an equal share of what was evaluated."""
         if not requests:
             return []
-        if self.engine == "torch":
-            return self._score_torch(requests)
+        scorer = self._score_torch if self.engine == "torch" else self._score_llama
+        with self._lock:
+            logprobs, evaluated, seconds = scorer(requests)
+        share, extra = divmod(evaluated, len(requests))
+        per = seconds / len(requests)
+        return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
+
+    # each scorer: (log-probabilities per request and option, tokens evaluated, seconds scoring, loading excluded)
+    def _score_torch(self, requests: Sequence[ScoreRequest]) -> Tuple[List[List[float]], int, float]:
+        decoder, vocab = self.decoder, self.vocab
+        items = [(vocab.tokenize(r.context), [vocab.tokenize(o, bos=False) for o in r.options]) for r in requests]
+        t0 = time.perf_counter()
+        logprobs, evaluated = decoder.score(items)
+        return logprobs, evaluated, time.perf_counter() - t0
+
+    def _score_llama(self, requests: Sequence[ScoreRequest]) -> Tuple[List[List[float]], int, float]:
         from .scoring import TrieScorer
 
-        with self._lock:
-            llm = self.llm
-            if self._scorer is None:
-                self._scorer = TrieScorer(llm, n_ctx=max(8192, 2 * self.n_ctx))
-                # freed with this backend (or at exit): a context's KV cache and buffers are hundreds of MB
-                _free_later(self, self._scorer.close)
-            items = []
-            for r in requests:
-                ctx = llm.tokenize(r.context.encode("utf8"), add_bos=True, special=True)
-                opts = [llm.tokenize(o.encode("utf8"), add_bos=False, special=True) for o in r.options]
-                items.append((ctx, opts))
-            t0 = time.perf_counter()
-            try:
-                logprobs = self._scorer.score(items)
-            except ValueError as e:
-                raise BackendError(f"llama.cpp backend: {e}") from e
-            per = (time.perf_counter() - t0) / len(requests)
-            # Shared context is evaluated once: each request is charged an equal share of what was evaluated.
-            share, extra = divmod(self._scorer.evaluated, len(requests))
-        return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
-
-    def _score_torch(self, requests: Sequence[ScoreRequest]) -> List[Scores]:
-        with self._lock:
-            decoder, vocab = self.decoder, self.vocab
-            items = []
-            for r in requests:
-                opts = [vocab.tokenize(o) for o in r.options]  # as continuations: without the model's BOS
-                opts = [ids[1:] if vocab.add_bos and ids[:1] == [vocab.bos] else ids for ids in opts]
-                items.append((vocab.tokenize(r.context), opts))
-            t0 = time.perf_counter()
-            logprobs, evaluated = decoder.score(items)
-            per = (time.perf_counter() - t0) / len(requests)
-        share, extra = divmod(evaluated, len(requests))  # shared tokens charged in equal shares
-        return [Scores(lp, share + (i < extra), per) for i, lp in enumerate(logprobs)]
+        llm = self.llm
+        if self._scorer is None:
+            self._scorer = TrieScorer(llm, n_ctx=max(8192, 2 * self.n_ctx))
+            # freed with this backend (or at exit): a context's KV cache and buffers are hundreds of MB
+            _free_later(self, self._scorer.close)
+        items = []
+        for r in requests:
+            ctx = llm.tokenize(r.context.encode("utf8"), add_bos=True, special=True)
+            opts = [llm.tokenize(o.encode("utf8"), add_bos=False, special=True) for o in r.options]
+            items.append((ctx, opts))
+        t0 = time.perf_counter()
+        try:
+            return self._scorer.score(items), self._scorer.evaluated, time.perf_counter() - t0
+        except ValueError as e:
+            raise BackendError(f"llama.cpp backend: {e}") from e
 
     def compute_usage(self) -> Dict[str, float]:
         """What greedy generation has evaluated in this process: tokens through the body, output-head rows,

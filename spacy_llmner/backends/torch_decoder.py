@@ -132,6 +132,18 @@ class TorchDecoder:
             self.prefix_cache = cache
         self.prefix = list(prefix)
 
+    def _sub_batches(self, widths: Sequence[int]) -> List[Tuple[int, int, int]]:
+        """(first row, rows, padded width) of consecutive rows (sorted by width) whose padded block holds at most
+        ``max_batch_tokens`` (a row wider than that alone)."""
+        out, at = [], 0
+        while at < len(widths):
+            width, n = widths[at], 1
+            while at + n < len(widths) and max(width, widths[at + n]) * (n + 1) <= self.max_batch_tokens:
+                width, n = max(width, widths[at + n]), n + 1
+            out.append((at, n, width))
+            at += n
+        return out
+
     # -- scoring ----------------------------------------------------------------------------------------------
     def score(self, items: Sequence[Tuple[List[int], Sequence[List[int]]]]) -> Tuple[List[List[float]], int]:
         """Each option's summed log-probability after its context (``items``: (context tokens, [option tokens,
@@ -150,14 +162,7 @@ class TorchDecoder:
         rows.sort(key=lambda r: len(r[2]) + len(r[3]))
         with torch.inference_mode():
             self.set_prefix([] if common == 0 else rows[0][2][:common])
-            at = 0
-            while at < len(rows):
-                n, width = 1, len(rows[at][2]) + len(rows[at][3]) - common
-                while at + n < len(rows):
-                    w = max(width, len(rows[at + n][2]) + len(rows[at + n][3]) - common)
-                    if w * (n + 1) > self.max_batch_tokens:
-                        break
-                    width, n = w, n + 1
+            for at, n, width in self._sub_batches([len(c) + len(o) - common for _, _, c, o in rows]):
                 part = rows[at : at + n]
                 ids = np.zeros((n, width), dtype=np.int64)
                 mask = np.zeros((n, common + width), dtype=np.int64)
@@ -184,7 +189,6 @@ class TorchDecoder:
                     np.add.at(sums, owners[lo : lo + 128], got.cpu().numpy())
                 for r, (i, j, _, _) in enumerate(part):
                     out[i][j] = float(sums[r])
-                at += n
         return out, self.usage["evaluated_tokens"] - before
 
     def generate(
@@ -232,15 +236,7 @@ class TorchDecoder:
         mask = np.zeros((len(seqs), common + widest), dtype=np.int64)
         mask[:, :common] = 1
         lasts = []
-        at = 0
-        while at < len(seqs):
-            width = len(seqs[at].tokens) - common
-            n = 1
-            while at + n < len(seqs):
-                w = max(width, len(seqs[at + n].tokens) - common)
-                if w * (n + 1) > self.max_batch_tokens:
-                    break
-                width, n = w, n + 1
+        for at, n, width in self._sub_batches([len(s.tokens) - common for s in seqs]):
             part = seqs[at : at + n]
             ids = np.zeros((n, width), dtype=np.int64)
             for r, s in enumerate(part):
@@ -251,7 +247,6 @@ class TorchDecoder:
             positions = np.tile(np.arange(common, common + width), (n, 1))
             h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : common + width])
             lasts.extend(h[r, len(s.tokens) - common - 1] for r, s in enumerate(part))
-            at += n
         cache.length = common + widest
         return torch.stack(lasts), cache, mask
 

@@ -130,11 +130,11 @@ class Vocab:
         return bytes(table.get(c, 0) for c in tok)
 
     # -- the llama.cpp-like surface the decoder uses ------------------------------------------------------------
-    def tokenize(self, text: str) -> List[int]:
-        """Token ids of ``text`` with the model's BOS where it adds one, special tokens parsed (as the llama.cpp
-        backend's ``tokenize(..., add_bos=True, special=True)``)."""
+    def tokenize(self, text: str, bos: bool = True) -> List[int]:
+        """Token ids of ``text`` with the model's BOS where it adds one (``bos = False``: never, for a continuation),
+        special tokens parsed (as the llama.cpp backend's ``tokenize(..., add_bos=bos, special=True)``)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos] + ids if self.add_bos and self.bos is not None else ids
+        return [self.bos] + ids if bos and self.add_bos and self.bos is not None else ids
 
     def piece(self, token: int) -> bytes:
         return self.pieces[token]

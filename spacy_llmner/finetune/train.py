@@ -44,8 +44,7 @@ class Tokenizer:
         return self._vocab.tokenize(text)  # as the backend tokenizes prompts
 
     def completion(self, text: str) -> List[int]:
-        ids = self._vocab.tokenize(text)
-        return ids[1:] if self._vocab.add_bos and ids[:1] == [self._vocab.bos] else ids
+        return self._vocab.tokenize(text, bos=False)
 
     def close(self):
         pass
