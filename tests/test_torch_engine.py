@@ -279,6 +279,32 @@ def test_prompts_batched_with_padding_decode_as_each_alone(gemma):
 
 
 @pytest.mark.model
+def test_a_short_row_beside_one_longer_than_the_sliding_window_attends_as_alone(gemma):
+    """Gemma 3's sliding-window layers mask by token position, not by cache slot: a short prompt decoded in a round
+    with one longer than the window gets the logits it gets alone. (Masks from slot indices, transformers' default,
+    moved the short row's window by the padding gap and hid its own prompt from five layers in six.)"""
+    import torch
+
+    backend, model = gemma
+    short = backend.tokenize("Angela Merkel met Emmanuel Macron in Paris.\nEntities:\n")
+    long = backend.tokenize(" ".join(["The committee met in Geneva again on Monday."] * 90))
+    assert model.sliding_window and len(long) > model.sliding_window + len(short)
+    nxt = backend.tokenize("Angela", special=False)[1]
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(short) + 1)
+        model.forward([short], [list(range(len(short)))], cache)
+        alone = model.logits(model.forward([[nxt]], [[len(short)]], cache)[:, 0])[0]
+        cache = model.new_cache(2, len(long) + 1)
+        ids = [short + [0] * (len(long) - len(short)), long]
+        mask = np.array([[1] * len(short) + [0] * (len(long) - len(short)), [1] * len(long)])
+        model.forward(ids, [list(range(len(long)))] * 2, cache, mask)
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=mask.dtype)], axis=1)
+        beside = model.logits(model.forward([[nxt], [nxt]], [[len(short)], [len(long)]], cache, mask)[:, 0])[0]
+    assert int(beside.argmax()) == int(alone.argmax())
+    np.testing.assert_allclose(beside.numpy(), alone.numpy(), atol=1e-3)
+
+
+@pytest.mark.model
 def test_the_torch_engine_runs_another_architecture():
     """SmolLM2 (Llama) through the same engine: answers are generated, the head restricted, and the pipeline
     completes with spans of the given labels."""

@@ -157,6 +157,9 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
 
 
 ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
+# the torch engine's arithmetic, in cache identities: raised when a fix changes its answers, so that no answer cache
+# serves an earlier engine's (2: attention masks by token position, not cache slot)
+TORCH_ENGINE_REVISION = 2
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -376,7 +379,7 @@ class LlamaCppBackend(BackendBase):
         name = file_identity(self.model) if os.path.isfile(self.model) else self.model  # a path: by content
         ident = {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
         if self.engine != "llama.cpp":  # other arithmetic, other rounding: a cache must not mix them
-            ident.update(engine=self.engine, head=self.head, dtype=self.dtype)
+            ident.update(engine=self.engine, head=self.head, dtype=self.dtype, revision=TORCH_ENGINE_REVISION)
         if self.adapter is not None:  # answers differ with an adapter: a cache must not mix them
             path = self.adapter_file
             ident["adapter"] = file_identity(path) if os.path.isfile(path) else self.adapter

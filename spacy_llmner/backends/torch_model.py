@@ -26,13 +26,14 @@ from .weights import load_causal_lm, resolve_device, resolve_dtype
 
 class SlotCache(Cache):
     """Keys and values in preallocated slots, (rows, kv heads, capacity, head dim) per layer, filled up to ``length``
-    for every row alike (a shorter row's extra slots are masked by the caller). Appending writes in place (a
+    for every row alike (a shorter row's extra slots are masked by the caller), and each slot's token position
+    (rows, capacity): rows are right-padded, so a slot's index is not its position. Appending writes in place (a
     ``DynamicCache`` concatenates: a copy of the whole cache per token); ``rows`` views a range of rows (a prefill
     sub-batch writes into the round's cache); ``keep`` drops finished rows."""
 
-    def __init__(self, keys, values, length: int = 0):
+    def __init__(self, keys, values, positions, length: int = 0):
         super().__init__()
-        self.keys, self.values, self.length = keys, values, length
+        self.keys, self.values, self.positions, self.length = keys, values, positions, length
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         n, t = self.length, key_states.shape[-2]
@@ -49,11 +50,17 @@ class SlotCache(Cache):
         return None
 
     def rows(self, start: int, stop: int) -> "SlotCache":
-        return SlotCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values], self.length)
+        return SlotCache(
+            [k[start:stop] for k in self.keys],
+            [v[start:stop] for v in self.values],
+            self.positions[start:stop],
+            self.length,
+        )
 
     def keep(self, rows) -> None:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+        self.positions = self.positions[rows]
 
 
 ATTENTION = "spacy_llmner_sdpa"
@@ -128,6 +135,12 @@ class TorchModel:
         self.n_layer = config["num_hidden_layers"]
         self.kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        # sliding-window layers: some of them, named by layer type (Gemma 3's five in six; Qwen 2 where enabled), or
+        # every layer where the config sets a window without layer types (Mistral)
+        types = config.get("layer_types")
+        self.by_type = bool(types)
+        window = config.get("sliding_window")
+        self.sliding_window = window if window and (not types or "sliding_attention" in types) else None
         self.body_flop = 2 * sum(m.weight.numel() for m in linear)
         self.row_flop = 2 * self.head.shape[1]
 
@@ -142,24 +155,44 @@ class TorchModel:
         make = lambda: [  # noqa: E731
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.n_layer)
         ]
-        cache = SlotCache(make(), make(), 0)
+        cache = SlotCache(make(), make(), torch.zeros((rows, capacity), dtype=torch.long, device=self.device), 0)
         if prefix is not None and prefix.length:
             n = cache.length = prefix.length
             for dst, src in zip(cache.keys + cache.values, prefix.keys + prefix.values):
                 dst[:, :, :n] = src[:1, :, :n]
+            cache.positions[:, :n] = prefix.positions[:1, :n]
         return cache
 
     def forward(self, ids, positions, cache, mask=None):
         """Float32 hidden states (B, T, n_embd) after the final norm for token ids (B, T) at ``positions`` (B, T);
         ``mask`` (B, cached + T): 1 where a slot holds a real token. Keys and values are written into ``cache``."""
-        out = self.body(
-            input_ids=self.tensor(ids, self.torch.long),
-            position_ids=self.tensor(positions, self.torch.long),
-            attention_mask=None if mask is None else self.tensor(mask, self.torch.long),
+        torch = self.torch
+        ids, positions = self.tensor(ids, torch.long), self.tensor(positions, torch.long)
+        return self.body(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=self.attention_masks(positions, cache, mask),
             past_key_values=cache,
             use_cache=True,
-        )
-        return out.last_hidden_state.float()
+        ).last_hidden_state.float()
+
+    def attention_masks(self, positions, cache: SlotCache, mask=None):
+        """The 4-D masks (B, 1, T, cached + T) of new tokens at ``positions`` over the cache's slots, by token
+        position: a query sees the real slots at or before its position, and a sliding-window layer only those
+        within its window. transformers builds its masks from slot indices (``cache_position``), which equal
+        positions only without padding: a short row decoded beside a longer one would see its window cut short.
+        A dict by layer type for models that name their layers' types (Gemma 3, Qwen 2)."""
+        torch = self.torch
+        n, t = cache.length, positions.shape[1]
+        cache.positions[:, n : n + t] = positions
+        keys = cache.positions[:, : n + t]
+        seen = keys[:, None, :] <= positions[:, :, None]  # (B, T, slots)
+        if mask is not None:
+            seen &= self.tensor(mask, torch.bool)[:, None, : n + t]
+        if not self.sliding_window:
+            return seen[:, None]
+        window = (seen & (keys[:, None, :] > positions[:, :, None] - self.sliding_window))[:, None]
+        return {"full_attention": seen[:, None], "sliding_attention": window} if self.by_type else window
 
     def head_rows(self, ids):
         """The output head's rows for token ids: a restricted head for ``logits``."""
