@@ -44,7 +44,7 @@ import spacy
 from spacy.tokens import Doc, DocBin, Span
 
 from spacy_llmner.annotation import distill as D
-from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS
+from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS, TORCH_ENGINE_REVISION
 from spacy_llmner.corpora import read_bio, read_jsonl
 
 from common import CROSSNER_LABELS, annotate_and_score, load_split
@@ -210,9 +210,12 @@ class Table:
         self.spent = old.get("cpu_seconds", 0.0), old.get("wall_seconds", 0.0)
 
     def has(self, key: str) -> bool:
-        return key in self.rows
+        """Measured, and not by an earlier torch engine (its rows are measured again)."""
+        return key in self.rows and not (self.args.engine == "torch" and stale(key, self.rows[key]))
 
     def add(self, key: str, row: Dict) -> None:
+        if self.args.engine == "torch" and "@" in key:  # an LLM row: which engine's answers it scores
+            row["engine_revision"] = TORCH_ENGINE_REVISION
         self.rows[key] = row
         what = f"F1 {row['f1']:.1f} (P {row['p']:.1f} R {row['r']:.1f}, {row['docs']} docs)"
         print(f"  {key}: {what}", flush=True)
@@ -329,10 +332,22 @@ def section_genia(args, table: Table) -> None:
 # -- report ---------------------------------------------------------------------------------------------------------
 
 
+def stale(key: str, row: Dict) -> bool:
+    """An LLM row (its key names an adapter after @) measured by a torch engine older than today's
+    (``backends.llamacpp.TORCH_ENGINE_REVISION``)."""
+    return "@" in key and row.get("engine_revision", 1) < TORCH_ENGINE_REVISION
+
+
+STALE_NOTE = (
+    "† measured by an earlier torch engine (before its attention masks followed token positions: a short prompt "
+    "decoded beside a longer one lost part of its sliding window); a rerun measures these rows again."
+)
+
+
 def cell(rows: Dict, key: str, gap_to: Optional[str] = None) -> str:
     if key not in rows:
         return "—"
-    text = f"{rows[key]['f1']:.1f}"
+    text = f"{rows[key]['f1']:.1f}" + ("†" if stale(key, rows[key]) else "")
     if gap_to and gap_to in rows:
         text += f" ({rows[key]['f1'] - rows[gap_to]['f1']:+.1f})"
     return text
@@ -420,7 +435,8 @@ def markdown(result: Dict) -> str:
                 theirs = rows.get(f"{section}/{name}/{v}/spacy")
                 seen = [r for r in ours + [theirs] if r]
                 if seen:
-                    cells = [prf_text(r) for r in ours] + ([prf_text(theirs)] if spacy_col else [])
+                    cells = [prf_text(r, f"{section}/{name}/{v}@{a}") for r, a in zip(ours, adapters)]
+                    cells += [prf_text(theirs)] if spacy_col else []
                     out.append(f"| {name} | {v} | {seen[0]['docs']} | " + " | ".join(cells) + " |")
         out.append("")
     genia = [k for k in rows if k.startswith("genia/")]
@@ -429,13 +445,15 @@ def markdown(result: Dict) -> str:
         out += ["| variant | adapter | test sentences | F1 / P / R |", "|---|---|---|---|"]
         for k in sorted(genia):
             stem, _, a = k.partition("@")
-            out.append(f"| {stem.split('/')[-1]} | {a} | {rows[k]['docs']} | {prf_text(rows[k])} |")
+            out.append(f"| {stem.split('/')[-1]} | {a} | {rows[k]['docs']} | {prf_text(rows[k], k)} |")
         out.append("")
+    if any(stale(k, r) for k, r in rows.items()):
+        out += [STALE_NOTE, ""]
     return "\n".join(out)
 
 
-def prf_text(row: Optional[Dict]) -> str:
-    return f"{row['f1']:.1f} / {row['p']:.1f} / {row['r']:.1f}" if row else "—"
+def prf_text(row: Optional[Dict], key: str = "") -> str:
+    return f"{row['f1']:.1f} / {row['p']:.1f} / {row['r']:.1f}" + ("†" if stale(key, row) else "") if row else "—"
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
