@@ -387,3 +387,57 @@ def test_each_engine_accounts_for_what_it_evaluates(engine):
     else:
         assert usage["prompt_tokens"] < prompts and usage["generated_tokens"] == generated
         assert usage["head_rows"] < 262144 * generated / 10
+
+
+def test_sampling_draws_among_the_best_candidates_as_llama_cpp_s_default_chain():
+    """Temperature, min_p and top_p over the allowed candidates (best first); each prompt's generator is fixed by
+    the seed and the prompt's tokens."""
+    from spacy_llmner.backends.torch_decoder import Sampling
+
+    rng = np.random.default_rng(0)
+    cold = Sampling(0.01)
+    assert {cold.pick(rng, np.array([0.0, -0.5, -1.0])) for _ in range(50)} == {0}
+    warm = Sampling(1.0, top_p=1.0, min_p=0.0)
+    assert {warm.pick(rng, np.zeros(4)) for _ in range(200)} == {0, 1, 2, 3}
+    # min_p: a candidate under 5 % of the best one's probability is never drawn
+    assert {Sampling(1.0).pick(rng, np.array([0.0, np.log(0.04)])) for _ in range(200)} == {0}
+    # top_p: the smallest set holding 95 %: of probabilities 0.9 / 0.08 / 0.02, the third is never drawn
+    drawn = {Sampling(1.0, min_p=0.0).pick(rng, np.log(np.array([0.9, 0.08, 0.02]))) for _ in range(400)}
+    assert drawn == {0, 1}
+    a, b = Sampling(1.0, seed=7), Sampling(1.0, seed=8)
+    assert a.generator([1, 2, 3]).random() == a.generator([1, 2, 3]).random()
+    assert a.generator([1, 2, 3]).random() != a.generator([1, 2, 4]).random() != b.generator([1, 2, 3]).random()
+    with pytest.raises(ValueError, match="temperature above 0"):
+        Sampling(0.0)
+
+
+@pytest.mark.model
+def test_the_torch_engine_samples_valid_answers_in_batches_without_llama_cpp(monkeypatch):
+    """temperature > 0 on the default engine: answers drawn in batches under the format's grammar (every line a
+    mention of the sentence and a given label), the same for a prompt alone or batched and for the same seed, other
+    answers for another seed; llama.cpp is never loaded."""
+    monkeypatch.setattr(LlamaCppBackend, "llm", property(lambda self: pytest.fail("llama.cpp was loaded")))
+    texts = [
+        "Angela Merkel met Emmanuel Macron in Paris.",
+        "Microsoft opened a lab in Nairobi, Kenya, with the University of Nairobi.",
+        "Marie Curie worked at the University of Paris with Pierre Curie.",
+        "Toyota and Honda compete in Detroit.",
+        "The United Nations met in Geneva on Monday.",
+        "Lionel Messi left Barcelona for Paris Saint-Germain.",
+    ]
+    labels = ["person", "organisation", "location"]
+
+    def answers(seed, batch):
+        nlp = spacy.blank("en")
+        backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "temperature": 1.5, "seed": seed}
+        nlp.add_pipe("llm_lar_ner", config={"labels": labels, "zero_shot": True, "save_io": True, "backend": backend})
+        docs = nlp.pipe(texts, batch_size=batch)
+        return [d._.llm_ner_io["llm_lar_ner"][0]["response"] for d in docs]
+
+    batched = answers(3, len(texts))
+    assert answers(3, 1) == batched
+    for text, answer in zip(texts, batched):
+        for line in filter(None, answer.split("\n")):
+            mention, _, label = line.rpartition(" | ")
+            assert mention in text and label in labels, (text, answer)
+    assert answers(4, len(texts)) != batched

@@ -34,6 +34,7 @@ class _Seq:
     seq_id: int = 0
     pos: int = 0
     sampler: object = None
+    rng: object = None  # the torch engine's generator when it samples
     generated: List[int] = field(default_factory=list)
     logprobs: List[Tuple[int, float]] = field(default_factory=list)  # (end offset in text, log-probability)
     out: bytes = b""

@@ -270,8 +270,9 @@ class LlamaCppBackend(BackendBase):
 
     model (str): a packaged model's short name ("gemma3-270m", "smollm2-135m") or a path to a GGUF file.
     n_ctx (int): the context window per sequence (tokens).
-    temperature (float): 0 decodes greedily (batched); above 0 samples, one request at a time.
-    seed (int): the sampling seed.
+    temperature (float): 0 decodes greedily; above 0 samples (the torch engine in batches, each prompt from its own
+        generator, ``torch_decoder.Sampling``; llama.cpp one request at a time).
+    seed (int): the sampling seed (torch engine: with the prompt, it fixes each answer; negative: fresh each time).
     n_threads (Optional[int]): CPU threads (default: all cores).
     fast_grammar (bool): apply the grammar to the best candidates first (same greedy output, faster); false uses
         llama-cpp-python's own grammar sampling.
@@ -284,7 +285,7 @@ class LlamaCppBackend(BackendBase):
         weights and adapter in transformers' model code, merged by peft, batches of ``parallel`` sequences, the
         output head restricted to the prompt's tokens, tokens and grammars from ``vocab.Vocab``: no llama.cpp;
         the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring (LAR typing,
-        self-validation) runs on the engine chosen; sampling (temperature > 0) uses llama.cpp with either engine.
+        self-validation) and sampling run on the engine chosen.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
     dtype (str): torch engine: "auto" (bfloat16 on a GPU and on CPUs with AVX-512 BF16 or AMX, else float32),
         "bfloat16", "float16" or "float32".
@@ -346,12 +347,14 @@ class LlamaCppBackend(BackendBase):
 
     @property
     def llm(self):
-        """llama.cpp's model (engine "llama.cpp", and sampling with either engine), loaded on first use."""
+        """llama.cpp's model (engine "llama.cpp", and llama-cpp-python's own sampling with fast_grammar = false),
+        loaded on first use."""
         if importlib.util.find_spec("llama_cpp") is None:
             raise BackendError(
-                f"llama.cpp backend: llama-cpp-python is not installed; engine = {self.engine!r} needs it for "
-                "engine = 'llama.cpp' and for sampling (temperature > 0): "
-                "pip install 'spacy-llmner[llamacpp]' (it compiles llama.cpp), or decode greedily with engine = 'torch'"
+                f"llama.cpp backend: llama-cpp-python is not installed; engine = {self.engine!r}, fast_grammar = "
+                f"{self.fast_grammar} needs it (engine = 'llama.cpp', or llama-cpp-python's own grammar sampling): "
+                "pip install 'spacy-llmner[llamacpp]' (it compiles llama.cpp), or use engine = 'torch' with "
+                "fast_grammar = true"
             )
         return _load(resolve_model_path(self.model), self.adapter_file, self.n_ctx, self.n_threads, self.seed)
 
@@ -414,7 +417,7 @@ class LlamaCppBackend(BackendBase):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         with self._lock:
-            if self.temperature == 0 and self.fast_grammar:
+            if self.fast_grammar and (self.temperature == 0 or self.engine == "torch"):
                 return self._generate_batched(requests)
             return [self._generate_sampled(req) for req in requests]
 
@@ -469,7 +472,7 @@ class LlamaCppBackend(BackendBase):
         first use."""
         if self._decoder is None:
             if self.engine == "torch":
-                from .torch_decoder import TorchDecoder
+                from .torch_decoder import Sampling, TorchDecoder
 
                 # GNU OpenMP (PyTorch's CPU threads) does not survive fork(): a child of a process that had run the
                 # engine would hang in its first parallel region. One thread per process never enters one (and
@@ -481,7 +484,8 @@ class LlamaCppBackend(BackendBase):
                     )
                 except ValueError as e:
                     raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
-                self._decoder = TorchDecoder(self.vocab, model, n_seq=self.parallel, head=self.head)
+                sampling = Sampling(self.temperature, self.seed) if self.temperature > 0 else None
+                self._decoder = TorchDecoder(self.vocab, model, n_seq=self.parallel, head=self.head, sampling=sampling)
             else:
                 from .batched import BatchedDecoder
 

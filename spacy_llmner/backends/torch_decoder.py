@@ -25,7 +25,9 @@ and the arithmetic it cost (``gflop``, matrix products of body and head; attenti
 counts every row through the body (padding and finished rows riding along included).
 """
 
+import zlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,6 +39,40 @@ from .torch_model import TorchModel
 from .vocab import Vocab
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy choice (``temperature`` > 0), as llama.cpp's default chain: the best ``top_k``
+    candidates the grammar allows, scaled by the temperature, those under ``min_p`` times the best one's probability
+    dropped, then the smallest set holding ``top_p`` of the rest. Each prompt draws from its own generator, seeded by
+    ``seed`` and the prompt's tokens: a prompt gets the same answer alone or in any batch (a negative seed: a fresh
+    generator each time)."""
+
+    temperature: float
+    seed: int = 0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"sampling needs a temperature above 0, not {self.temperature}")
+
+    def generator(self, prompt: Sequence[int]) -> np.random.Generator:
+        if self.seed < 0:
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes())])
+
+    def pick(self, rng: np.random.Generator, logits: np.ndarray) -> int:
+        """The index drawn among candidate ``logits`` (the allowed ones, best first)."""
+        z = logits[: self.top_k] / self.temperature
+        p = np.exp(z - z.max())
+        p[p < self.min_p] = 0.0  # relative to the best candidate's probability (1 after the shift)
+        p /= p.sum()
+        keep = int(np.searchsorted(np.cumsum(p), self.top_p)) + 1  # candidates are sorted best first
+        p = p[:keep] / p[:keep].sum()
+        return int(rng.choice(len(p), p=p))
+
+
 class TorchDecoder:
     def __init__(
         self,
@@ -46,6 +82,7 @@ class TorchDecoder:
         head: str = "restricted",
         top_k: int = 16,
         max_batch_tokens: int = 1024,
+        sampling: Optional[Sampling] = None,
     ):
         import torch
 
@@ -58,6 +95,7 @@ class TorchDecoder:
         self.head = head
         self.top_k = top_k
         self.max_batch_tokens = max_batch_tokens
+        self.sampling = sampling
         self.n_vocab = vocab.n_vocab
         if model.n_vocab < self.n_vocab:
             raise ValueError(f"torch engine: the model's head has {model.n_vocab} rows, its vocabulary {self.n_vocab}")
@@ -198,8 +236,8 @@ class TorchDecoder:
         stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
     ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...], bool]]:
-        """Greedy completions for tokenized prompts: (text, completion tokens, token log-probabilities, cut by
-        its max_tokens) each."""
+        """Completions for tokenized prompts, greedy or drawn (``sampling``): (text, completion tokens, token
+        log-probabilities, cut by its max_tokens) each."""
         if not prompts:
             return []
         common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
@@ -216,6 +254,7 @@ class TorchDecoder:
             for s in seqs:
                 s.sampler = self.vocab.matcher(s.grammar) if s.grammar else None
                 s.pos = len(s.tokens)
+                s.rng = self.sampling.generator(s.tokens) if self.sampling else None
             hidden, cache, mask = self._prefill(seqs, common)
             self._decode(seqs, hidden, cache, mask, common)
             self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
@@ -267,7 +306,8 @@ class TorchDecoder:
             if allowed is not None and len(union):
                 # the best top_k allowed rows of every sequence at once, and each row's normaliser
                 logits = self._head(hidden, head).masked_fill_(~allowed, float("-inf"))
-                vals, idx = logits.topk(min(self.top_k, len(union)), dim=1)
+                width = max(self.top_k, self.sampling.top_k) if self.sampling else self.top_k
+                vals, idx = logits.topk(min(width, len(union)), dim=1)
                 top = (union[idx.cpu().numpy()], vals.cpu().numpy(), torch.logsumexp(logits, dim=1).cpu().numpy())
             step_ids, step_pos = [], []
             for r, s in enumerate(rows):
@@ -277,12 +317,21 @@ class TorchDecoder:
                         ok = s.sampler.allowed(top[0][r]) & np.isfinite(top[1][r])
                         if ok.any():
                             j = int(np.argmax(ok))  # the best allowed (candidates are sorted best first)
+                            if s.rng is not None:
+                                where = np.flatnonzero(ok)
+                                j = int(where[self.sampling.pick(s.rng, top[1][r][where])])
                             token = int(top[0][r][j])
                             lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
                     if token is None:
                         full = self._head(hidden[r : r + 1])[0].cpu().numpy()
                         self.usage["full_head_steps"] += int(top is not None and s.sampler is not None)
-                        token = int(np.argmax(full)) if s.sampler is None else s.sampler.best(full)
+                        if s.sampler is not None:  # (sampling too takes the best allowed token here: a rare step)
+                            token = s.sampler.best(full)
+                        elif s.rng is not None:  # no grammar: drawn from the best of the whole vocabulary
+                            best = np.argsort(-full)[: self.sampling.top_k]
+                            token = int(best[self.sampling.pick(s.rng, full[best])])
+                        else:
+                            token = int(np.argmax(full))
                         lp = lambda full=full, t=token: log_softmax_at(full, t)  # noqa: E731
                     nxt = None
                     if token is not None and not self.vocab.is_eog(token):
