@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (row label, metrics file, the engine that ran it)
 QUALITY = [
-    ("with the shipped adapter `ner-v2` (the default)", "metrics/speed/full_test_v2_k3.json", "torch (transformers)"),
+    ("with the shipped adapter `ner-v2` (the default)", "metrics/real_use.json", "torch (transformers)"),
     ("base model (`adapter = null`)", "metrics/speed/full_test_base_k3.json", "torch (hand-written, 8380660)"),
     (
         "`ner-v2`, sentences and retrieval pool lower-cased",
@@ -27,12 +27,22 @@ QUALITY = [
         "torch (hand-written, 8380660)",
     ),
 ]
+DOMAINS = ("politics", "science", "music", "literature", "ai")
 
 
 def summary(path: Path) -> dict:
     """Averages over domains (F1, P, R: each domain's micro figures, averaged) and seconds per sentence (all the
-    run's seconds over all its sentences) of the one system in a benchmarks/finetune.py output."""
+    run's seconds over all its sentences) of the one system in a benchmarks/finetune.py output, or of the
+    sentence-per-Doc rows of benchmarks/real_use.py's paragraphs section (no speed: that run shares its machine)."""
     data = json.loads(path.read_text())
+    if path.name == "real_use.json":
+        rows = [data["rows"][f"paragraphs/{d}/sentences/cased@ner-v2"] for d in DOMAINS]
+        return {
+            **{m: sum(r[m] for r in rows) / len(rows) for m in ("f1", "p", "r")},
+            "sentences": sum(r["docs"] for r in rows),
+            "seconds_per_sentence": None,
+            "command": "python benchmarks/real_use.py --sections paragraphs --variants cased",
+        }
     rows = [systems[name] for systems in data["domains"].values() for name in systems]
     n = len(rows)
     seconds = sum(r["sentences"] / r["sentences_per_second"] for r in rows)
@@ -55,6 +65,10 @@ def command(args: dict) -> str:
     return " ".join(parts)
 
 
+def seconds(s: dict) -> str:
+    return "—" if s["seconds_per_sentence"] is None else f"{s['seconds_per_sentence']:.2f}"
+
+
 def quality_table(root: Path) -> str:
     lines = [
         "| Gemma 3 270M | avg F1 (P / R) | seconds / sentence | sentences | engine | produced by |",
@@ -64,7 +78,7 @@ def quality_table(root: Path) -> str:
         s = summary(root / file)
         f1 = f"**{s['f1']:.1f}**" if "default" in label else f"{s['f1']:.1f}"
         lines.append(
-            f"| {label} | {f1} ({s['p']:.1f} / {s['r']:.1f}) | {s['seconds_per_sentence']:.2f} | {s['sentences']:,} "
+            f"| {label} | {f1} ({s['p']:.1f} / {s['r']:.1f}) | {seconds(s)} | {s['sentences']:,} "
             f"| {engine} | `{s['command']}` → `{file}` |"
         )
     return "\n".join(lines)
