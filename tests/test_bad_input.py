@@ -312,6 +312,8 @@ def test_engine_and_adapter_the_model_cannot_take_are_refused_at_construction(tm
     backend = {"@llm_models": "spacy_llmner.LlamaCpp.v1", "model": str(mamba)}
     with pytest.raises(BackendError, match="engine 'torch'"):  # the default engine
         nlp.add_pipe("llm_lar_ner", config={"labels": ["x"], "backend": backend})
+    with pytest.raises(BackendError, match=r"temperature must be a number ≥ 0 \(0: greedy\), not -0.5"):
+        LlamaCppBackend(temperature=-0.5)
     LlamaCppBackend(model="smollm2-135m", adapter=None)  # what it can serve is made as before
     LlamaCppBackend(model=str(mamba), engine="llama.cpp", adapter=None)
 

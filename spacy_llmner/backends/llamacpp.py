@@ -324,6 +324,8 @@ class LlamaCppBackend(BackendBase):
             raise BackendError(f"llama.cpp backend: engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if head not in ("restricted", "full"):
             raise BackendError(f"llama.cpp backend: head must be 'restricted' or 'full', not {head!r}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise BackendError(f"llama.cpp backend: temperature must be a number ≥ 0 (0: greedy), not {temperature!r}")
         check_settings(model, self.adapter_file_of(self.adapter), engine)
         self.engine = engine
         self.head = head
