@@ -214,8 +214,10 @@ class Table:
         return key in self.rows and not (self.args.engine == "torch" and stale(key, self.rows[key]))
 
     def add(self, key: str, row: Dict) -> None:
-        if self.args.engine == "torch" and "@" in key:  # an LLM row: which engine's answers it scores
-            row["engine_revision"] = TORCH_ENGINE_REVISION
+        if "@" in key:  # an LLM row: which engine's answers it scores
+            row["engine"] = self.args.engine
+            if self.args.engine == "torch":
+                row["engine_revision"] = TORCH_ENGINE_REVISION
         self.rows[key] = row
         what = f"F1 {row['f1']:.1f} (P {row['p']:.1f} R {row['r']:.1f}, {row['docs']} docs)"
         print(f"  {key}: {what}", flush=True)
@@ -334,8 +336,9 @@ def section_genia(args, table: Table) -> None:
 
 def stale(key: str, row: Dict) -> bool:
     """An LLM row (its key names an adapter after @) measured by a torch engine older than today's
-    (``backends.llamacpp.TORCH_ENGINE_REVISION``)."""
-    return "@" in key and row.get("engine_revision", 1) < TORCH_ENGINE_REVISION
+    (``backends.llamacpp.TORCH_ENGINE_REVISION``; rows without an engine are the torch engine's, the default)."""
+    torch = row.get("engine", "torch") == "torch"
+    return "@" in key and torch and row.get("engine_revision", 1) < TORCH_ENGINE_REVISION
 
 
 STALE_NOTE = (

@@ -168,6 +168,7 @@ class TorchModel:
         ``mask`` (B, cached + T): 1 where a slot holds a real token. Keys and values are written into ``cache``."""
         torch = self.torch
         ids, positions = self.tensor(ids, torch.long), self.tensor(positions, torch.long)
+        cache.positions[:, cache.length : cache.length + positions.shape[1]] = positions  # the slots written below
         return self.body(
             input_ids=ids,
             position_ids=positions,
@@ -177,18 +178,17 @@ class TorchModel:
         ).last_hidden_state.float()
 
     def attention_masks(self, positions, cache: SlotCache, mask=None):
-        """The 4-D masks (B, 1, T, cached + T) of new tokens at ``positions`` over the cache's slots, by token
-        position: a query sees the real slots at or before its position, and a sliding-window layer only those
-        within its window. transformers builds its masks from slot indices (``cache_position``), which equal
-        positions only without padding: a short row decoded beside a longer one would see its window cut short.
-        A dict by layer type for models that name their layers' types (Gemma 3, Qwen 2)."""
+        """The 4-D masks (B, 1, T, cached + T) of new tokens at ``positions`` (already recorded in the cache's
+        positions) over the cache's slots, by token position: a query sees the real slots at or before its
+        position, and a sliding-window layer only those within its window. transformers builds its masks from slot
+        indices (``cache_position``), which equal positions only without padding: a short row decoded beside a
+        longer one would see its window cut short. A dict by layer type for models that name their layers' types
+        (Gemma 3, Qwen 2)."""
         torch = self.torch
-        n, t = cache.length, positions.shape[1]
-        cache.positions[:, n : n + t] = positions
-        keys = cache.positions[:, : n + t]
+        keys = cache.positions[:, : cache.length + positions.shape[1]]
         seen = keys[:, None, :] <= positions[:, :, None]  # (B, T, slots)
         if mask is not None:
-            seen &= self.tensor(mask, torch.bool)[:, None, : n + t]
+            seen &= self.tensor(mask, torch.bool)[:, None, : keys.shape[1]]
         if not self.sliding_window:
             return seen[:, None]
         window = (seen & (keys[:, None, :] > positions[:, :, None] - self.sliding_window))[:, None]
