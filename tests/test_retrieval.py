@@ -71,6 +71,17 @@ def test_exclude_identical_never_shows_a_doc_its_own_labels(built, strategy):
         assert len(picked) == 3 and POOL[i].text not in [d.text for d in picked]
 
 
+def test_exclude_identical_ignores_the_whitespace_a_file_or_the_prompt_adds():
+    """A doc read from a BIO or .spacy file ends in a space, and a prompt shows a newline as a space: it is still
+    the query's own text, never shown as its demonstration."""
+    r = Retriever("span", k=3, exclude_identical=True)
+    r.build([demo(d.text + " ", *[(d.text[s:e], lab) for s, e, lab in d.spans]) for d in POOL[:5]])
+    for i in (0, 3):
+        query = POOL[i].text.replace(" ", "\n", 1)
+        picked = r.retrieve([query])[0]
+        assert len(picked) == 3 and all(d.text.split() != query.split() for d in picked)
+
+
 def test_word_level_prefers_a_shared_rare_entity_word_over_topical_similarity(built):
     query = "Brzezinski wrote a book about chess."
     word = with_strategy(built, "word", k=len(POOL)).retrieve([query])[0]

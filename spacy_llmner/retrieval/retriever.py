@@ -61,6 +61,12 @@ def candidate_spans(text: str, limit: int = 24) -> List[str]:
     return list(dict.fromkeys(out))[:limit] if caseless else out
 
 
+def same_text(text: str) -> str:
+    """The text as ``exclude_identical`` compares it: words only, so a pool doc read with a trailing space or
+    newline (BIO and .spacy files) is the same text as the query its prompt shows."""
+    return " ".join(text.split())
+
+
 def _segment_max(sims: np.ndarray, offsets: np.ndarray, empty: float = 0.0) -> np.ndarray:
     """Row-wise max of ``sims`` [m, T] within each column segment ``offsets`` [C + 1] -> [m, C]."""
     sizes = np.diff(offsets)
@@ -86,7 +92,7 @@ class Retriever:
     label_coverage (bool): prefer demonstrations that show a label not yet shown.
     span_weight (float): "span": weight of span similarity against sentence similarity.
     seed (int): seeds "random" (per query, so reruns agree).
-    exclude_identical (bool): never show a demonstration whose text is the query's own (set it when annotating
+    exclude_identical (bool): never show a demonstration whose text is the query's own, whitespace aside (set it when annotating
         the pool's own docs, e.g. ``spacy-llmner refine`` over the human labels the pool holds: the answer would
         be copied, omissions included).
     """
@@ -247,7 +253,8 @@ class Retriever:
         for text, (cand, rel) in zip(texts, self.scores(texts)):
             cand, rel = np.asarray(cand), np.asarray(rel, dtype=np.float32)
             if self.exclude_identical:
-                keep = np.array([self.pool.demonstrations[int(i)].text != text for i in cand], dtype=bool)
+                own = same_text(text)
+                keep = np.array([same_text(self.pool.demonstrations[int(i)].text) != own for i in cand], dtype=bool)
                 cand, rel = cand[keep], rel[keep]
             picked = self.select(cand, rel, k)
             out.append([self.pool.demonstrations[i] for i in reversed(picked)])
