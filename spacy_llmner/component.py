@@ -6,6 +6,7 @@ shows, within a token budget), ``prompt`` (the prompt builder), ``session`` (bac
 too) go to ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.ents``.
 """
 
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
@@ -39,6 +40,7 @@ from .lar.stages import (
     type_candidates,
     verification_scores,
 )
+from .pool_fit import Lexicon, PoolFit, PoolFitSettings, fit_thresholds, kept, merge, micro_prf
 from .prompt import DEFAULT_INSTRUCTIONS, Demonstration, PromptBuilder, display, shown_tokens
 from .reading import FileReadError
 from .retrieval import Retriever
@@ -91,6 +93,7 @@ DEFAULT_CONFIG = {
     "show_progress": False,
     "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     "lar": None,
+    "pool_fit": None,
 }
 
 
@@ -122,6 +125,7 @@ def make_llm_lar_ner(
     show_progress: bool,
     scorer: Optional[Callable],
     lar: Optional[LARStages],
+    pool_fit: Optional[PoolFitSettings],
 ) -> "LLMNER":
     """LLM named-entity recognition: one pass (prompt → constrained answer → spans) or the LAR stages.
 
@@ -167,6 +171,10 @@ def make_llm_lar_ner(
     show_progress (bool): a progress bar per ``pipe``.
     scorer (Optional[Callable]): scores ``nlp.evaluate`` (spaCy's NER scorer by default).
     lar (Optional[LARStages]): the LAR / EL4NER stages (``spacy_llmner.LAR.v1``); null: one pass.
+    pool_fit (Optional[PoolFitSettings]): what ``initialize()`` learns from the retriever's pool beyond
+        demonstrations (``spacy_llmner.PoolFit.v1``, see ``spacy_llmner.pool_fit``): the pool's entity texts as a
+        lexicon, and a threshold per label fitted by annotating the pool itself (each doc without itself as a
+        demonstration). It costs one annotation of up to ``sample`` pool docs; null: neither.
     """
     # registered objects are not checked against protocols by config validation: the same error, raised here
     wrong = [
@@ -208,6 +216,7 @@ def make_llm_lar_ner(
         show_progress=show_progress,
         scorer=scorer,
         lar=lar,
+        pool_fit=pool_fit,
     )
 
 
@@ -239,6 +248,7 @@ class LLMNER(Pipe):
         show_progress: bool = False,
         scorer: Optional[Callable] = None,
         lar: Optional[LARStages] = None,
+        pool_fit: Optional[PoolFitSettings] = None,
     ):
         if max_chunk_tokens < 1:
             raise ValueError(f"{name}: max_chunk_tokens must be positive")
@@ -263,6 +273,11 @@ class LLMNER(Pipe):
                 "= null to decode under the grammar where the backend can, or false."
             )
         self.constrained = self.backend.supports_grammar if constrained is None else constrained
+        if pool_fit is not None and retriever is None:
+            raise ValueError(
+                f"{name}: pool_fit learns from the retriever's pool, and no retriever is configured. Configure "
+                f"one ([components.{name}.retriever], spacy_llmner.Retriever.v1) or set pool_fit = null."
+            )
         self.demos = Demonstrations(demonstrations, retriever, max_demo_tokens, vocab, spans_key, owner=name)
         self.zero_shot, self._warned_no_demos = zero_shot, False
         self._warned_truncated = self._warned_tokens = False
@@ -275,6 +290,8 @@ class LLMNER(Pipe):
         self.lar = lar  # None: one pass
         self.alignment: Optional[LabelAlignment] = None  # learned in initialize() or set
         self.span_memory: Optional[SpanMemory] = None  # gold spans of the alignment corpus, for kNN typing
+        self.pool_fit_settings = pool_fit
+        self.pool_fit: Optional[PoolFit] = None  # fitted in initialize() (fit_to_pool) or loaded
         self._own_encoder = None
 
     @property
@@ -310,10 +327,11 @@ class LLMNER(Pipe):
         return 1
 
     def set_labels(self, labels: Sequence[str]) -> None:
-        """Replaces the label set (definitions and synonyms of kept labels stay); forgets a learned alignment."""
+        """Replaces the label set (definitions and synonyms of kept labels stay); forgets a learned alignment and
+        what was fitted to the pool."""
         self.label_set = self.label_set.restricted(labels)
         self.prompts = PromptBuilder(self.label_set, self.format, self.prompts.instructions)
-        self.alignment = None
+        self.alignment = self.pool_fit = None
 
     @property
     def demonstrations(self) -> List[Demonstration]:
@@ -359,6 +377,54 @@ class LLMNER(Pipe):
                 self.learn_alignment(nlp, gold)
             elif self.lar.alignment:
                 self.alignment = pin(self.lar, align_by_embeddings(self._typing(), sorted(self.lar.alignment)))
+        if self.pool_fit_settings is not None and self.retriever.pool is not None and len(self.retriever.pool):
+            self.fit_to_pool(self.retriever.pool.demonstrations, nlp)
+
+    def fit_to_pool(self, pool: Sequence[Demonstration], nlp: Optional[Language] = None) -> PoolFit:
+        """Learns ``pool_fit`` (its settings, or the defaults of ``spacy_llmner.PoolFit.v1``) from labelled pool
+        docs: the lexicon from all of them; the thresholds by annotating a seeded sample of them as the pipeline
+        would, each doc without its own text among its demonstrations and with the lexicon of the other docs,
+        scored against their labels. ``nlp`` tokenizes them (default: a blank pipeline of this vocab's
+        language). Returns what was fitted, also ``self.pool_fit``; its ``report`` holds the pool figures."""
+        if self.retriever is None or self.retriever.pool is None:
+            raise ValueError(f"{self.name}: fit_to_pool annotates the pool with retrieval; build the pool first")
+        settings = self.pool_fit_settings or PoolFitSettings()
+        pairs = [(d.text, tuple(d.spans)) for d in pool]
+        lexicon = Lexicon.build(pairs, settings.min_count, settings.min_rate) if settings.lexicon else None
+        picked = sorted(random.Random(settings.seed).sample(range(len(pairs)), min(settings.sample, len(pairs))))
+        make_doc = nlp.make_doc if nlp is not None else util.get_lang_class(self.vocab.lang)(self.vocab).make_doc
+        docs = [make_doc(pairs[i][0]) for i in picked]
+        self.pool_fit, exclude = None, self.retriever.exclude_identical
+        self.retriever.exclude_identical = True  # a doc shown its own labels would copy them
+        try:
+            found, run = self._candidates(docs)
+        finally:
+            self.retriever.exclude_identical = exclude
+        for i, doc in enumerate(docs):
+            self.usage.add(run.report(doc, i))
+        generated, merged = [], []
+        for i, spans in zip(picked, found):
+            by_offsets = {
+                (s.start_char, s.end_char): Candidate(s.start_char, s.end_char, s.label_, confidence=c.confidence)
+                for s, c in spans
+            }
+            generated.append([(s, e, c.label, c.confidence, False) for (s, e), c in by_offsets.items()])
+            if lexicon is not None:
+                merge(by_offsets, [m for m in lexicon.matches(pairs[i][0], leave_out=pairs[i]) if m[2] in self.labels])
+            merged.append([(s, e, c.label, c.confidence, c.from_lexicon) for (s, e), c in by_offsets.items()])
+        gold = [pairs[i][1] for i in picked]
+        thresholds = fit_thresholds(merged, gold, self.labels) if settings.thresholds else {}
+        report = {"docs": len(docs), "lexicon_entries": len(lexicon) if lexicon is not None else 0}
+        for key, spans, fitted in (
+            ("generated", generated, {}),
+            ("lexicon", merged, {}),
+            ("fitted", merged, thresholds),
+        ):
+            p, r, f = micro_prf(spans, gold, fitted, self.threshold)
+            report.update({f"{key}_p": p, f"{key}_r": r, f"{key}_f": f})
+        rounded = {k: round(v, 6) for k, v in thresholds.items()}  # as saved (JSON keeps 10 digits)
+        self.pool_fit = PoolFit(rounded, lexicon, {k: round(v, 6) for k, v in report.items()})
+        return self.pool_fit
 
     def learn_alignment(self, nlp: Language, gold: Sequence[Demonstration]) -> LabelAlignment:
         """Source → target alignment from the source's predictions on gold target data (the earlier components
@@ -473,6 +539,29 @@ class LLMNER(Pipe):
                 return
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
+        found, run = self._candidates(docs)
+        thresholds = self.pool_fit.thresholds if self.pool_fit is not None else {}
+        for i, doc in enumerate(docs):
+            found_i = [
+                (span, c)
+                for span, c in found[i]
+                if kept(span.label_, c.confidence, c.from_lexicon, thresholds, self.threshold)
+            ]
+            self.set_annotations(doc, [span for span, _ in found_i])
+            measured = {(s.start, s.end, s.label_): c for s, c in found_i}
+            group = doc.spans[self.spans_key]
+            # per span, as spaCy's spancat does: the confidence of the answer that stated it (None: not generated,
+            # or a backend without log-probabilities; a lexicon span's: its rate in the pool)
+            group.attrs["scores"] = [measured[(s.start, s.end, s.label_)].confidence for s in group]
+            if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
+                group.attrs["typing_margin"] = [measured[(s.start, s.end, s.label_)].score for s in group]
+                group.attrs["p_yes"] = [measured[(s.start, s.end, s.label_)].p_yes for s in group]
+            self.usage.add(run.report(doc, i))
+        self._warn_truncated(run)
+        return docs
+
+    def _candidates(self, docs: List[Doc]) -> Tuple[List[List[Tuple[Span, Candidate]]], Run]:
+        """Every labelled candidate of each doc as a doc span, before thresholds, and the run that found them."""
         self._warn_long_tokens(docs)
         source = [self.lar.source_spans(doc) for doc in docs] if self.uses("source") else None  # before we write
         chunks = split(docs, self.max_chunk_tokens, self.max_chunk_sentences)
@@ -491,24 +580,11 @@ class LLMNER(Pipe):
             if self.lar.verify:
                 verification_scores(self.lar, self.label_set.prompt_names, chunks, demos, candidates, run)
                 drop_unverified(candidates, self.lar.verify_threshold)
-        for i, doc in enumerate(docs):
-            found = [
-                (span, c)
-                for span, c in doc_spans(doc, chunks, candidates, i, self.alignment_mode)
-                if c.confidence is None or c.confidence >= self.threshold
-            ]
-            self.set_annotations(doc, [span for span, _ in found])
-            measured = {(s.start, s.end, s.label_): c for s, c in found}
-            group = doc.spans[self.spans_key]
-            # per span, as spaCy's spancat does: the confidence of the answer that stated it (None: not generated,
-            # or a backend without log-probabilities)
-            group.attrs["scores"] = [measured[(s.start, s.end, s.label_)].confidence for s in group]
-            if self.lar is not None:  # what the LAR stages measured, per span of doc.spans[spans_key]
-                group.attrs["typing_margin"] = [measured[(s.start, s.end, s.label_)].score for s in group]
-                group.attrs["p_yes"] = [measured[(s.start, s.end, s.label_)].p_yes for s in group]
-            self.usage.add(run.report(doc, i))
-        self._warn_truncated(run)
-        return docs
+        lexicon = self.pool_fit.lexicon if self.pool_fit is not None else None
+        if lexicon is not None:
+            for chunk, found in zip(chunks, candidates):
+                merge(found, [m for m in lexicon.matches(chunk.shown) if m[2] in self.labels])
+        return [doc_spans(doc, chunks, candidates, i, self.alignment_mode) for i, doc in enumerate(docs)], run
 
     def _warn_truncated(self, run: Run) -> None:
         cut = sum(u.truncated for u in run.usage)

@@ -1,6 +1,6 @@
 """How ``llm_lar_ner`` is saved: serializer dicts for ``spacy.util.to_disk/from_disk/to_bytes/from_bytes`` (keys
 honour ``exclude``), each stateful piece writing itself — labels, demonstrations, the label alignment, the span
-memory, the retrieval pool — and ``files.json``, the list of files a loaded copy must find.
+memory, the retrieval pool, what was fitted to the pool — and ``files.json``, the list of files a loaded copy must find.
 
 File names are those of every earlier version, so pipelines saved before this layout load (copies without
 ``files.json`` need their ``demonstrations.jsonl``)."""
@@ -12,6 +12,8 @@ import srsly
 
 from .labels.alignment import LabelAlignment
 from .lar import SpanMemory
+from .pool_fit import FILE as POOL_FIT
+from .pool_fit import PoolFit
 from .reading import list_of_strings, read_json
 from .retrieval import Pool
 from .retrieval.pool import ARRAYS
@@ -25,7 +27,12 @@ STORED = {
 
 def _parts(ner) -> Dict[str, object]:
     """The learned pieces the component holds now (each has to_disk/to_bytes), by serializer key."""
-    parts = {"alignment": ner.alignment, "span_memory": ner.span_memory, "pool": ner.demos.pool}
+    parts = {
+        "alignment": ner.alignment,
+        "span_memory": ner.span_memory,
+        "pool": ner.demos.pool,
+        "pool_fit": ner.pool_fit,
+    }
     return {key: part for key, part in parts.items() if part is not None}
 
 
@@ -57,11 +64,12 @@ def byte_readers(ner) -> Dict[str, Callable[[bytes], None]]:
         "alignment": _set(ner, "alignment", LabelAlignment.from_bytes),
         "span_memory": _set(ner, "span_memory", SpanMemory.from_bytes),
         "pool": pool,
+        "pool_fit": _set(ner, "pool_fit", PoolFit.from_bytes),
     }
 
 
 def disk_writers(ner, exclude) -> Dict[str, Callable[[Path], None]]:
-    names = {"alignment": "alignment.json", "span_memory": "span_memory", "pool": "pool"}
+    names = {"alignment": "alignment.json", "span_memory": "span_memory", "pool": "pool", "pool_fit": POOL_FIT}
     writers = {
         "labels.json": lambda path: srsly.write_json(path, list(ner.labels)),
         "demonstrations.jsonl": ner.demos.to_disk,
@@ -85,6 +93,7 @@ def disk_readers(ner) -> Dict[str, Callable[[Path], None]]:
             _set(ner, "alignment", lambda path: read_json(ner.name, path, LabelAlignment.from_dict))
         ),
         "span_memory": optional(_set(ner, "span_memory", lambda stem: SpanMemory.from_disk(stem, ner.name))),
+        POOL_FIT: optional(_set(ner, "pool_fit", lambda path: read_json(ner.name, path, PoolFit.from_dict))),
         "pool": lambda path: ner.retriever.from_disk(path, owner=ner.name) if ner.retriever is not None else None,
     }
 

@@ -753,3 +753,8 @@ def test_real_use(tmp_path):
     assert set(more) - set(rows) == {"lodo/politics/k0/cased@lodo-x", f"extra-dev/fixture/cased@{a}"}
     assert more["lodo/politics/k0/cased@lodo-x"]["in_domain_adapter"] is False
     assert "ours (lodo-x), k = 0, cased" in (tmp_path / "real_use.md").read_text()
+    # --pool-fit: the extra set's row again with a pipeline fitted to its pool, beside the first one
+    run("benchmarks/real_use.py", *args, "--variants", "cased", "--sections", "extra", "--pool-fit")
+    fitted = json.loads((tmp_path / "real_use.json").read_text())["rows"][f"extra/fixture/cased@{a}+fit"]
+    assert fitted["pool_fit"]["docs"] == 4 and fitted["pool_fit"]["fitted_f"] >= fitted["pool_fit"]["lexicon_f"]
+    assert f"ours ({a}+fit)" in (tmp_path / "real_use.md").read_text()

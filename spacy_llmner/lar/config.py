@@ -19,6 +19,7 @@ class Candidate:
     score: float = 0.0  # typing: log-probability margin over the runner-up (inf: only one option)
     p_yes: Optional[float] = None
     confidence: Optional[float] = None  # generated: the answer tokens' geometric-mean probability
+    from_lexicon: bool = False  # the pool's lexicon stated it (confidence: its rate); kept whatever the threshold
 
 
 @dataclass

@@ -92,9 +92,9 @@ class Retriever:
     label_coverage (bool): prefer demonstrations that show a label not yet shown.
     span_weight (float): "span": weight of span similarity against sentence similarity.
     seed (int): seeds "random" (per query, so reruns agree).
-    exclude_identical (bool): never show a demonstration whose text is the query's own, whitespace aside (set it when annotating
-        the pool's own docs, e.g. ``spacy-llmner refine`` over the human labels the pool holds: the answer would
-        be copied, omissions included).
+    exclude_identical (bool): never show a demonstration whose text is the query's own, whitespace aside (set it
+        when annotating the pool's own docs, e.g. ``spacy-llmner refine`` over the human labels the pool holds: the
+        answer would be copied, omissions included).
     """
 
     def __init__(
