@@ -96,3 +96,20 @@ def test_lar_config_assembles_with_a_sourced_ner_and_learns_its_alignment(tmp_pa
     alignment = spacy.load(out).get_pipe("llm_lar_ner").alignment
     assert alignment.candidates("PER", 1)[0][0] == "politician"
     assert alignment.candidates("LOC", 1)[0][0] == "country"
+
+
+@pytest.mark.model
+def test_pool_fit_config_fits_at_assemble_time_and_loads_its_fit(tmp_path):
+    """configs/pool_fit.cfg with the shipped model: spacy assemble annotates the pool (the six shipped
+    demonstrations) to fit it, and the saved pipeline loads the fit back."""
+    out = tmp_path / "pipe"
+    res = subprocess.run(
+        [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / "pool_fit.cfg"), str(out)]
+        + ["--paths.train", str(ROOT / "assets" / "demonstrations.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    fit = spacy.load(out).get_pipe("llm_lar_ner").pool_fit
+    assert fit.report["docs"] == 6 and len(fit.lexicon) > 0
+    assert fit.report["fitted_f"] >= fit.report["lexicon_f"]
