@@ -20,7 +20,7 @@ Everything here is pure: the component supplies the answers (``LLMNER.fit_to_poo
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Container, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import srsly
 from spacy.util import registry
@@ -60,12 +60,32 @@ class PoolFitSettings:
             )
 
 
-def _matcher(texts: Iterable[str]) -> Optional["re.Pattern"]:
-    """Whole-word occurrences of ``texts``, the longest at each place."""
-    ordered = sorted(set(texts), key=lambda t: (-len(t), t))
-    if not ordered:
-        return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in ordered) + r")(?!\w)")
+TOKEN = re.compile(r"\w+|[^\w\s]")  # a run of word characters, or one other visible character
+
+
+def occurrences(text: str, surfaces: Container[str], longest: int) -> Iterator[Tuple[int, int, str]]:
+    """Whole-word occurrences in ``text`` of the ``surfaces`` (each at most ``longest`` TOKENs long), left to
+    right, the longest at each place, none overlapping: dictionary lookups of token n-grams, whatever the number of
+    surfaces."""
+    tokens = [(m.start(), m.end()) for m in TOKEN.finditer(text)]
+    word = re.compile(r"\w")
+    i = 0
+    while i < len(tokens):
+        if tokens[i][0] and word.match(text, tokens[i][0] - 1):  # glued to a word before it: not a whole word
+            i += 1
+            continue
+        for n in range(min(longest, len(tokens) - i), 0, -1):
+            start, end = tokens[i][0], tokens[i + n - 1][1]
+            if text[start:end] in surfaces and not word.match(text, end):
+                yield start, end, text[start:end]
+                i += n
+                break
+        else:
+            i += 1
+
+
+def longest_of(surfaces: Iterable[str]) -> int:
+    return max((len(TOKEN.findall(t)) for t in surfaces), default=0)
 
 
 @dataclass(frozen=True)
@@ -76,10 +96,10 @@ class Lexicon:
     seen: Mapping[str, int]
     min_count: int = 1
     min_rate: float = 0.5
-    _pattern: Optional["re.Pattern"] = field(default=None, compare=False, repr=False)
+    _longest: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "_pattern", _matcher(self.annotated))
+        object.__setattr__(self, "_longest", longest_of(self.annotated))
 
     @classmethod
     def build(cls, pool: Sequence[Tuple[str, Gold]], min_count: int = 1, min_rate: float = 0.5) -> "Lexicon":
@@ -88,10 +108,10 @@ class Lexicon:
             for label, surface in own_entities(text, spans):
                 annotated.setdefault(surface, {}).setdefault(label, 0)
                 annotated[surface][label] += 1
-        pattern, seen = _matcher(annotated), {}
+        longest, seen = longest_of(annotated), {}
         for text, _ in pool:
-            for m in pattern.finditer(text) if pattern else ():
-                seen[m.group()] = seen.get(m.group(), 0) + 1
+            for _, _, surface in occurrences(text, annotated, longest):
+                seen[surface] = seen.get(surface, 0) + 1
         return cls(annotated, seen, min_count, min_rate)
 
     def __len__(self) -> int:
@@ -100,23 +120,20 @@ class Lexicon:
     def matches(self, text: str, leave_out: Optional[Tuple[str, Gold]] = None) -> List[Tuple[int, int, str, float]]:
         """The lexicon's entities in ``text``: (start, end, label, rate); ``leave_out``: as if that pool doc (its
         text and entities) had not been in the pool."""
-        if self._pattern is None:
-            return []
         own_annotated: Dict[Tuple[str, str], int] = {}
         own_seen: Dict[str, int] = {}
         if leave_out is not None:
             for label, surface in own_entities(*leave_out):
                 own_annotated[(surface, label)] = own_annotated.get((surface, label), 0) + 1
-            for m in self._pattern.finditer(leave_out[0]):
-                own_seen[m.group()] = own_seen.get(m.group(), 0) + 1
+            for _, _, surface in occurrences(leave_out[0], self.annotated, self._longest):
+                own_seen[surface] = own_seen.get(surface, 0) + 1
         out = []
-        for m in self._pattern.finditer(text):
-            surface = m.group()
+        for start, end, surface in occurrences(text, self.annotated, self._longest):
             seen = self.seen.get(surface, 0) - own_seen.get(surface, 0)
             counts = {lab: n - own_annotated.get((surface, lab), 0) for lab, n in self.annotated[surface].items()}
             label, n = max(sorted(counts.items()), key=lambda kv: kv[1])
             if n >= self.min_count and seen > 0 and n / seen >= self.min_rate:
-                out.append((m.start(), m.end(), label, min(1.0, n / seen)))
+                out.append((start, end, label, min(1.0, n / seen)))
         return out
 
     def to_dict(self) -> Dict:

@@ -86,6 +86,12 @@ def test_the_lexicon_counts_texts_as_words_and_can_leave_a_doc_out():
     assert "Loan Agreement" not in lexicon.annotated  # never annotated
     text = "Borrowers met the Borrower ."  # whole words only
     assert lexicon.matches(text) == [(18, 26, "person", 1.0)]
+    # whole words: not inside another word, even where the text ends or starts with punctuation
+    dotted = Lexicon.build([("The U.S. and .NET met .", [(4, 8, "location"), (13, 17, "misc")])])
+    assert [m[:3] for m in dotted.matches("U.S.A. and ASP.NET but U.S. and .NET")] == [
+        (23, 27, "location"),
+        (32, 36, "misc"),
+    ]
     # a text annotated once, in the doc left out, is not in the lexicon the doc sees
     once = [("Acme sold Paris .", [(0, 4, "organisation"), (10, 15, "location")]), ("Paris slept .", [])]
     alone = Lexicon.build(once)
