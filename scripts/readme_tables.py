@@ -110,8 +110,7 @@ def extra_table(root: Path) -> str:
         text = [
             "—"
             if c is None
-            else (f"**{c['f1']:.1f}**" if c["f1"] == best else f"{c['f1']:.1f}")
-            + f" ({c['p']:.1f} / {c['r']:.1f})" * (c is not None)
+            else (f"**{c['f1']:.1f}**" if c["f1"] == best else f"{c['f1']:.1f}") + f" ({c['p']:.1f} / {c['r']:.1f})"
             for c in cells
         ]
         n = next(c["docs"] for c in cells if c)

@@ -410,7 +410,7 @@ class LLMNER(Pipe):
             }
             generated.append([(s, e, c.label, c.confidence, False) for (s, e), c in by_offsets.items()])
             if lexicon is not None:
-                merge(by_offsets, [m for m in lexicon.matches(pairs[i][0], leave_out=pairs[i]) if m[2] in self.labels])
+                merge(by_offsets, self._lexicon_matches(lexicon, pairs[i][0], leave_out=pairs[i]))
             merged.append([(s, e, c.label, c.confidence, c.from_lexicon) for (s, e), c in by_offsets.items()])
         gold = [pairs[i][1] for i in picked]
         thresholds = fit_thresholds(merged, gold, self.labels) if settings.thresholds else {}
@@ -583,8 +583,13 @@ class LLMNER(Pipe):
         lexicon = self.pool_fit.lexicon if self.pool_fit is not None else None
         if lexicon is not None:
             for chunk, found in zip(chunks, candidates):
-                merge(found, [m for m in lexicon.matches(chunk.shown) if m[2] in self.labels])
+                merge(found, self._lexicon_matches(lexicon, chunk.shown))
         return [doc_spans(doc, chunks, candidates, i, self.alignment_mode) for i, doc in enumerate(docs)], run
+
+    def _lexicon_matches(self, lexicon: Lexicon, text: str, leave_out=None) -> List[Tuple[int, int, str, float]]:
+        """The lexicon's matches in ``text`` whose label is one of this component's (``Lexicon.matches``)."""
+        labels = set(self.labels)
+        return [m for m in lexicon.matches(text, leave_out=leave_out) if m[2] in labels]
 
     def _warn_truncated(self, run: Run) -> None:
         cut = sum(u.truncated for u in run.usage)

@@ -61,6 +61,7 @@ class PoolFitSettings:
 
 
 TOKEN = re.compile(r"\w+|[^\w\s]")  # a run of word characters, or one other visible character
+WORD = re.compile(r"\w")
 
 
 def occurrences(text: str, surfaces: Container[str], longest: int) -> Iterator[Tuple[int, int, str]]:
@@ -68,15 +69,14 @@ def occurrences(text: str, surfaces: Container[str], longest: int) -> Iterator[T
     right, the longest at each place, none overlapping: dictionary lookups of token n-grams, whatever the number of
     surfaces."""
     tokens = [(m.start(), m.end()) for m in TOKEN.finditer(text)]
-    word = re.compile(r"\w")
     i = 0
     while i < len(tokens):
-        if tokens[i][0] and word.match(text, tokens[i][0] - 1):  # glued to a word before it: not a whole word
+        if tokens[i][0] and WORD.match(text, tokens[i][0] - 1):  # glued to a word before it: not a whole word
             i += 1
             continue
         for n in range(min(longest, len(tokens) - i), 0, -1):
             start, end = tokens[i][0], tokens[i + n - 1][1]
-            if text[start:end] in surfaces and not word.match(text, end):
+            if text[start:end] in surfaces and not WORD.match(text, end):
                 yield start, end, text[start:end]
                 i += n
                 break
@@ -151,9 +151,7 @@ class Lexicon:
 
 def own_entities(text: str, spans: Gold) -> List[Tuple[str, str]]:
     """(label, surface) of a doc's entities that are words: no space at either end, a word character within."""
-    return [
-        (label, text[s:e]) for s, e, label in spans if text[s:e] == text[s:e].strip() and re.search(r"\w", text[s:e])
-    ]
+    return [(label, text[s:e]) for s, e, label in spans if text[s:e] == text[s:e].strip() and WORD.search(text[s:e])]
 
 
 def merge(found: Dict[Tuple[int, int], Candidate], matches: Sequence[Tuple[int, int, str, float]]) -> None:
@@ -193,13 +191,16 @@ def fit_thresholds(
     """Per label, the threshold that maximises the micro F1 of ``predicted`` against ``gold`` given the others'
     (coordinate ascent from 0 for every label, the lowest of equal choices kept)."""
     thresholds = {label: 0.0 for label in labels}
+    options = {}  # per label: the midpoints between its spans' confidences, and 1.0
+    for label in labels:
+        values = sorted({c for spans in predicted for _, _, lab, c, lex in spans if lab == label and c is not None})
+        options[label] = [(a + b) / 2 for a, b in zip(values, values[1:])] + [1.0]
+    gold = [set(map(tuple, truth)) for truth in gold]  # once, not per trial
     best = micro_prf(predicted, gold, thresholds)[2]
     for _ in range(passes):
         changed = False
         for label in labels:
-            values = sorted({c for spans in predicted for _, _, lab, c, lex in spans if lab == label and c is not None})
-            options = [(a + b) / 2 for a, b in zip(values, values[1:])] + [1.0]
-            for t in options:
+            for t in options[label]:
                 trial = {**thresholds, label: t}
                 f1 = micro_prf(predicted, gold, trial)[2]
                 if f1 > best + 1e-9:
