@@ -175,26 +175,17 @@ def pipeline(args, labels: List[str], pool: List[Doc], k: int, adapter: str = "a
     nlp = PIPELINES[(adapter, nested)]
     ner = nlp.get_pipe("llm_lar_ner")
     ner.retriever.k = k
-    t0 = time.perf_counter()
     ner.initialize(pool=pool, labels=list(labels))
-    if ner.pool_fit is not None:
-        FITS[id(nlp)] = {
-            "seconds": time.perf_counter() - t0,
-            **ner.pool_fit.report,
-            "thresholds": ner.pool_fit.thresholds,
-        }
     return nlp
-
-
-FITS: Dict[int, Dict] = {}  # id(pipeline) → what its last initialize fitted (--pool-fit)
 
 
 def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested: bool = False) -> Dict:
     """Strict P / R / F1 of ``nlp`` on unannotated copies of ``gold`` (or on ``docs``), with its usage and time, and
     what its pipeline fitted to the pool (--pool-fit)."""
     row = annotate_and_score(nlp, gold, docs, args.batch_size, nested)
-    if id(nlp) in FITS:
-        row["pool_fit"] = FITS[id(nlp)]
+    fit = nlp.get_pipe("llm_lar_ner").pool_fit  # what this row's initialize fitted, its seconds included
+    if fit is not None:
+        row["pool_fit"] = {**fit.report, "thresholds": dict(fit.thresholds)}
     return row
 
 

@@ -94,27 +94,29 @@ EXTRA = [  # (set, how its test sentences were chosen)
 
 
 def extra_table(root: Path) -> str:
-    """benchmarks/real_use.py's extra sets, cased: the default pipeline, the same fitted to its pool (--pool-fit),
-    and spaCy's tok2vec trained on the same 200 sentences; the best F1 of a row in bold."""
+    """benchmarks/real_use.py's extra sets, cased and (where measured) lower-cased: the default pipeline, the same
+    fitted to its pool (--pool-fit), and spaCy's tok2vec trained on the same 200 sentences; the best F1 of a row in
+    bold."""
     rows = json.loads((root / "metrics" / "real_use.json").read_text())["rows"]
     lines = [
         "| set (test sentences) | `ner-v2`, k = 3 | + pool fit (`configs/pool_fit.cfg`) "
         "| spaCy tok2vec on the same 200 |",
         "|---|---|---|---|",
     ]
-    for name, split in EXTRA:
-        cells = [rows.get(f"extra/{name}/cased{suffix}") for suffix in ("@ner-v2", "@ner-v2+fit", "/spacy")]
-        if not any(cells):
-            continue
-        best = max(c["f1"] for c in cells if c)
-        text = [
-            "—"
-            if c is None
-            else (f"**{c['f1']:.1f}**" if c["f1"] == best else f"{c['f1']:.1f}") + f" ({c['p']:.1f} / {c['r']:.1f})"
-            for c in cells
-        ]
-        n = next(c["docs"] for c in cells if c)
-        lines.append(f"| {name} ({n:,}, {split}) | " + " | ".join(text) + " |")
+    for variant, shown in (("cased", ""), ("lower", ", lower-cased")):
+        for name, split in EXTRA:
+            cells = [rows.get(f"extra/{name}/{variant}{suffix}") for suffix in ("@ner-v2", "@ner-v2+fit", "/spacy")]
+            if not any(cells):
+                continue
+            best = max(c["f1"] for c in cells if c)
+            text = [
+                "—"
+                if c is None
+                else (f"**{c['f1']:.1f}**" if c["f1"] == best else f"{c['f1']:.1f}") + f" ({c['p']:.1f} / {c['r']:.1f})"
+                for c in cells
+            ]
+            n = next(c["docs"] for c in cells if c)
+            lines.append(f"| {name}{shown} ({n:,}, {split}) | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 

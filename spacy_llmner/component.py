@@ -7,6 +7,7 @@ too) go to ``doc.spans[spans_key]``; the longest non-overlapping ones to ``doc.e
 """
 
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
@@ -385,10 +386,12 @@ class LLMNER(Pipe):
         docs: the lexicon from all of them; the thresholds by annotating a seeded sample of them as the pipeline
         would, each doc without its own text among its demonstrations and with the lexicon of the other docs,
         scored against their labels. ``nlp`` tokenizes them (default: a blank pipeline of this vocab's
-        language). Returns what was fitted, also ``self.pool_fit``; its ``report`` holds the pool figures."""
+        language). Returns what was fitted, also ``self.pool_fit``; its ``report`` holds the pool figures and the
+        fit's seconds."""
         if self.retriever is None or self.retriever.pool is None:
             raise ValueError(f"{self.name}: fit_to_pool annotates the pool with retrieval; build the pool first")
         settings = self.pool_fit_settings or PoolFitSettings()
+        started = time.perf_counter()
         pairs = [(d.text, tuple(d.spans)) for d in pool]
         lexicon = Lexicon.build(pairs, settings.min_count, settings.min_rate) if settings.lexicon else None
         picked = sorted(random.Random(settings.seed).sample(range(len(pairs)), min(settings.sample, len(pairs))))
@@ -422,6 +425,7 @@ class LLMNER(Pipe):
         ):
             p, r, f = micro_prf(spans, gold, fitted, self.threshold)
             report.update({f"{key}_p": p, f"{key}_r": r, f"{key}_f": f})
+        report["seconds"] = time.perf_counter() - started
         rounded = {k: round(v, 6) for k, v in thresholds.items()}  # as saved (JSON keeps 10 digits)
         self.pool_fit = PoolFit(rounded, lexicon, {k: round(v, 6) for k, v in report.items()})
         return self.pool_fit

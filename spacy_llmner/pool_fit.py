@@ -120,15 +120,17 @@ class Lexicon:
     def matches(self, text: str, leave_out: Optional[Tuple[str, Gold]] = None) -> List[Tuple[int, int, str, float]]:
         """The lexicon's entities in ``text``: (start, end, label, rate); ``leave_out``: as if that pool doc (its
         text and entities) had not been in the pool."""
+        found = list(occurrences(text, self.annotated, self._longest))
         own_annotated: Dict[Tuple[str, str], int] = {}
         own_seen: Dict[str, int] = {}
         if leave_out is not None:
             for label, surface in own_entities(*leave_out):
                 own_annotated[(surface, label)] = own_annotated.get((surface, label), 0) + 1
-            for _, _, surface in occurrences(leave_out[0], self.annotated, self._longest):
+            own = found if leave_out[0] == text else occurrences(leave_out[0], self.annotated, self._longest)
+            for _, _, surface in own:
                 own_seen[surface] = own_seen.get(surface, 0) + 1
         out = []
-        for start, end, surface in occurrences(text, self.annotated, self._longest):
+        for start, end, surface in found:
             seen = self.seen.get(surface, 0) - own_seen.get(surface, 0)
             counts = {lab: n - own_annotated.get((surface, lab), 0) for lab, n in self.annotated[surface].items()}
             label, n = max(sorted(counts.items()), key=lambda kv: kv[1])

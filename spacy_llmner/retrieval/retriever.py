@@ -121,6 +121,7 @@ class Retriever:
         self.encoder = MiniLMEncoder()
         self.pool: Optional[Pool] = None
         self._bm25 = None
+        self._compared: Optional[List[str]] = None
 
     # -- pool ---------------------------------------------------------------------------------------------------
     def build(self, demonstrations: Sequence[Demonstration]) -> None:
@@ -129,6 +130,13 @@ class Retriever:
     def use_pool(self, pool: Optional[Pool]) -> None:
         self.pool = pool
         self._bm25 = None
+        self._compared = None
+
+    def _compared_texts(self) -> List[str]:
+        """The pool's texts as ``exclude_identical`` compares them (once per pool)."""
+        if self._compared is None:
+            self._compared = [same_text(d.text) for d in self.pool.demonstrations]
+        return self._compared
 
     def to_disk(self, path: Union[str, Path]) -> None:
         if self.pool is not None:
@@ -253,8 +261,8 @@ class Retriever:
         for text, (cand, rel) in zip(texts, self.scores(texts)):
             cand, rel = np.asarray(cand), np.asarray(rel, dtype=np.float32)
             if self.exclude_identical:
-                own = same_text(text)
-                keep = np.array([same_text(self.pool.demonstrations[int(i)].text) != own for i in cand], dtype=bool)
+                own, compared = same_text(text), self._compared_texts()
+                keep = np.array([compared[int(i)] != own for i in cand], dtype=bool)
                 cand, rel = cand[keep], rel[keep]
             picked = self.select(cand, rel, k)
             out.append([self.pool.demonstrations[i] for i in reversed(picked)])
