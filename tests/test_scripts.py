@@ -757,4 +757,5 @@ def test_real_use(tmp_path):
     run("benchmarks/real_use.py", *args, "--variants", "cased", "--sections", "extra", "--pool-fit")
     fitted = json.loads((tmp_path / "real_use.json").read_text())["rows"][f"extra/fixture/cased@{a}+fit"]
     assert fitted["pool_fit"]["docs"] == 4 and fitted["pool_fit"]["fitted_f"] >= fitted["pool_fit"]["lexicon_f"]
+    assert fitted["pool_fit"]["seconds"] > 0 and set(fitted["pool_fit"]["thresholds"]) <= set(fitted["labels"])
     assert f"ours ({a}+fit)" in (tmp_path / "real_use.md").read_text()
