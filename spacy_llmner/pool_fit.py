@@ -177,10 +177,14 @@ def micro_prf(
     predicted: Sequence[Sequence[Scored]], gold: Sequence[Gold], thresholds: Mapping[str, float], default: float = 0.0
 ) -> Tuple[float, float, float]:
     """Micro precision, recall and F1 (fractions) of the spans ``kept`` under ``thresholds``."""
+    return _prf(predicted, [set(map(tuple, truth)) for truth in gold], thresholds, default)
+
+
+def _prf(predicted, gold: Sequence[set], thresholds: Mapping[str, float], default: float = 0.0):
+    """``micro_prf`` of gold already made sets of (start, end, label)."""
     tp = fp = fn = 0
     for spans, truth in zip(predicted, gold):
         found = {(s, e, lab) for s, e, lab, c, lex in spans if kept(lab, c, lex, thresholds, default)}
-        truth = set(map(tuple, truth))
         tp, fp, fn = tp + len(found & truth), fp + len(found - truth), fn + len(truth - found)
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
@@ -198,13 +202,13 @@ def fit_thresholds(
         values = sorted({c for spans in predicted for _, _, lab, c, lex in spans if lab == label and c is not None})
         options[label] = [(a + b) / 2 for a, b in zip(values, values[1:])] + [1.0]
     gold = [set(map(tuple, truth)) for truth in gold]  # once, not per trial
-    best = micro_prf(predicted, gold, thresholds)[2]
+    best = _prf(predicted, gold, thresholds)[2]
     for _ in range(passes):
         changed = False
         for label in labels:
             for t in options[label]:
                 trial = {**thresholds, label: t}
-                f1 = micro_prf(predicted, gold, trial)[2]
+                f1 = _prf(predicted, gold, trial)[2]
                 if f1 > best + 1e-9:
                     best, thresholds, changed = f1, trial, True
         if not changed:
