@@ -28,6 +28,8 @@ import numpy as np
 
 from spacy_llmner.finetune import loop
 
+MICRO_TOKENS = {"cuda": 12288, "cpu": 2048}  # padded tokens per forward pass, by device kind
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -43,7 +45,13 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=float, default=0.05, help="share of the optimizer steps")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
-    ap.add_argument("--micro-tokens", type=int, default=12288, help="padded tokens per forward pass at most")
+    ap.add_argument(
+        "--micro-tokens",
+        type=int,
+        default=None,
+        help=f"padded tokens per forward pass at most (default {MICRO_TOKENS['cuda']} on a GPU, {MICRO_TOKENS['cpu']} "
+        "on the CPU: 12288 there held 24 GB when killed)",
+    )
     ap.add_argument("--max-tokens", type=int, default=1536, help="longer examples are skipped")
     ap.add_argument("--checkpoints", default="1.0", help="comma-separated fractions of training to save at")
     ap.add_argument("--device", default=None)
@@ -84,7 +92,7 @@ def settings_of(args, device: str = "cpu") -> "loop.TrainingSettings":
         weight_decay=args.weight_decay,
         warmup=args.warmup,
         accumulate=args.batch,
-        micro_tokens=args.micro_tokens,
+        micro_tokens=args.micro_tokens or MICRO_TOKENS["cuda" if device.startswith("cuda") else "cpu"],
         epochs=args.epochs,
         max_tokens=args.max_tokens,
         max_steps=args.max_steps,
@@ -109,7 +117,7 @@ def dry_run(args) -> None:
     by_dataset = {}
     for _, _, name in examples:
         by_dataset[name] = by_dataset.get(name, 0) + 1
-    micro = [len(loop.micro_batches(batch, args.micro_tokens)) for batch in steps]
+    micro = [len(loop.micro_batches(batch, settings.micro_tokens)) for batch in steps]
     print(
         json.dumps(
             {
