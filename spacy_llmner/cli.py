@@ -479,7 +479,10 @@ def train_student(
 
     if not config_path.exists():
         raise typer.BadParameter(f"config file not found: {config_path}")
-    train(config_path, output, parse_config_overrides(ctx.args))
+    try:
+        train(config_path, output, parse_config_overrides(ctx.args))
+    except ValueError as e:  # a student whose library is not installed
+        raise typer.BadParameter(str(e)) from e
 
 
 @app.command()
@@ -501,7 +504,9 @@ def distill(
     ),
     mix: bool = typer.Option(True, help="Label mixing where the gold and the teacher disagree"),
     llm_weight: float = typer.Option(0.5, help="Mixing's lambda"),
-    students: str = typer.Option("tok2vec,trf", help="Students to train: tok2vec, trf"),
+    students: str = typer.Option(
+        "auto", help="Students to train: tok2vec, trf (auto: tok2vec, and trf where spacy-transformers is installed)"
+    ),
     student_config: Optional[List[str]] = typer.Option(None, help="KIND=PATH: a student's config"),
     max_steps: Optional[int] = typer.Option(None, help="Each student's max_steps (default: its config's)"),
     package: bool = typer.Option(True, help="Package each student as a wheel"),
@@ -514,7 +519,7 @@ def distill(
     """Distil the LLM into fast spaCy students: the teacher annotates the corpus (resumable, shard by shard), unsure
     spans become missing annotation, label mixing on the gold, tok2vec and transformer students trained, scored,
     timed and packaged; report.json / report.md. A rerun resumes where the last one stopped."""
-    from .annotation.distill import STUDENT_CONFIGS, DistillSettings
+    from .annotation.distill import STUDENT_CONFIGS, DistillSettings, default_students
     from .annotation.distill import distill as run
 
     configs = dict(STUDENT_CONFIGS)
@@ -524,6 +529,11 @@ def distill(
             raise typer.BadParameter(f"--student-config takes KIND=PATH, not {item!r}")
         configs[kind] = path
     kinds = tuple(s.strip() for s in students.split(",") if s.strip())
+    if kinds == ("auto",):
+        kinds = default_students()
+        if "trf" not in kinds:
+            typer.echo("distill: no transformer student (spacy-transformers is not installed: "
+                       "pip install 'spacy-llmner[student]')")  # fmt: skip
     overrides = {kind: {"vars.max_steps": max_steps} for kind in kinds} if max_steps else {}
     try:
         settings = DistillSettings(

@@ -80,6 +80,28 @@ def test_settings_refuse_what_they_cannot_do(kwargs, message):
         DistillSettings(**kwargs)
 
 
+def test_the_transformer_student_needs_its_extra(monkeypatch, tmp_path):
+    """spacy-transformers is an extra (spaCy imports every installed plugin at start-up, and it brings transformers'
+    model code): without it the default students leave the transformer one out, and asking for it is refused before
+    any teacher annotation, naming the extra."""
+    import importlib.metadata as md
+
+    from spacy_llmner.annotation import distill as D
+
+    core = [r for r in md.requires("spacy-llmner") if "extra ==" not in r]
+    assert not [r for r in core if r.startswith("spacy-transformers")], core
+    monkeypatch.chdir(ROOT)  # the student configs are named relative to the project
+    monkeypatch.setattr(D, "has_spacy_transformers", lambda: False)
+    assert D.default_students() == ("tok2vec",) and DistillSettings().students == ("tok2vec",)
+    with pytest.raises(ValueError, match=r"student_trf.cfg needs spacy-transformers.*spacy-llmner\[student\]"):
+        DistillSettings(students=("tok2vec", "trf"))
+    with pytest.raises(ValueError, match="needs spacy-transformers"):
+        D.train_student("configs/student_trf.cfg", tmp_path / "out", {})
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(D, "has_spacy_transformers", lambda: True)
+    assert DistillSettings().students == ("tok2vec", "trf")
+
+
 def cli(*args, cwd=ROOT):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "spacy_llmner.cli", "distill", *map(str, args)]

@@ -25,6 +25,7 @@ Stages, each resumable (a rerun skips what is already written under the output f
    and wheel.
 """
 
+import importlib.util
 import json
 import random
 import subprocess
@@ -45,6 +46,26 @@ from .refine import predicted_spans, refine_docs
 PathLike = Union[str, Path]
 STUDENT_CONFIGS = {"tok2vec": "configs/student.cfg", "trf": "configs/student_trf.cfg"}
 SILVER = ("partial", "hard")
+TRF_EXTRA = "pip install 'spacy-llmner[student]'"  # spacy-transformers: an extra (spaCy imports it at start-up)
+
+
+def has_spacy_transformers() -> bool:
+    """Whether spacy-transformers is installed (looked up, not imported)."""
+    return importlib.util.find_spec("spacy_transformers") is not None
+
+
+def default_students() -> Tuple[str, ...]:
+    """tok2vec, and the transformer student where spacy-transformers is installed."""
+    return ("tok2vec", "trf") if has_spacy_transformers() else ("tok2vec",)
+
+
+def missing_library(config: PathLike) -> Optional[str]:
+    """Why a student config cannot train here (it names spacy-transformers' functions and that package is not
+    installed), or None."""
+    path = Path(config)
+    if path.exists() and "spacy-transformers." in path.read_text(encoding="utf8") and not has_spacy_transformers():
+        return f"{path} needs spacy-transformers, which is not installed: {TRF_EXTRA}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,7 @@ class DistillSettings:
     k: int = 3  # the default teacher's demonstrations per sentence
     shard_size: int = 512
     batch_size: int = 256
-    students: Tuple[str, ...] = ("tok2vec", "trf")
+    students: Tuple[str, ...] = field(default_factory=default_students)
     student_configs: Dict[str, str] = field(default_factory=lambda: dict(STUDENT_CONFIGS))
     overrides: Dict[str, Dict[str, object]] = field(default_factory=dict)  # per student kind: spacy train overrides
     package: bool = True
@@ -77,6 +98,9 @@ class DistillSettings:
                 f"distill: no config for student(s) {unknown}; known: {sorted(self.student_configs)} "
                 "(give one with --student-config KIND=PATH)"
             )
+        missing = [m for m in (missing_library(self.student_configs[s]) for s in self.students) if m]
+        if missing:  # refused before the teacher's hours of annotation, not when the student is reached
+            raise ValueError(f"distill: {'; '.join(missing)} (or leave the student out: --students tok2vec)")
         if self.pool < 0 or self.shard_size < 1 or self.batch_size < 1 or self.k < 0:
             raise ValueError("distill: pool, k ≥ 0 and shard_size, batch_size ≥ 1")
 
@@ -214,6 +238,9 @@ def train_student(config: PathLike, output: Path, overrides: Dict[str, object]) 
     config = Path(config)
     if not config.exists():
         raise FileNotFoundError(f"distill: student config not found: {config} (see configs/student.cfg)")
+    missing = missing_library(config)
+    if missing:
+        raise ValueError(f"train-student: {missing}")
     overrides = dict(overrides)
     if "transformer" in spacy.util.load_config(config).get("paths", {}) and overrides.get("paths.transformer") is None:
         from ..retrieval.encoder import packaged_minilm_path
