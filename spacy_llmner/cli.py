@@ -519,7 +519,7 @@ def distill(
     """Distil the LLM into fast spaCy students: the teacher annotates the corpus (resumable, shard by shard), unsure
     spans become missing annotation, label mixing on the gold, tok2vec and transformer students trained, scored,
     timed and packaged; report.json / report.md. A rerun resumes where the last one stopped."""
-    from .annotation.distill import STUDENT_CONFIGS, DistillSettings, default_students
+    from .annotation.distill import STUDENT_CONFIGS, TRF_EXTRA, DistillSettings, default_students
     from .annotation.distill import distill as run
 
     configs = dict(STUDENT_CONFIGS)
@@ -532,8 +532,7 @@ def distill(
     if kinds == ("auto",):
         kinds = default_students()
         if "trf" not in kinds:
-            typer.echo("distill: no transformer student (spacy-transformers is not installed: "
-                       "pip install 'spacy-llmner[student]')")  # fmt: skip
+            typer.echo(f"distill: no transformer student (spacy-transformers is not installed: {TRF_EXTRA})")
     overrides = {kind: {"vars.max_steps": max_steps} for kind in kinds} if max_steps else {}
     try:
         settings = DistillSettings(
