@@ -27,6 +27,9 @@ checkpoint sentences (for choosing between adapters: wikigold and re3d are in no
 --pool-fit: every LLM row's pipeline also fits itself to its pool when initialized (``spacy_llmner.PoolFit.v1``: the
 pool's lexicon and a threshold per label, found by annotating the pool, each doc without itself); its rows are
 named @<adapter>+fit and record what the fit measured on the pool and how long it took.
+--union-spacy (with --pool-fit): each extra set also gets a row @<adapter>+fit+spacy, configs/pool_student.cfg: the
+fitted LLM and the row's spaCy model (the same one, so the same 200 sentences and 100 more for its checkpoint) in an
+``llm_ner_ensemble`` that keeps the union of their spans; with --extra-split dev the spaCy model is trained there too.
 
 Each row is written to --out (and --out's .md) once measured; a rerun skips the rows already there (--fresh
 measures them again), so a stopped run resumes. The table states the run's wall and CPU seconds.
@@ -189,9 +192,13 @@ def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested
     return row
 
 
-def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) -> Dict:
-    """A spaCy tok2vec NER (configs/student.cfg) trained on ``pool``; its test P / R / F1."""
+def train_spacy(args, key: str, pool: List[Doc], dev: List[Doc]) -> Path:
+    """A spaCy tok2vec NER (configs/student.cfg) trained on ``pool``, its checkpoint picked on ``dev``, once per
+    --work folder; its model-best."""
     folder = Path(args.work) / key.replace("/", "_")
+    best = folder / "model" / "model-best"
+    if best.exists():
+        return best
     folder.mkdir(parents=True, exist_ok=True)
     DocBin(docs=pool).to_disk(folder / "train.spacy")
     DocBin(docs=dev).to_disk(folder / "dev.spacy")
@@ -204,9 +211,32 @@ def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) 
         "training.patience": args.spacy_patience,
         "system.seed": args.seed,
     }
-    t0 = time.perf_counter()
     D.train_student("configs/student.cfg", folder / "model", overrides)
-    return {**D.score(folder / "model" / "model-best", test), "docs": len(test), "seconds": time.perf_counter() - t0}
+    return best
+
+
+def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) -> Dict:
+    """The spaCy model of ``train_spacy``; its test P / R / F1 and seconds (training included)."""
+    t0 = time.perf_counter()
+    best = train_spacy(args, key, pool, dev)
+    return {**D.score(best, test), "docs": len(test), "seconds": time.perf_counter() - t0}
+
+
+UNION_CONFIG = "configs/pool_student.cfg"
+
+
+def union_pipeline(args, labels: List[str], pool: List[Doc], student: Path):
+    """``UNION_CONFIG`` assembled for this row: the LLM as ``pipeline`` builds it with the pool fit, the spaCy model
+    ``student`` beside it, their spans united."""
+    overrides = {
+        "paths.student": str(student),
+        "components.llm_lar_ner.cache_path": args.cache,
+        "components.llm_lar_ner.backend.adapter": args.adapter,
+        "components.llm_lar_ner.backend.engine": args.engine,
+    }
+    nlp = spacy.util.load_model_from_config(spacy.util.load_config(UNION_CONFIG, overrides=overrides), auto_fill=True)
+    nlp.get_pipe("llm_ner_ensemble").initialize(members={"llm_lar_ner": {"pool": pool, "labels": list(labels)}})
+    return nlp
 
 
 class Table:
@@ -319,8 +349,13 @@ def section_extra(args, table: Table) -> None:
                 row = run_llm(args, pipeline(args, labels, v_pool, 3, args.adapter), v_test)
                 row.update(k=3, pool=len(pool), labels=labels)
                 table.add(f"{key}@{args.adapter_name}", row)
-            if section == "extra" and not table.has(f"{key}/spacy"):
+            if (section == "extra" or args.union_spacy) and not table.has(f"{key}/spacy"):
                 table.add(f"{key}/spacy", {**run_spacy(args, f"{key}/spacy", v_pool, v_dev, v_test), "pool": len(pool)})
+            if args.union_spacy and not table.has(f"{key}@{args.adapter_name}+spacy"):
+                student = train_spacy(args, f"{key}/spacy", v_pool, v_dev)
+                row = run_llm(args, union_pipeline(args, labels, v_pool, student), v_test)
+                row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG)
+                table.add(f"{key}@{args.adapter_name}+spacy", row)
 
 
 def section_genia(args, table: Table) -> None:
@@ -434,7 +469,8 @@ def markdown(result: Dict) -> str:
         if not names:
             continue
         adapters = adapters_of(rows, section + "/")
-        spacy_col = " | spaCy tok2vec on the same sentences" if section == "extra" else ""
+        has_spacy = any(k.startswith(section + "/") and k.endswith("/spacy") for k in rows)
+        spacy_col = " | spaCy tok2vec on the same sentences" if has_spacy else ""
         out += [
             f"## Other domains and label sets, {title}: {args.get('pool')} of the set's own sentences as the pool, "
             "k = 3 (F1 / P / R)",
@@ -452,6 +488,12 @@ def markdown(result: Dict) -> str:
                     cells += [prf_text(theirs)] if spacy_col else []
                     out.append(f"| {name} | {v} | {seen[0]['docs']} | " + " | ".join(cells) + " |")
         out.append("")
+        if any(a.endswith("+spacy") for a in adapters):
+            out += [
+                "+spacy: the union of the fitted LLM's spans and the spaCy model's of the same row "
+                f"(`{UNION_CONFIG}`, overlaps to the LLM).",
+                "",
+            ]
     genia = [k for k in rows if k.startswith("genia/")]
     if genia:
         out += ["## GENIA nested (every span, nested ones too)", ""]
@@ -497,6 +539,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--work", default="training/real_use", help="the spaCy baselines' training folders")
     ap.add_argument("--fresh", action="store_true", help="measure every row again")
     ap.add_argument("--pool-fit", action="store_true", help="LLM rows fit lexicon and thresholds to their pool")
+    ap.add_argument("--union-spacy", action="store_true", help="extra sets: also the fitted LLM united with spaCy")
     ap.add_argument("--out", default="metrics/real_use.json")
     args = ap.parse_args(argv)
     args.domains, args.extra, args.variants = (
@@ -510,6 +553,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         args.adapter_name = DEFAULT_ADAPTERS["gemma3-270m"]
     if args.pool_fit:
         args.adapter_name, args.lodo_tag = args.adapter_name + "+fit", args.lodo_tag + "+fit"
+    elif args.union_spacy:
+        raise SystemExit("real_use: --union-spacy unites the fitted LLM with spaCy: give --pool-fit too")
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS] + [s for s in args.extra if s not in EXTRA]
     unknown += [v for v in args.variants if v not in ("cased", "lower")]

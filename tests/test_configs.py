@@ -34,8 +34,9 @@ def test_config_assembles_and_loads_without_network(config, tmp_path):
     assert (out / "llm_lar_ner" / "demonstrations.jsonl").exists()
 
 
-def _tiny_source_ner(path):
-    """A real tok2vec + ner pipeline trained for a moment on two fixture sentences (PER / LOC)."""
+def _tiny_source_ner(path, data=None, steps=40):
+    """A real tok2vec + ner pipeline trained for a moment on ``data`` ((text, [(start, end, label)]); default two
+    fixture sentences, PER / LOC)."""
     import random
 
     from spacy.training import Example
@@ -43,14 +44,14 @@ def _tiny_source_ner(path):
     nlp = spacy.blank("en")
     nlp.add_pipe("tok2vec")
     nlp.add_pipe("ner", config={"model": {"tok2vec": {"@architectures": "spacy.Tok2VecListener.v1", "width": 96}}})
-    data = [
+    data = data or [
         ("Angela Merkel visited Germany .", [(0, 13, "PER"), (22, 29, "LOC")]),
         ("Olaf Scholz flew to France .", [(0, 11, "PER"), (20, 26, "LOC")]),
     ]
     examples = [Example.from_dict(nlp.make_doc(t), {"entities": e}) for t, e in data]
     optimizer = nlp.initialize(lambda: examples)
     random.seed(0)
-    for _ in range(40):
+    for _ in range(steps):
         nlp.update(examples, sgd=optimizer, drop=0.0)
     nlp.to_disk(path)
 
@@ -113,3 +114,41 @@ def test_pool_fit_config_fits_at_assemble_time_and_loads_its_fit(tmp_path):
     fit = spacy.load(out).get_pipe("llm_lar_ner").pool_fit
     assert fit.report["docs"] == 6 and len(fit.lexicon) > 0
     assert fit.report["fitted_f"] >= fit.report["lexicon_f"]
+
+
+@pytest.mark.model
+def test_pool_student_config_unites_the_fitted_llm_and_a_spacy_model(tmp_path):
+    """configs/pool_student.cfg with the shipped model and a spaCy NER trained on the same pool (the six shipped
+    demonstrations): it assembles, loads back, and its entities are the members' spans united, the LLM's winning
+    overlaps."""
+    import srsly
+
+    pool = ROOT / "assets" / "demonstrations.jsonl"
+    data = [(d["text"], [(s["start"], s["end"], s["label"]) for s in d["spans"]]) for d in srsly.read_jsonl(pool)]
+    _tiny_source_ner(tmp_path / "student", data, steps=60)
+    out = tmp_path / "pipe"
+    res = subprocess.run(
+        [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / "pool_student.cfg"), str(out)]
+        + ["--paths.train", str(pool), "--paths.student", str(tmp_path / "student")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    nlp = spacy.load(out)
+    assert nlp.get_pipe("llm_ner_ensemble").voting == "union" and nlp.get_pipe("llm_lar_ner").pool_fit is not None
+    found = {"llm": set(), "student": set()}
+    for text, _ in data[:3] + [("Angela Merkel met the Red Cross in Geneva.", [])]:
+        doc = nlp(text)
+        ents = {(e.start, e.end, e.label_) for e in doc.ents}
+        llm = {(s.start, s.end, s.label_) for s in doc.spans["llm_ner_ensemble:llm_lar_ner"]}
+        student = {(s.start, s.end, s.label_) for s in doc.spans["llm_ner_ensemble:student_ner"]}
+        found["llm"] |= llm
+        found["student"] |= student
+
+        def alone(span, others):
+            return not any(o != span and o[0] < span[1] and span[0] < o[1] for o in others)
+
+        assert ents <= llm | student
+        assert {s for s in student if alone(s, llm)} <= ents  # what only the student found is added
+        assert {s for s in llm if alone(s, llm)} <= ents  # the LLM's spans win over the student's
+    assert found["llm"] and found["student"]  # both members contributed

@@ -6,7 +6,7 @@ import pytest
 import spacy
 from spacy.training import Example
 
-from spacy_llmner.ensemble import fit, flat, micro_f1, tally
+from spacy_llmner.ensemble import fit, flat, micro_f1, tally, union
 
 from fakes import FakeBackend, FakeScorer
 
@@ -60,6 +60,18 @@ def test_nested_spans_are_all_kept_and_flat_prefers_support_then_length():
     assert [(v.start, v.end) for v in flat(votes)] == [(2, 3)]  # 3 votes beat 2
     outputs["c"].append((0, 4, "organisation"))
     assert [(v.start, v.end) for v in flat(tally(outputs, {}))] == [(0, 4)]  # equal support: the longer
+
+
+def test_union_keeps_every_span_and_overlaps_go_to_the_member_listed_first():
+    llm = [(0, 2, "person"), (5, 7, "organisation")]
+    student = [(1, 3, "location"), (5, 7, "location"), (9, 10, "person")]
+    ballot = union({"llm": llm, "student": student})
+    assert all(ballot.keep) and len(ballot.votes) == 4
+    # (1, 3) loses to the llm's overlapping span; on the shared boundaries the type tie goes to the llm as well
+    assert ballot.spans() == [(0, 2, "person"), (5, 7, "organisation"), (9, 10, "person")]
+    assert union({"student": student, "llm": llm}).spans() == student
+    # without a precedence, equal support goes to the longer span, whichever member proposed it
+    assert [(v.start, v.end) for v in flat(tally({"a": [(0, 2, "x")], "b": [(0, 3, "x")]}, {}))] == [(0, 3)]
 
 
 def test_fit_learns_to_trust_the_precise_member_and_beats_each_member():
@@ -135,6 +147,27 @@ def test_component_votes_keeps_member_spans_and_reports_usage(nlp):
     usage = doc._.llm_ner_usage
     assert usage["llm_a"]["calls"] == 1 and usage["llm_b"]["calls"] == 1 and usage["rules"]["calls"] == 0
     assert usage["vote"]["calls"] == 2 and usage["vote"]["docs"] == 1
+
+
+def test_union_component_adds_what_the_other_members_found(nlp):
+    build(
+        nlp,
+        [("Lovelace", "person"), ("Babbage", "person")],
+        [("Royal Society", "organisation")],
+        voting="union",
+        threshold=0.9,  # unused by a union
+    )
+    doc = nlp(TEXT)
+    # the rules' "Ada Lovelace" overlaps llm_a's "Lovelace": llm_a is listed first and keeps it
+    assert [(e.text, e.label_) for e in doc.ents] == [
+        ("Lovelace", "person"),
+        ("Babbage", "person"),
+        ("Paris", "location"),
+        ("Royal Society", "organisation"),
+    ]
+    assert [s.text for s in doc.spans["vote"]] == ["Ada Lovelace", "Lovelace", "Babbage", "Paris", "Royal Society"]
+    with pytest.raises(ValueError, match="voting='union' keeps every span"):
+        spacy.blank("en").add_pipe("llm_ner_ensemble", config={"members": ["a"], "voting": "union", "validator": "a"})
 
 
 def test_enabled_or_missing_members_are_named_in_the_error(nlp):

@@ -759,3 +759,10 @@ def test_real_use(tmp_path):
     assert fitted["pool_fit"]["docs"] == 4 and fitted["pool_fit"]["fitted_f"] >= fitted["pool_fit"]["lexicon_f"]
     assert fitted["pool_fit"]["seconds"] > 0 and set(fitted["pool_fit"]["thresholds"]) <= set(fitted["labels"])
     assert f"ours ({a}+fit)" in (tmp_path / "real_use.md").read_text()
+    # --union-spacy: configs/pool_student.cfg, the fitted LLM and the row's spaCy model united, a row of its own
+    run("benchmarks/real_use.py", *args, "--variants", "cased", "--sections", "extra", "--pool-fit", "--union-spacy")
+    united = json.loads((tmp_path / "real_use.json").read_text())["rows"]
+    assert set(united) - set(more) == {f"extra/fixture/cased@{a}+fit", f"extra/fixture/cased@{a}+fit+spacy"}
+    row = united[f"extra/fixture/cased@{a}+fit+spacy"]
+    assert row["config"] == "configs/pool_student.cfg" and row["docs"] == 3 and 0 <= row["f1"] <= 100
+    assert row["pool_fit"]["docs"] == 4 and "the union of" in (tmp_path / "real_use.md").read_text()

@@ -14,17 +14,19 @@ Vote (per doc): the union of all members' spans; a boundary's *support* is the s
 whose members proposed exactly those boundaries (any label); kept when support > ``threshold``. Its type is a
 separate vote among the members that proposed it, each counting ``weight × its dev accuracy for that label``.
 With ``voting = "weighted"``, ``initialize`` fits the member weights, the label accuracies and the threshold on
-a dev set. A ``validator`` (an ``llm_lar_ner`` member) re-asks spans whose support lies within ``validate_band``
-of the threshold — only those, so the cost stays bounded — with its yes/no verification prompt.
+a dev set. With ``voting = "union"`` every member's span is kept and overlaps go to the member listed first: an
+LLM beside a spaCy model trained on the same few sentences (``configs/pool_student.cfg``). A ``validator`` (an
+``llm_lar_ner`` member) re-asks spans whose support lies within ``validate_band`` of the threshold — only those,
+so the cost stays bounded — with its yes/no verification prompt.
 
-Output: non-overlapping kept spans to ``doc.ents`` (most supported first), every kept span to
+Output: non-overlapping kept spans to ``doc.ents`` (most supported first; union: the first member's), every kept span to
 ``doc.spans[spans_key]`` with ``attrs["scores"]`` (support) and ``attrs["label_scores"]`` (type-vote share), each
 member's spans to ``doc.spans["<ensemble>:<member>"]``, and the cost per member and in total to
 ``doc._.llm_ner_usage``.
 """
 
 from .component import Ensemble, make_llm_ner_ensemble
-from .voting import Ballot, TokenSpan, Vote, fit, flat, flat_spans, label_accuracy, micro_f1, prf, tally, vote
+from .voting import Ballot, TokenSpan, Vote, fit, flat, flat_spans, label_accuracy, micro_f1, prf, tally, union, vote
 
 __all__ = [
     "Ballot",
@@ -39,5 +41,6 @@ __all__ = [
     "micro_f1",
     "prf",
     "tally",
+    "union",
     "vote",
 ]

@@ -18,7 +18,7 @@ from ..demonstrations import load_demonstrations
 from ..ty import LLMComponent
 from ..upstream import run_upstream
 from ..usage import Usage
-from .voting import Ballot, TokenSpan, fit, flat_spans, micro_f1, vote
+from .voting import Ballot, TokenSpan, fit, flat_spans, micro_f1, union, vote
 
 DEFAULT_CONFIG = {
     "members": [],
@@ -38,7 +38,7 @@ def make_llm_ner_ensemble(
     nlp: Language,
     name: str,
     members: List[str],
-    voting: Literal["majority", "weighted"],
+    voting: Literal["majority", "weighted", "union"],
     threshold: float,
     weights: Dict[str, float],
     validator: Optional[str],
@@ -51,8 +51,9 @@ def make_llm_ner_ensemble(
     self-validation of the doubtful spans.
 
     members (List[str]): the member components' names; each is disabled in the pipeline (the ensemble runs it).
-    voting (str): "majority" (each member weighs 1) or "weighted" (weights, label accuracies and threshold fitted
-        on a dev set by ``initialize``).
+    voting (str): "majority" (each member weighs 1), "weighted" (weights, label accuracies and threshold fitted
+        on a dev set by ``initialize``) or "union" (every member's spans; where they overlap, the spans of the member
+        listed first win; threshold unused, no validator).
     threshold (float): a span is kept when the share of member weight proposing its boundaries exceeds this.
     weights (Dict[str, float]): starting member weights (default 1 each).
     validator (Optional[str]): an ``llm_lar_ner`` member that re-asks the doubtful spans (yes/no).
@@ -95,6 +96,10 @@ class Ensemble(Pipe):
     ):
         if len(set(members)) != len(members) or not members:
             raise ValueError(f"{name}: members must name at least one component, each once (got {list(members)})")
+        if voting not in ("majority", "weighted", "union"):
+            raise ValueError(f"{name}: voting must be 'majority', 'weighted' or 'union', not {voting!r}")
+        if validator is not None and voting == "union":
+            raise ValueError(f"{name}: voting='union' keeps every span, so none is doubtful: drop the validator")
         if validator is not None and validator not in members:
             raise ValueError(f"{name}: the validator {validator!r} must be one of the members {list(members)}")
         if not 0.0 <= threshold < 1.0:
@@ -204,7 +209,9 @@ class Ensemble(Pipe):
                 doc.spans[f"{self.name}:{m}"] = [Span(doc, s, e, label=lab) for s, e, lab in per_doc[m]]
             weighted = self.voting == "weighted"
             ballots.append(
-                vote(
+                union(per_doc)
+                if self.voting == "union"
+                else vote(
                     per_doc,
                     self.weights if weighted else None,
                     self.label_weights if weighted else None,

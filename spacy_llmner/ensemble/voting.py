@@ -1,6 +1,7 @@
 """The ensemble's vote, as pure functions on token spans (testable without any model): ``tally`` every proposed
-boundary, ``vote`` to keep those with enough support, ``flat`` non-overlapping output, ``fit`` member weights and
-threshold on a dev set, ``prf`` strict span scores (spaCy's ``PRFScore``)."""
+boundary, ``vote`` to keep those with enough support (``union``: all of them, overlaps going to the earlier
+member), ``flat`` non-overlapping output, ``fit`` member weights and threshold on a dev set, ``prf`` strict span
+scores (spaCy's ``PRFScore``)."""
 
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -55,13 +56,14 @@ class Ballot:
 
     votes: List[Vote]
     keep: List[bool]
+    precedence: Tuple[str, ...] = ()  # members whose spans win overlaps, earliest first (``union``)
 
     def kept(self) -> List[Vote]:
         return [v for v, k in zip(self.votes, self.keep) if k]
 
     def spans(self) -> List[TokenSpan]:
         """The non-overlapping kept spans (``flat``), the ensemble's ``doc.ents``."""
-        return [(v.start, v.end, v.label) for v in flat(self.kept())]
+        return [(v.start, v.end, v.label) for v in flat(self.kept(), self.precedence)]
 
 
 def vote(
@@ -73,6 +75,15 @@ def vote(
     """The ensemble's decision on one doc: ``tally`` (weights default to 1) and keep support > ``threshold``."""
     votes = tally(outputs, weights or {}, label_weights)
     return Ballot(votes, [v.support > threshold for v in votes])
+
+
+def union(outputs: Dict[str, Sequence[TokenSpan]]) -> Ballot:
+    """Every member's spans kept. Where spans of different members overlap, those of the member earliest in
+    ``outputs`` win; boundaries several members propose take the label of the type vote (``tally``: ties to the
+    earliest member). For a member that recalls little beside one that recalls what it misses (an LLM beside a
+    spaCy model trained on the same few sentences)."""
+    votes = tally(outputs, {})
+    return Ballot(votes, [True] * len(votes), tuple(outputs))
 
 
 def _accuracy(label_weights: Optional[Dict[str, Dict[str, float]]], member: str, label: str) -> float:
@@ -92,9 +103,17 @@ def _non_overlapping(items, bounds, preference):
     return sorted(taken, key=lambda item: bounds(item))
 
 
-def flat(votes: Sequence[Vote]) -> List[Vote]:
-    """Non-overlapping spans: most supported first, then longer, then earlier."""
-    return _non_overlapping(votes, lambda v: (v.start, v.end), lambda v: (-v.support, -(v.end - v.start), v.start))
+def flat(votes: Sequence[Vote], precedence: Sequence[str] = ()) -> List[Vote]:
+    """Non-overlapping spans: those of the member earliest in ``precedence`` first (none given: all alike), then the
+    most supported, then longer, then earlier."""
+    rank = {m: i for i, m in enumerate(precedence)}
+
+    def first(v: Vote) -> int:
+        return min((rank.get(m, len(rank)) for m in v.members), default=len(rank))
+
+    return _non_overlapping(
+        votes, lambda v: (v.start, v.end), lambda v: (first(v), -v.support, -(v.end - v.start), v.start)
+    )
 
 
 def prf(predicted: Sequence[Iterable[TokenSpan]], gold: Sequence[Iterable[TokenSpan]]) -> PRFScore:
