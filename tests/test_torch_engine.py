@@ -32,14 +32,19 @@ def test_the_gguf_reader_agrees_with_gguf_py():
         np.testing.assert_array_equal(tensors[t.name], ref.reshape(tensors[t.name].shape))
 
 
-def test_dequantizing_many_rows_at_a_time_equals_gguf_py():
-    """weights.dequantize feeds gguf-py's per-type code 256 rows at a time (gguf.quants.dequantize: 16); every
-    quantized type of the shipped model, over 600 rows (two whole calls and a part), gives the same floats."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dequantizing_many_rows_at_a_time_equals_gguf_py(threads, monkeypatch):
+    """weights.dequantize feeds gguf-py's per-type code 256 rows at a time (gguf.quants.dequantize: 16), the calls
+    of a tensor spread over threads; every quantized type of the shipped model, over 600 rows (two whole calls and a
+    part), gives the same floats on one thread and on three."""
     import gguf
 
+    from spacy_llmner.backends import weights
     from spacy_llmner.backends.gguf_check import read_header
     from spacy_llmner.backends.llamacpp import resolve_model_path
     from spacy_llmner.backends.weights import dequantize
+
+    monkeypatch.setattr(weights, "DEQUANTIZE_THREADS", threads)
 
     path = resolve_model_path("gemma3-270m")
     info = read_header(path)

@@ -63,13 +63,15 @@ def read_gguf(
 
 
 ROWS_PER_CALL = 256
+DEQUANTIZE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
     """gguf-py's dequantization of ``raw`` (rows of quantized bytes) to float32 rows. ``gguf.quants.dequantize``
     hands its numpy code 16 rows at a time, which is Python-bound on a 262,144-row embedding (seconds); the same
     per-type code (``dequantize_rows`` of gguf-py's class for the type) is given ``ROWS_PER_CALL`` rows here, with
-    equal results."""
+    equal results. numpy runs each call on one core and lets go of the GIL inside it, so the calls of a large
+    tensor are spread over ``DEQUANTIZE_THREADS`` threads (each writes its own rows of the output)."""
     import gguf
 
     kind = vars(gguf.quants).get(qtype.name)  # gguf-py names its classes after the types (Q8_0, Q4_K, ...)
@@ -78,8 +80,19 @@ def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.empty((raw.shape[0], raw.shape[1] // size * block), dtype=np.float32)
     kind.init_grid()  # the i-quants' lookup grids (a no-op for the others)
-    for at in range(0, raw.shape[0], ROWS_PER_CALL):
+
+    def rows(at: int) -> None:
         out[at : at + ROWS_PER_CALL] = kind.dequantize_rows(np.asarray(raw[at : at + ROWS_PER_CALL]))
+
+    starts = range(0, raw.shape[0], ROWS_PER_CALL)
+    if DEQUANTIZE_THREADS > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(DEQUANTIZE_THREADS, len(starts))) as pool:
+            list(pool.map(rows, starts))  # list(): a worker's exception is raised here
+    else:
+        for at in starts:
+            rows(at)
     return out
 
 
