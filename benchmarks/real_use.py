@@ -192,11 +192,16 @@ def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested
     return row
 
 
+def spacy_model(args, key: str) -> Path:
+    """Where ``train_spacy`` keeps the model of the row ``key`` (its model-best)."""
+    return Path(args.work) / key.replace("/", "_") / "model" / "model-best"
+
+
 def train_spacy(args, key: str, pool: List[Doc], dev: List[Doc]) -> Path:
     """A spaCy tok2vec NER (configs/student.cfg) trained on ``pool``, its checkpoint picked on ``dev``, once per
     --work folder; its model-best."""
-    folder = Path(args.work) / key.replace("/", "_")
-    best = folder / "model" / "model-best"
+    best = spacy_model(args, key)
+    folder = best.parent.parent
     if best.exists():
         return best
     folder.mkdir(parents=True, exist_ok=True)
@@ -349,9 +354,14 @@ def section_extra(args, table: Table) -> None:
                 row = run_llm(args, pipeline(args, labels, v_pool, 3, args.adapter), v_test)
                 row.update(k=3, pool=len(pool), labels=labels)
                 table.add(f"{key}@{args.adapter_name}", row)
-            if (section == "extra" or args.union_spacy) and not table.has(f"{key}/spacy"):
+            united = args.union_spacy and not table.has(f"{key}@{args.adapter_name}+spacy")
+            # a union row whose spaCy model is trained again (another --work folder, a new checkout) scores the
+            # spaCy row again too: training is not bit-for-bit the same across machines, and the two rows must
+            # share one model
+            again = united and not spacy_model(args, f"{key}/spacy").exists()
+            if (section == "extra" or args.union_spacy) and (again or not table.has(f"{key}/spacy")):
                 table.add(f"{key}/spacy", {**run_spacy(args, f"{key}/spacy", v_pool, v_dev, v_test), "pool": len(pool)})
-            if args.union_spacy and not table.has(f"{key}@{args.adapter_name}+spacy"):
+            if united:
                 student = train_spacy(args, f"{key}/spacy", v_pool, v_dev)
                 row = run_llm(args, union_pipeline(args, labels, v_pool, student), v_test)
                 row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG)

@@ -766,3 +766,13 @@ def test_real_use(tmp_path):
     row = united[f"extra/fixture/cased@{a}+fit+spacy"]
     assert row["config"] == "configs/pool_student.cfg" and row["docs"] == 3 and 0 <= row["f1"] <= 100
     assert row["pool_fit"]["docs"] == 4 and "the union of" in (tmp_path / "real_use.md").read_text()
+    # a union row whose spaCy model must be trained again (a new --work folder) scores the spaCy row again with it
+    saved = json.loads((tmp_path / "real_use.json").read_text())
+    del saved["rows"][f"extra/fixture/cased@{a}+fit+spacy"]
+    saved["rows"]["extra/fixture/cased/spacy"]["f1"] = -1.0  # a mark a measured row never carries
+    (tmp_path / "real_use.json").write_text(json.dumps(saved))
+    union = ("--variants", "cased", "--sections", "extra", "--pool-fit", "--union-spacy")
+    run("benchmarks/real_use.py", *args, *union, "--work", tmp_path / "work2")  # the last --work counts
+    again = json.loads((tmp_path / "real_use.json").read_text())["rows"]
+    assert 0 <= again["extra/fixture/cased/spacy"]["f1"] <= 100 and f"extra/fixture/cased@{a}+fit+spacy" in again
+    assert (tmp_path / "work2" / "extra_fixture_cased_spacy" / "model" / "model-best").is_dir()
