@@ -63,7 +63,7 @@ def read_gguf(
 
 
 ROWS_PER_CALL = 256
-DEQUANTIZE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+DEQUANTIZE_THREADS = min(4, os.cpu_count() or 1)  # the cores, counted as the backend counts them for n_threads
 
 
 def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
