@@ -309,6 +309,36 @@ def test_a_short_row_beside_one_longer_than_the_sliding_window_attends_as_alone(
     np.testing.assert_allclose(beside.numpy(), alone.numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("new", [1, 3])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_s_attention_equals_attention_over_repeated_key_value_heads(new, kv_heads, dtype):
+    """The engine's attention (transformers' sdpa interface) reads shared key/value heads in place: a decoding step
+    (one new token per row) folds each key/value head's query heads into its query rows, a prefill shares them
+    inside the kernel. Either way it is attention as transformers' eager code computes it, over repeated key/value
+    heads (query head h reads key/value head h // (heads / kv heads)), under a mask, on a cache's strided view."""
+    import torch
+
+    from spacy_llmner.backends.torch_model import attention
+
+    g = torch.Generator().manual_seed(kv_heads * 10 + new)
+    rows, heads, dim, slots, scale = 3, 4, 16, 9, 0.25
+    dt = getattr(torch, dtype)
+    q = torch.randn(rows, heads, new, dim, generator=g)
+    k = torch.randn(rows, kv_heads, slots + 4, dim, generator=g)
+    v = torch.randn(rows, kv_heads, slots + 4, dim, generator=g)
+    mask = torch.rand(rows, 1, new, slots, generator=g) > 0.4
+    mask[..., 0] = True
+    out, _ = attention(None, q.to(dt), k.to(dt)[:, :, :slots], v.to(dt)[:, :, :slots], mask, scaling=scale)
+    repeat = heads // kv_heads
+    keys, values = (x[:, :, :slots].to(dt).double().repeat_interleave(repeat, dim=1) for x in (k, v))
+    weights = (q.to(dt).double() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+    expected = (weights @ values).transpose(1, 2)
+    assert out.shape == (rows, new, heads, dim) and out.dtype == dt
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.model
 def test_the_torch_engine_runs_another_architecture():
     """SmolLM2 (Llama) through the same engine: answers are generated, the head restricted, and the pipeline
