@@ -261,6 +261,30 @@ def test_the_restricted_head_decodes_as_the_full_head(gemma):
 
 
 @pytest.mark.model
+def test_the_restricted_head_has_every_piece_whose_text_occurs_in_the_prompt(gemma):
+    """The head's candidates are the tokens whose text occurs anywhere in the prompt (short pieces looked up at
+    every position, long ones where their first characters occur), the prompt's own tokens and end-of-generation:
+    equal to looking up every substring, on texts with long pieces (whitespace runs, long words) and without."""
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+
+    backend, model = gemma
+    vocab = backend.vocab
+    decoder = TorchDecoder(vocab, model, n_seq=1)
+    table = vocab.by_text()
+    texts = [
+        "Angela Merkel met Emmanuel Macron in Paris.\n\n",
+        "The administratively differentiated\t\t\t\t\t\t\t\t\t\t\t\t\t\tinternationalisation " + " " * 40 + "end",
+        "\n" * 33 + "=" * 20 + " electroencephalography, São Paulo, 東京 ",
+    ]
+    for text in texts:
+        tokens = vocab.tokenize(text)
+        seen = vocab.text_of(tokens)
+        every = {t for i in range(len(seen)) for j in range(i + 1, len(seen) + 1) for t in table.get(seen[i:j], ())}
+        assert any(len(vocab.text_of([t])) > 8 for t in every)  # long pieces occur in each text
+        assert set(decoder.candidates(tokens).tolist()) == every | set(tokens) | set(vocab.eog)
+
+
+@pytest.mark.model
 def test_prompts_batched_with_padding_decode_as_each_alone(gemma):
     """Prompts of different lengths share a round: right-padded, masked, each at its own positions. Each answer
     must be what the prompt gets decoded on its own."""

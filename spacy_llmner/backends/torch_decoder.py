@@ -38,6 +38,10 @@ from .batched import _Seq, extend, log_softmax_at
 from .torch_model import TorchModel
 from .vocab import Vocab
 
+# The restricted head looks up every substring of a prompt of up to SHORT characters in the vocabulary's text table,
+# and a longer piece only where its first SHORT characters occur.
+SHORT = 8
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -101,7 +105,7 @@ class TorchDecoder:
             raise ValueError(f"torch engine: the model's head has {model.n_vocab} rows, its vocabulary {self.n_vocab}")
         self.eog = list(vocab.eog)
         self._pieces: Optional[Dict[str, List[int]]] = None
-        self._max_piece = 1
+        self._long: Dict[str, List[str]] = {}  # the first SHORT characters of a longer piece → those pieces
         self._prefix_candidates: Tuple[tuple, set] = ((), set())
         self.prefix: List[int] = []
         self.prefix_cache = None  # the shared prefix's keys and values (torch_model.SlotCache, one row)
@@ -115,7 +119,9 @@ class TorchDecoder:
         """Token text → token ids, over the whole vocabulary (built once)."""
         if self._pieces is None:
             self._pieces = self.vocab.by_text()
-            self._max_piece = max(len(p) for p in self._pieces)
+            for text in self._pieces:
+                if len(text) > SHORT:
+                    self._long.setdefault(text[:SHORT], []).append(text)
         return self._pieces
 
     def candidates(self, tokens: Sequence[int], grammar: str = "", common: int = 0) -> np.ndarray:
@@ -133,14 +139,20 @@ class TorchDecoder:
         return np.fromiter(sorted(found), dtype=np.int64)
 
     def _substrings(self, text: str) -> set:
+        """Ids of the pieces occurring in ``text``: every substring of at most SHORT characters is looked up, and
+        the few longer pieces only where their first SHORT characters occur."""
         table = self.pieces()
+        get, long = table.get, self._long.get
         found: set = set()
-        n, m = len(text), self._max_piece
+        n = len(text)
         for i in range(n):
-            for j in range(i + 1, min(n, i + m) + 1):
-                ids = table.get(text[i:j])
+            for j in range(i + 1, min(n, i + SHORT) + 1):
+                ids = get(text[i:j])
                 if ids:
                     found.update(ids)
+            for piece in long(text[i : i + SHORT], ()):
+                if text.startswith(piece, i):
+                    found.update(table[piece])
         return found
 
     # -- evaluation -------------------------------------------------------------------------------------------
