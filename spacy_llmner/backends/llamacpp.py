@@ -158,8 +158,9 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
 
 ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
 # the torch engine's arithmetic, in cache identities: raised when a fix changes its answers, so that no answer cache
-# serves an earlier engine's (2: attention masks by token position, not cache slot)
-TORCH_ENGINE_REVISION = 2
+# serves an earlier engine's (2: attention masks by token position, not cache slot; 3: decoding attention with the
+# query heads folded, bfloat16 sums in another order)
+TORCH_ENGINE_REVISION = 3
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
