@@ -706,6 +706,25 @@ def test_distill_study(tmp_path):
     assert "| fixture | teacher" in out
 
 
+def test_real_use_measures_again_only_rows_of_an_engine_that_got_answers_wrong(monkeypatch):
+    """A torch row measured before the attention-mask fix is stale (measured again, marked † meanwhile); one measured
+    by a later revision, which changed rounding only, stands; a llama.cpp row and a spaCy row never are."""
+    import importlib.util
+
+    from spacy_llmner.backends.llamacpp import TORCH_ENGINE_REVISION
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("real_use", ROOT / "benchmarks/real_use.py")
+    real_use = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_use)
+    key = "extra/btc/cased@ner-v2"
+    assert real_use.stale(key, {"f1": 50.0})  # before revisions were recorded: revision 1
+    assert real_use.stale(key, {"engine": "torch", "engine_revision": real_use.FIXED_IN_REVISION - 1})
+    for revision in range(real_use.FIXED_IN_REVISION, TORCH_ENGINE_REVISION + 1):
+        assert not real_use.stale(key, {"engine": "torch", "engine_revision": revision})
+    assert not real_use.stale(key, {"engine": "llama.cpp"}) and not real_use.stale("extra/btc/cased/spacy", {})
+
+
 @pytest.mark.model
 def test_real_use(tmp_path):
     """Every section on the fixtures with the real default pipeline: politics as paragraphs of two sentences and
