@@ -265,7 +265,7 @@ def test_the_restricted_head_has_every_piece_whose_text_occurs_in_the_prompt(gem
     """The head's candidates are the tokens whose text occurs anywhere in the prompt (short pieces looked up at
     every position, long ones where their first characters occur), the prompt's own tokens and end-of-generation:
     equal to looking up every substring, on texts with long pieces (whitespace runs, long words) and without."""
-    from spacy_llmner.backends.torch_decoder import TorchDecoder
+    from spacy_llmner.backends.torch_decoder import SHORT, TorchDecoder
 
     backend, model = gemma
     vocab = backend.vocab
@@ -280,7 +280,7 @@ def test_the_restricted_head_has_every_piece_whose_text_occurs_in_the_prompt(gem
         tokens = vocab.tokenize(text)
         seen = vocab.text_of(tokens)
         every = {t for i in range(len(seen)) for j in range(i + 1, len(seen) + 1) for t in table.get(seen[i:j], ())}
-        assert any(len(vocab.text_of([t])) > 8 for t in every)  # long pieces occur in each text
+        assert any(len(vocab.text_of([t])) > SHORT for t in every)  # long pieces occur in each text
         assert set(decoder.candidates(tokens).tolist()) == every | set(tokens) | set(vocab.eog)
 
 

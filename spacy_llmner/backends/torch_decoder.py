@@ -140,7 +140,7 @@ class TorchDecoder:
 
     def _substrings(self, text: str) -> set:
         """Ids of the pieces occurring in ``text``: every substring of at most SHORT characters is looked up, and
-        the few longer pieces only where their first SHORT characters occur."""
+        a longer piece only where its first SHORT characters occur."""
         table = self.pieces()
         get, long = table.get, self._long.get
         found: set = set()
