@@ -100,8 +100,12 @@ class PromptBuilder:
         return f"Sentence: {text}\n{self.format.cue}{self.format.render(text, spans)}\n\n"
 
     def build(self, text: str, demonstrations: Sequence[Demonstration] = ()) -> str:
-        demos = "".join(self.render_demonstration(d) for d in demonstrations)
-        return f"{self.header()}{demos}Sentence: {display(text).rstrip()}\n{self.format.cue}"
+        return "".join(self.parts(text, demonstrations))
+
+    def parts(self, text: str, demonstrations: Sequence[Demonstration] = ()) -> Tuple[str, ...]:
+        """The prompt as (header, each demonstration, the question): ``GenerationRequest.parts``."""
+        demos = tuple(self.render_demonstration(d) for d in demonstrations)
+        return (self.header(), *demos, f"Sentence: {display(text).rstrip()}\n{self.format.cue}")
 
     def request(
         self,
@@ -118,7 +122,10 @@ class PromptBuilder:
         ``max_new_tokens`` tokens, or (None) what the chunk can need (``answer_budget``)."""
         grammar = self.format.grammar(shown, token_offsets, self.labels.names()) if constrained else None
         budget = answer_budget(n_tokens) if max_new_tokens is None else max_new_tokens
-        return GenerationRequest(self.build(shown, demonstrations), budget, tuple(self.format.stop), grammar)
+        parts = self.parts(shown, demonstrations)
+        return GenerationRequest(
+            "".join(parts), budget, tuple(self.format.stop), grammar, parts if demonstrations else ()
+        )
 
     def for_extraction(self) -> "PromptBuilder":
         """The same prompt with every type shown as ``entity``: EL4NER's span extraction."""

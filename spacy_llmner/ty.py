@@ -24,6 +24,14 @@ class GenerationRequest:
     max_tokens: int = 256
     stop: Tuple[str, ...] = ()
     grammar: Optional[str] = None  # GBNF; ignored by backends without grammar support
+    # The prompt as (head, demonstration, ..., rest), their concatenation ``prompt``; empty: no such split. An engine
+    # may read each demonstration after the head alone and reuse what it computed across prompts (the torch engine's
+    # demonstrations = "parallel"); every other backend reads ``prompt``.
+    parts: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.parts and (len(self.parts) < 3 or "".join(self.parts) != self.prompt):
+            raise ValueError("GenerationRequest: parts must be (head, demonstration, ..., rest) joining to the prompt")
 
 
 @dataclass

@@ -379,6 +379,109 @@ def test_the_torch_engine_runs_another_architecture():
     assert all(e.label_ in ("person", "location") for e in doc.ents)
 
 
+DEMOS = [
+    (
+        "Barack Obama visited Nairobi with Michelle Obama .",
+        [(0, 12, "person"), (21, 28, "location"), (34, 48, "person")],
+    ),
+    ("Shares of Siemens rose in Frankfurt .", [(10, 17, "organisation"), (26, 35, "location")]),
+    ("The rain kept falling all day .", []),
+]
+
+
+def demonstration_requests(backend, texts, demos):
+    """Requests for the texts with the same demonstrations, tokenized in parts as the backend's parallel reading
+    does: (tokens, demonstration token ranges) each and the decoder's other arguments."""
+    from spacy_llmner.prompt import Demonstration
+
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("llm_lar_ner", config={"labels": ["person", "organisation", "location"], "zero_shot": True})
+    shown = [Demonstration(t, list(spans)) for t, spans in demos]
+    reqs = [ner.request(nlp.make_doc(t)[:], demonstrations=shown) for t in texts]
+    parts = [backend.tokenize_parts(r.parts) for r in reqs]
+    args = ([r.max_tokens for r in reqs], [r.stop for r in reqs], [r.grammar for r in reqs])
+    return [p[0] for p in parts], [p[1] for p in parts], args, [r.prompt for r in reqs]
+
+
+@pytest.mark.model
+def test_one_demonstration_read_in_parallel_decodes_as_read_in_sequence(gemma):
+    """With one demonstration the parallel reading is the sequential one: the block follows the head at the same
+    positions and the question follows the block. Answers equal; the block is evaluated once and reused by the
+    next call, which then evaluates only its questions."""
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+
+    backend, model = gemma
+    texts = ["Angela Merkel met Emmanuel Macron in Paris .", "Toyota opened a plant in Kentucky ."]
+    prompts, blocks, args, texts_of = demonstration_requests(backend, texts, DEMOS[:1])
+    assert prompts == [backend.tokenize(t) for t in texts_of]  # the parts tokenize as the whole prompt
+    decoder = TorchDecoder(backend.vocab, model, n_seq=2)
+    parallel = decoder.generate(prompts, *args, blocks=blocks)
+    sequential = TorchDecoder(backend.vocab, model, n_seq=2).generate(prompts, *args)
+    assert [p[0] for p in parallel] == [s[0] for s in sequential]
+    for p, s in zip(parallel, sequential):  # every generated token's log-probability, not only the greedy choice
+        np.testing.assert_allclose([lp for _, lp in p[2]], [lp for _, lp in s[2]], atol=1e-3)
+    assert "Angela Merkel | person" in parallel[0][0]
+    (a, b) = blocks[0][0]
+    assert decoder.usage["prompt_tokens"] == a + (b - a) + sum(len(p) - b for p in prompts)
+    before = dict(decoder.usage)
+    decoder.generate(prompts[:1], *([x[0]] for x in args), blocks=blocks[:1])
+    assert decoder.usage["reused_tokens"] - before.get("reused_tokens", 0) == b - a
+    assert decoder.usage["prompt_tokens"] - before["prompt_tokens"] == len(prompts[0]) - b
+
+
+@pytest.mark.model
+def test_parallel_demonstrations_are_each_read_after_the_head_alone(gemma):
+    """Each block's keys and values are those of the head followed by that block alone, whatever other blocks and
+    rows share the call; a row's answer is the same alone, beside other rows, and with its blocks in another
+    order (they sit at the same positions and the question sees all of them)."""
+    import torch
+
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+
+    backend, model = gemma
+    texts = ["Angela Merkel met Emmanuel Macron in Paris .", "Microsoft opened a lab in Nairobi , Kenya .", "Hi ."]
+    prompts, blocks, args, _ = demonstration_requests(backend, texts, DEMOS)
+    decoder = TorchDecoder(backend.vocab, model, n_seq=3, max_batch_tokens=64)
+    together = decoder.generate(prompts, *args, blocks=blocks)
+    head = prompts[0][: blocks[0][0][0]]
+    stored = {tuple(prompts[0][a:b]): decoder.stored_block(head, prompts[0][a:b]) for a, b in blocks[0]}
+    assert all(kv is not None for kv in stored.values()) and len(stored) == 3
+    with torch.inference_mode():
+        for a, b in blocks[0]:
+            cache = model.new_cache(1, b - a + len(head))
+            model.forward([head + prompts[0][a:b]], [list(range(len(head) + b - a))], cache)
+            keys, values = stored[tuple(prompts[0][a:b])]
+            for layer in range(model.n_layer):
+                np.testing.assert_allclose(keys[layer], cache.keys[layer][0, :, len(head) :], atol=2e-4)
+                np.testing.assert_allclose(values[layer], cache.values[layer][0, :, len(head) :], atol=2e-4)
+    for i in range(len(texts)):
+        alone = TorchDecoder(backend.vocab, model, n_seq=1).generate(
+            [prompts[i]], *([x[i]] for x in args), blocks=[blocks[i]]
+        )
+        assert alone[0][0] == together[i][0]
+    reordered, reordered_blocks, _, _ = demonstration_requests(backend, texts[:1], DEMOS[::-1])
+    again = TorchDecoder(backend.vocab, model, n_seq=1).generate(
+        reordered, *([x[0]] for x in args), blocks=reordered_blocks
+    )
+    assert again[0][0] == together[0][0] and "Angela Merkel | person" in again[0][0]
+    np.testing.assert_allclose([lp for _, lp in again[0][2]], [lp for _, lp in together[0][2]], atol=1e-3)
+
+
+def test_a_request_s_parts_must_join_to_its_prompt_and_the_engine_setting_is_checked():
+    from spacy_llmner.ty import GenerationRequest
+
+    GenerationRequest("ab" + "cd" + "e", parts=("ab", "cd", "e"))
+    with pytest.raises(ValueError, match="parts"):
+        GenerationRequest("abcde", parts=("ab", "c", "e"))
+    with pytest.raises(ValueError, match="parts"):
+        GenerationRequest("abe", parts=("ab", "e"))
+    with pytest.raises(BackendError, match="demonstrations"):
+        LlamaCppBackend(demonstrations="both")
+    parallel, sequential = LlamaCppBackend(), LlamaCppBackend(demonstrations="sequential")
+    assert parallel.identity()["demonstrations"] == "parallel"  # the default: caches keep the two apart
+    assert "demonstrations" not in sequential.identity()  # as every earlier revision read prompts
+
+
 @pytest.mark.model
 def test_the_torch_engine_serves_the_pipeline():
     nlp = spacy.blank("en")

@@ -42,6 +42,8 @@ class _Seq:
     done: bool = False
     truncated: bool = False  # stopped by max_tokens, not by an end token or a stop string
     looped: bool = False  # stopped because a line repeated (``looping``): the answer before it is kept
+    blocks: Tuple[tuple, ...] = ()  # the torch engine's demonstration blocks (tokens), read in parallel
+    rest: int = 0  # ... and how many tokens follow them
 
 
 class GrammarFilter:

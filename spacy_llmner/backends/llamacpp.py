@@ -161,6 +161,7 @@ ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences eac
 # serves an earlier engine's (2: attention masks by token position, not cache slot; 3: decoding attention with the
 # query heads folded, bfloat16 sums in another order)
 TORCH_ENGINE_REVISION = 3
+DEMONSTRATIONS = ("parallel", "sequential")  # how the torch engine reads a prompt's demonstrations
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -292,6 +293,9 @@ class LlamaCppBackend(BackendBase):
         "bfloat16", "float16" or "float32".
     device (str): torch engine: "auto" (CUDA where torch sees a GPU, else the CPU), "cpu" or a torch device such
         as "cuda:0".
+    demonstrations (str): torch engine: "parallel" (each demonstration of a prompt read after the instructions
+        alone, at the same positions, computed once and reused by every prompt that shows it; the question follows
+        the longest: ``TorchDecoder``) or "sequential" (the prompt as one text, as llama.cpp and servers read it).
     """
 
     supports_grammar = True
@@ -311,6 +315,7 @@ class LlamaCppBackend(BackendBase):
         head: str = "restricted",
         dtype: str = "auto",
         device: str = "auto",
+        demonstrations: str = "parallel",
     ):
         self.model = model
         self.adapter = resolve_adapter(model, adapter)
@@ -336,6 +341,11 @@ class LlamaCppBackend(BackendBase):
         except ValueError as e:
             raise BackendError(f"llama.cpp backend: {e}") from e
         self.device = device
+        if demonstrations not in DEMONSTRATIONS:
+            raise BackendError(
+                f"llama.cpp backend: demonstrations must be one of {', '.join(DEMONSTRATIONS)}, not {demonstrations!r}"
+            )
+        self.demonstrations = demonstrations
         # sequences decoded together (greedy only); 1 = one at a time
         self.parallel = max(1, parallel or ENGINES[engine])
         self._decoder = None
@@ -386,6 +396,8 @@ class LlamaCppBackend(BackendBase):
         ident = {"backend": "llama.cpp", "model": name, "temperature": self.temperature, "seed": self.seed}
         if self.engine != "llama.cpp":  # other arithmetic, other rounding: a cache must not mix them
             ident.update(engine=self.engine, head=self.head, dtype=self.dtype, revision=TORCH_ENGINE_REVISION)
+            if self.demonstrations != "sequential":  # (absent: what every earlier revision did)
+                ident["demonstrations"] = self.demonstrations
         if self.adapter is not None:  # answers differ with an adapter: a cache must not mix them
             path = self.adapter_file
             ident["adapter"] = file_identity(path) if os.path.isfile(path) else self.adapter
@@ -498,18 +510,44 @@ class LlamaCppBackend(BackendBase):
 
     def _generate_batched(self, requests: Sequence[GenerationRequest]) -> List[Generation]:
         self.decoder  # noqa: B018  (created before the clock starts)
-        tokens = [self.tokenize(r.prompt) for r in requests]
+        parallel = self.engine == "torch" and self.demonstrations == "parallel"
+        tokens, blocks = [], []
+        for req in requests:
+            if parallel and req.parts:
+                toks, spans = self.tokenize_parts(req.parts)
+                tokens.append(toks)
+                blocks.append(spans)
+            else:
+                tokens.append(self.tokenize(req.prompt))
+                blocks.append(())
         for toks, req in zip(tokens, requests):
             self._check_fits(len(toks), req, self.n_ctx)
         t0 = time.perf_counter()
         results = self._decoder.generate(
-            tokens, [r.max_tokens for r in requests], [r.stop for r in requests], [r.grammar for r in requests]
+            tokens,
+            [r.max_tokens for r in requests],
+            [r.stop for r in requests],
+            [r.grammar for r in requests],
+            **({"blocks": blocks} if parallel else {}),
         )
         per = (time.perf_counter() - t0) / len(requests)  # sequences decode together: they share the time
         return [
             Generation(text, len(toks), n, per, token_logprobs=lp, truncated=cut)
             for (text, n, lp, cut), toks in zip(results, tokens)
         ]
+
+    def tokenize_parts(self, parts: Sequence[str]) -> Tuple[List[int], Tuple[Tuple[int, int], ...]]:
+        """A request's parts tokenized one by one (the head with BOS) and joined, with each demonstration's token
+        range."""
+        vocab = self.vocab
+        tokens = vocab.tokenize(parts[0])
+        spans = []
+        for demo in parts[1:-1]:
+            piece = vocab.tokenize(demo, bos=False)
+            spans.append((len(tokens), len(tokens) + len(piece)))
+            tokens.extend(piece)
+        tokens.extend(vocab.tokenize(parts[-1], bos=False))
+        return tokens, tuple(spans)
 
     def _generate_sampled(self, req: GenerationRequest) -> Generation:
         llm = self.llm

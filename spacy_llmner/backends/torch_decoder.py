@@ -26,7 +26,7 @@ counts every row through the body (padding and finished rows riding along includ
 """
 
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -87,6 +87,7 @@ class TorchDecoder:
         top_k: int = 16,
         max_batch_tokens: int = 1024,
         sampling: Optional[Sampling] = None,
+        block_cache_mb: int = 256,
     ):
         import torch
 
@@ -110,9 +111,15 @@ class TorchDecoder:
         self.prefix: List[int] = []
         self.prefix_cache = None  # the shared prefix's keys and values (torch_model.SlotCache, one row)
         self.usage: Counter = Counter()
+        # demonstration blocks' keys and values by (head, block tokens), least recently used first
+        self.block_cache_mb = block_cache_mb
+        self._block_store: "OrderedDict[Tuple[tuple, tuple], tuple]" = OrderedDict()
+        self._block_bytes = 0
 
     def close(self) -> None:
         self.prefix_cache = None
+        self._block_store.clear()
+        self._block_bytes = 0
 
     # -- the restricted head ----------------------------------------------------------------------------------
     def pieces(self) -> Dict[str, List[int]]:
@@ -247,27 +254,53 @@ class TorchDecoder:
         max_tokens: Sequence[int],
         stops: Sequence[Sequence[str]],
         grammars: Sequence[Optional[str]],
+        blocks: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
     ) -> List[Tuple[str, int, Tuple[Tuple[int, float], ...], bool]]:
         """Completions for tokenized prompts, greedy or drawn (``sampling``): (text, completion tokens, token
-        log-probabilities, cut by its max_tokens) each."""
+        log-probabilities, cut by its max_tokens) each. ``blocks``: per prompt, the token ranges of its
+        demonstrations, consecutive, after its head and before its question (empty: read as one sequence). Each
+        demonstration is then evaluated after the head alone, at the positions that follow it, once: its keys and
+        values are kept (``block_cache_mb``) and copied into every row that shows it; the question follows at the
+        position after the longest of its row's demonstrations, and sees the head and all of them."""
         if not prompts:
             return []
-        common = shared_prefix(prompts, min(len(p) for p in prompts) - 1)
         seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
+        blocks = blocks or [()] * len(seqs)
         with self.torch.inference_mode():
-            self.set_prefix(list(prompts[0][:common]))
-            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
-            for at in range(0, len(order), self.n_seq):
-                self._round([seqs[i] for i in order[at : at + self.n_seq]], common)
+            plain = [s for s, b in zip(seqs, blocks) if not b]
+            if plain:
+                common = shared_prefix([s.tokens for s in plain], min(len(s.tokens) for s in plain) - 1)
+                self.set_prefix(plain[0].tokens[:common])
+                self._rounds(plain, common, self._prefill)
+            heads: Dict[tuple, List[_Seq]] = {}
+            for s, spans in zip(seqs, blocks):
+                if spans:
+                    s.blocks = tuple(tuple(s.tokens[a:b]) for a, b in spans)
+                    if any(a != b for (_, a), (b, _) in zip(spans, spans[1:])) or not all(s.blocks):
+                        raise ValueError("torch decoder: demonstration blocks must be consecutive, none empty")
+                    s.rest = len(s.tokens) - spans[-1][1]
+                    if s.rest < 1:
+                        raise ValueError("torch decoder: a prompt with demonstration blocks needs tokens after them")
+                    heads.setdefault(tuple(s.tokens[: spans[0][0]]), []).append(s)
+            for head, group in heads.items():
+                self.set_prefix(list(head))
+                self._rounds(group, len(head), self._prefill_blocks)
         return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]
 
-    def _round(self, seqs: List[_Seq], common: int) -> None:
+    def _rounds(self, seqs: List[_Seq], common: int, prefill) -> None:
+        """Decodes ``seqs`` (sharing their first ``common`` tokens, the prefix already set) in rounds of ``n_seq``,
+        sorted by length, each prefilled by ``prefill``."""
+        order = sorted(seqs, key=lambda s: len(s.tokens))
+        for at in range(0, len(order), self.n_seq):
+            self._round(order[at : at + self.n_seq], common, prefill)
+
+    def _round(self, seqs: List[_Seq], common: int, prefill) -> None:
         try:
             for s in seqs:
                 s.sampler = self.vocab.matcher(s.grammar) if s.grammar else None
                 s.pos = len(s.tokens)
                 s.rng = self.sampling.generator(s.tokens) if self.sampling else None
-            hidden, cache, mask = self._prefill(seqs, common)
+            hidden, cache, mask = prefill(seqs, common)
             self._decode(seqs, hidden, cache, mask, common)
             self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
             self.usage["loops_stopped"] += sum(s.looped for s in seqs)
@@ -299,6 +332,94 @@ class TorchDecoder:
             h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : common + width])
             lasts.extend(h[r, len(s.tokens) - common - 1] for r, s in enumerate(part))
         cache.length = common + widest
+        return torch.stack(lasts), cache, mask
+
+    # -- demonstrations read in parallel (``generate``'s blocks) ----------------------------------------------------
+    def _block_values(self, head: tuple, seqs: List[_Seq]) -> Dict[tuple, tuple]:
+        """Keys and values (n_layer, kv heads, tokens, head dim) of every demonstration block of ``seqs``, each
+        evaluated after ``head`` (the prefix set) at the positions that follow it: from the store, the others
+        evaluated now (right-padded, in sub-batches) and stored, the least recently used dropped past
+        ``block_cache_mb``."""
+        torch, common = self.torch, len(head)
+        out, missing = {}, []
+        for block in dict.fromkeys(b for s in seqs for b in s.blocks):
+            kept = self._block_store.get((head, block))
+            if kept is None:
+                missing.append(block)
+            else:
+                self._block_store.move_to_end((head, block))
+                out[block] = kept
+                self.usage["reused_tokens"] += len(block)
+        missing.sort(key=len)
+        for at, n, width in self._sub_batches([len(b) for b in missing]):
+            part = missing[at : at + n]
+            ids = np.zeros((n, width), dtype=np.int64)
+            mask = np.zeros((n, common + width), dtype=np.int64)
+            mask[:, :common] = 1
+            for r, block in enumerate(part):
+                ids[r, : len(block)] = block
+                mask[r, common : common + len(block)] = 1
+            self.usage["prompt_tokens"] += int(mask[:, common:].sum())
+            self.usage["padding_tokens"] += int(ids.size - mask[:, common:].sum())
+            cache = self.model.new_cache(n, common + width, self.prefix_cache)
+            self._forward(ids, np.tile(np.arange(common, common + width), (n, 1)), cache, mask)
+            for r, block in enumerate(part):
+                end = common + len(block)
+                kv = tuple(torch.stack([layer[r, :, common:end] for layer in t]) for t in (cache.keys, cache.values))
+                out[block] = kv
+                self._block_store[(head, block)] = kv
+                self._block_bytes += sum(t.numel() * t.element_size() for t in kv)
+        while self._block_bytes > self.block_cache_mb * 2**20 and self._block_store:
+            _, kv = self._block_store.popitem(last=False)
+            self._block_bytes -= sum(t.numel() * t.element_size() for t in kv)
+        return out
+
+    def stored_block(self, head: Sequence[int], block: Sequence[int]) -> Optional[tuple]:
+        """The stored keys and values of a demonstration block read after ``head``, or None."""
+        return self._block_store.get((tuple(head), tuple(block)))
+
+    def _prefill_blocks(self, seqs: List[_Seq], common: int):
+        """``_prefill`` for rows whose demonstrations are blocks: each row's blocks' keys and values copied after the
+        prefix (their positions those that follow it, the longest row's blocks setting the width, shorter rows
+        masked), then each row's question evaluated after them, starting at the position after its longest block."""
+        torch = self.torch
+        values = self._block_values(tuple(self.prefix), seqs)
+        widths = [sum(len(b) for b in s.blocks) for s in seqs]
+        blocks_width, widest = max(widths), max(s.rest for s in seqs)
+        filled = common + blocks_width
+        capacity = filled + widest + max(s.max_tokens for s in seqs) + 1
+        cache = self.model.new_cache(len(seqs), capacity, self.prefix_cache)
+        mask = np.zeros((len(seqs), filled + widest), dtype=np.int64)
+        mask[:, :common] = 1
+        starts = []
+        for r, s in enumerate(seqs):
+            at = common
+            for block in s.blocks:
+                keys, vals = values[block]
+                end = at + len(block)
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][r, :, at:end] = keys[layer]
+                    cache.values[layer][r, :, at:end] = vals[layer]
+                cache.positions[r, at:end] = self.model.tensor(np.arange(common, common + len(block)))
+                mask[r, at:end] = 1
+                at = end
+            starts.append(common + max(len(b) for b in s.blocks))
+        cache.length = filled
+        lasts = []
+        for at, n, width in self._sub_batches([s.rest for s in seqs]):
+            part = seqs[at : at + n]
+            ids = np.zeros((n, width), dtype=np.int64)
+            positions = np.zeros((n, width), dtype=np.int64)
+            for r, s in enumerate(part):
+                ids[r, : s.rest] = s.tokens[-s.rest :]
+                positions[r] = starts[at + r] + np.arange(width)
+                mask[at + r, filled : filled + s.rest] = 1
+                s.pos = starts[at + r] + s.rest
+                self.usage["prompt_tokens"] += s.rest
+            self.usage["padding_tokens"] += int(ids.size) - sum(s.rest for s in part)
+            h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : filled + width])
+            lasts.extend(h[r, s.rest - 1] for r, s in enumerate(part))
+        cache.length = filled + widest
         return torch.stack(lasts), cache, mask
 
     def _decode(self, seqs: List[_Seq], hidden, cache, mask: np.ndarray, common: int) -> None:
