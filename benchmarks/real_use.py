@@ -50,7 +50,7 @@ import spacy
 from spacy.tokens import Doc, DocBin, Span
 
 from spacy_llmner.annotation import distill as D
-from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS, TORCH_ENGINE_REVISION
+from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS, DEFAULT_DEMONSTRATIONS, TORCH_ENGINE_REVISION
 from spacy_llmner.corpora import read_bio, read_jsonl
 
 from common import CROSSNER_LABELS, annotate_and_score, load_split
@@ -263,6 +263,8 @@ class Table:
             row["engine"] = self.args.engine
             if self.args.engine == "torch":
                 row["engine_revision"] = TORCH_ENGINE_REVISION
+                # how it read demonstrations (rows without this field read them in sequence: before 2026-12-06)
+                row["demonstrations"] = DEFAULT_DEMONSTRATIONS
         self.rows[key] = row
         what = f"F1 {row['f1']:.1f} (P {row['p']:.1f} R {row['r']:.1f}, {row['docs']} docs)"
         print(f"  {key}: {what}", flush=True)

@@ -25,8 +25,7 @@ QUALITY = [
         "torch (transformers)",
     ),
     (
-        "the same, demonstrations read in sequence (the default until 2026-12-06; now `demonstrations = "
-        '"sequential"`)',
+        'the same, demonstrations read in sequence (the default until 2026-12-06; now `demonstrations = "sequential"`)',
         "metrics/real_use.json",
         "torch (transformers)",
     ),

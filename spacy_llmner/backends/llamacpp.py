@@ -162,6 +162,7 @@ ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences eac
 # query heads folded, bfloat16 sums in another order)
 TORCH_ENGINE_REVISION = 3
 DEMONSTRATIONS = ("parallel", "sequential")  # how the torch engine reads a prompt's demonstrations
+DEFAULT_DEMONSTRATIONS = "parallel"
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -315,7 +316,7 @@ class LlamaCppBackend(BackendBase):
         head: str = "restricted",
         dtype: str = "auto",
         device: str = "auto",
-        demonstrations: str = "parallel",
+        demonstrations: str = DEFAULT_DEMONSTRATIONS,
     ):
         self.model = model
         self.adapter = resolve_adapter(model, adapter)
