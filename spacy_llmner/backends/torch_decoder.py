@@ -9,6 +9,9 @@ differs is where the arithmetic goes:
   prompts evaluated together (right-padded), then one token per sequence per step. A round's key/value cache is
   compacted when a quarter of its rows have finished. The prefix every prompt shares (instructions, label list) is
   evaluated once and kept across calls.
+- **Demonstrations read in parallel** (``generate``'s ``blocks``, the backend's ``demonstrations = "parallel"``):
+  each demonstration is evaluated once after the shared head alone and its keys and values are kept and copied into
+  every row that shows it; only the question is evaluated per prompt (docs/speed.md).
 - **A restricted output head.** Every format's grammar writes mentions copied from the input plus labels and
   the format's punctuation, so an answer's tokens are tokens whose text occurs in the prompt or in one of the
   grammar's literals. Logits are
