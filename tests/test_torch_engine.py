@@ -478,8 +478,10 @@ def test_a_request_s_parts_must_join_to_its_prompt_and_the_engine_setting_is_che
     with pytest.raises(BackendError, match="demonstrations"):
         LlamaCppBackend(demonstrations="both")
     parallel, sequential = LlamaCppBackend(), LlamaCppBackend(demonstrations="sequential")
-    assert parallel.identity()["demonstrations"] == "parallel"  # the default: caches keep the two apart
+    assert parallel.identity()["demonstrations"] == "parallel"  # the default with the shipped adapter
     assert "demonstrations" not in sequential.identity()  # as every earlier revision read prompts
+    assert LlamaCppBackend(adapter=None).demonstrations == "sequential"  # "auto": a base model reads in sequence
+    assert LlamaCppBackend(adapter=None, demonstrations="parallel").demonstrations == "parallel"
 
 
 @pytest.mark.model

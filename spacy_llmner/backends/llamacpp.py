@@ -161,8 +161,10 @@ ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences eac
 # serves an earlier engine's (2: attention masks by token position, not cache slot; 3: decoding attention with the
 # query heads folded, bfloat16 sums in another order)
 TORCH_ENGINE_REVISION = 3
-DEMONSTRATIONS = ("parallel", "sequential")  # how the torch engine reads a prompt's demonstrations
-DEFAULT_DEMONSTRATIONS = "parallel"
+# how the torch engine reads a prompt's demonstrations; "auto": in parallel where an adapter is served (measured with
+# ner-v2: docs/speed.md), in sequence for a base model (Gemma 3 270M without one lost a demonstrated entity in JSON)
+DEMONSTRATIONS = ("auto", "parallel", "sequential")
+DEFAULT_DEMONSTRATIONS = "auto"
 
 _FINALIZERS: List[weakref.finalize] = []  # frees of llama.cpp objects this process made
 _BACKENDS: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
@@ -296,7 +298,8 @@ class LlamaCppBackend(BackendBase):
         as "cuda:0".
     demonstrations (str): torch engine: "parallel" (each demonstration of a prompt read after the instructions
         alone, at the same positions, computed once and reused by every prompt that shows it; the question follows
-        the longest: ``TorchDecoder``) or "sequential" (the prompt as one text, as llama.cpp and servers read it).
+        the longest: ``TorchDecoder``), "sequential" (the prompt as one text, as llama.cpp and servers read it) or
+        "auto" (the default: parallel where an adapter is served, sequential for a base model).
     """
 
     supports_grammar = True
@@ -346,6 +349,8 @@ class LlamaCppBackend(BackendBase):
             raise BackendError(
                 f"llama.cpp backend: demonstrations must be one of {', '.join(DEMONSTRATIONS)}, not {demonstrations!r}"
             )
+        if demonstrations == "auto":
+            demonstrations = "parallel" if self.adapter is not None else "sequential"
         self.demonstrations = demonstrations
         # sequences decoded together (greedy only); 1 = one at a time
         self.parallel = max(1, parallel or ENGINES[engine])
