@@ -46,6 +46,11 @@ from .vocab import Vocab
 SHORT = 8
 
 
+def nbytes(tensors) -> int:
+    """The bytes a tuple of tensors holds."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling instead of greedy choice (``temperature`` > 0), as llama.cpp's default chain: the best ``top_k``
@@ -269,22 +274,23 @@ class TorchDecoder:
             return []
         seqs = [_Seq(list(p), m, st, g) for p, m, st, g in zip(prompts, max_tokens, stops, grammars)]
         blocks = blocks or [()] * len(seqs)
+        # checked and grouped by head before anything is decoded
+        heads: Dict[tuple, List[_Seq]] = {}
+        for s, spans in zip(seqs, blocks):
+            if spans:
+                s.blocks = tuple(tuple(s.tokens[a:b]) for a, b in spans)
+                if any(a != b for (_, a), (b, _) in zip(spans, spans[1:])) or not all(s.blocks):
+                    raise ValueError("torch decoder: demonstration blocks must be consecutive, none empty")
+                s.rest = len(s.tokens) - spans[-1][1]
+                if s.rest < 1:
+                    raise ValueError("torch decoder: a prompt with demonstration blocks needs tokens after them")
+                heads.setdefault(tuple(s.tokens[: spans[0][0]]), []).append(s)
         with self.torch.inference_mode():
             plain = [s for s, b in zip(seqs, blocks) if not b]
             if plain:
                 common = shared_prefix([s.tokens for s in plain], min(len(s.tokens) for s in plain) - 1)
                 self.set_prefix(plain[0].tokens[:common])
                 self._rounds(plain, common, self._prefill)
-            heads: Dict[tuple, List[_Seq]] = {}
-            for s, spans in zip(seqs, blocks):
-                if spans:
-                    s.blocks = tuple(tuple(s.tokens[a:b]) for a, b in spans)
-                    if any(a != b for (_, a), (b, _) in zip(spans, spans[1:])) or not all(s.blocks):
-                        raise ValueError("torch decoder: demonstration blocks must be consecutive, none empty")
-                    s.rest = len(s.tokens) - spans[-1][1]
-                    if s.rest < 1:
-                        raise ValueError("torch decoder: a prompt with demonstration blocks needs tokens after them")
-                    heads.setdefault(tuple(s.tokens[: spans[0][0]]), []).append(s)
             for head, group in heads.items():
                 self.set_prefix(list(head))
                 self._rounds(group, len(head), self._prefill_blocks)
@@ -371,10 +377,9 @@ class TorchDecoder:
                 kv = tuple(torch.stack([layer[r, :, common:end] for layer in t]) for t in (cache.keys, cache.values))
                 out[block] = kv
                 self._block_store[(head, block)] = kv
-                self._block_bytes += sum(t.numel() * t.element_size() for t in kv)
+                self._block_bytes += nbytes(kv)
         while self._block_bytes > self.block_cache_mb * 2**20 and self._block_store:
-            _, kv = self._block_store.popitem(last=False)
-            self._block_bytes -= sum(t.numel() * t.element_size() for t in kv)
+            self._block_bytes -= nbytes(self._block_store.popitem(last=False)[1])
         return out
 
     def stored_block(self, head: Sequence[int], block: Sequence[int]) -> Optional[tuple]:
