@@ -467,6 +467,41 @@ def test_parallel_demonstrations_are_each_read_after_the_head_alone(gemma):
     np.testing.assert_allclose([lp for _, lp in again[0][2]], [lp for _, lp in together[0][2]], atol=1e-3)
 
 
+@pytest.mark.model
+def test_rows_reading_stored_demonstrations_share_rounds_by_question_length(gemma):
+    """A row whose demonstrations are stored evaluates only its question, padded to the widest question of its
+    prefill batch: rounds are formed by question length, not prompt length (a round of two rows then pads the
+    shorter question up to the longer one only)."""
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+
+    backend, model = gemma
+    rows = [  # (question, demonstrations): prompt order and question order differ
+        ("Hi .", DEMOS),
+        (
+            "Microsoft opened a new research lab in Nairobi , Kenya , after long talks with the Kenyan government .",
+            DEMOS[2:],
+        ),
+        ("Angela Merkel met Emmanuel Macron in Paris .", DEMOS),
+        ("Paris .", DEMOS[2:]),
+    ]
+    made = [demonstration_requests(backend, [text], demos) for text, demos in rows]
+    prompts, blocks = [m[0][0] for m in made], [m[1][0] for m in made]
+    args = [[m[2][j][0] for m in made] for j in range(3)]
+    decoder = TorchDecoder(backend.vocab, model, n_seq=2)
+    first = decoder.generate(prompts, *args, blocks=blocks)  # evaluates and stores the blocks
+    before = decoder.usage["padding_tokens"]
+    again = decoder.generate(prompts, *args, blocks=blocks)  # every block stored: only the questions are evaluated
+    assert [a[0] for a in again] == [f[0] for f in first]
+    rests = [len(p) - b[-1][1] for p, b in zip(prompts, blocks)]
+
+    def padding(order):
+        return sum(abs(rests[order[i]] - rests[order[i + 1]]) for i in range(0, len(order), 2))
+
+    by_question = padding(sorted(range(4), key=lambda i: rests[i]))
+    assert by_question < padding(sorted(range(4), key=lambda i: len(prompts[i])))  # the test can tell them apart
+    assert decoder.usage["padding_tokens"] - before == by_question
+
+
 def test_a_request_s_parts_must_join_to_its_prompt_and_the_engine_setting_is_checked():
     from spacy_llmner.ty import GenerationRequest
 
