@@ -298,10 +298,9 @@ class TorchDecoder:
 
     def _rounds(self, seqs: List[_Seq], common: int, prefill) -> None:
         """Decodes ``seqs`` (sharing their first ``common`` tokens, the prefix already set) in rounds of ``n_seq``,
-        sorted by the length ``prefill`` evaluates (the whole prompt, or the question after stored blocks: rows of a
-        prefill sub-batch are padded to its widest), each prefilled by ``prefill``."""
-        evaluated = (lambda s: s.rest) if prefill == self._prefill_blocks else (lambda s: len(s.tokens))
-        order = sorted(seqs, key=evaluated)
+        sorted by the length their prefill evaluates (the whole prompt, or only the question where the demonstrations
+        are blocks: rows of a prefill sub-batch are padded to its widest), each prefilled by ``prefill``."""
+        order = sorted(seqs, key=lambda s: s.rest if s.blocks else len(s.tokens))
         for at in range(0, len(order), self.n_seq):
             self._round(order[at : at + self.n_seq], common, prefill)
 
