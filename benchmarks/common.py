@@ -3,7 +3,7 @@
 import random
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import spacy
 from spacy.scorer import Scorer, get_ner_prf
@@ -32,11 +32,19 @@ def fixed_demonstrations(train: List[Doc], k: int, seed: int = 0) -> List[Doc]:
     return random.Random(seed).sample(train, k)
 
 
-def annotate_and_score(nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, batch_size: int = 16, nested=False):
+def annotate_and_score(
+    nlp,
+    gold: List[Doc],
+    docs: Optional[List[Doc]] = None,
+    batch_size: int = 16,
+    nested=False,
+    more: Optional[Callable[[List[Example]], Dict]] = None,
+):
     """The benchmarks' one scorer: strict P / R / F1 of ``nlp`` against ``gold``, run on unannotated copies of the
     gold docs' words (the standard CrossNER protocol) or on ``docs`` (the same text laid out otherwise: paragraphs);
     ``nested``: the spans of ``doc.spans["sc"]``, overlaps allowed, instead of the entities. With the time and, for a
-    pipeline with ``llm_lar_ner``, what it decoded (``prompts`` = decoded + answered from the cache)."""
+    pipeline with ``llm_lar_ner``, what it decoded (``prompts`` = decoded + answered from the cache); ``more``: fields
+    it computes from the same pass's examples (predicted, gold)."""
     ner = nlp.get_pipe("llm_lar_ner") if "llm_lar_ner" in nlp.pipe_names else None
     if ner is not None:
         ner.reset_usage()
@@ -62,6 +70,8 @@ def annotate_and_score(nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, b
         "sentences_per_second": len(gold) / seconds if seconds else 0.0,
         "per_type": per_type,
     }
+    if more is not None:
+        row.update(more(examples))
     if ner is not None:
         usage = ner.usage  # this run's (reset before it); kept for the caller
         row.update(

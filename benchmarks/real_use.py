@@ -30,6 +30,10 @@ named @<adapter>+fit and record what the fit measured on the pool and how long i
 --union-spacy (with --pool-fit): each extra set also gets a row @<adapter>+fit+spacy, configs/pool_student.cfg: the
 fitted LLM and the row's spaCy model (the same one, so the same 200 sentences and 100 more for its checkpoint) in an
 ``llm_ner_ensemble`` that keeps the union of their spans; with --extra-split dev the spaCy model is trained there too.
+--union-sources N (with --union-spacy, test split): each extra set also gets a row @<adapter>+fit+spacy+sources, the
+same union keeping, per label, every member's spans or one member's alone, as chosen on N seeded train sentences
+outside the pool and the spaCy model's checkpoint sentences (the ensemble's ``initialize(dev=...)``); the row also
+scores each member alone and their plain union on the same pass.
 
 Each row is written to --out (and --out's .md) once measured; a rerun skips the rows already there (--fresh
 measures them again), so a stopped run resumes. The table states the run's wall and CPU seconds.
@@ -52,6 +56,7 @@ from spacy.tokens import Doc, DocBin, Span
 from spacy_llmner.annotation import distill as D
 from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS, DEFAULT_DEMONSTRATIONS, TORCH_ENGINE_REVISION
 from spacy_llmner.corpora import read_bio, read_jsonl
+from spacy_llmner.ensemble import flat_spans, prf, union
 
 from common import CROSSNER_LABELS, annotate_and_score, load_split
 from documents import inputs, paragraphs
@@ -182,10 +187,10 @@ def pipeline(args, labels: List[str], pool: List[Doc], k: int, adapter: str = "a
     return nlp
 
 
-def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested: bool = False) -> Dict:
+def run_llm(args, nlp, gold: List[Doc], docs: Optional[List[Doc]] = None, nested: bool = False, more=None) -> Dict:
     """Strict P / R / F1 of ``nlp`` on unannotated copies of ``gold`` (or on ``docs``), with its usage and time, and
-    what its pipeline fitted to the pool (--pool-fit)."""
-    row = annotate_and_score(nlp, gold, docs, args.batch_size, nested)
+    what its pipeline fitted to the pool (--pool-fit); ``more`` as in ``annotate_and_score``."""
+    row = annotate_and_score(nlp, gold, docs, args.batch_size, nested, more)
     fit = nlp.get_pipe("llm_lar_ner").pool_fit  # what this row's initialize fitted, its seconds included
     if fit is not None:
         row["pool_fit"] = {**fit.report, "thresholds": dict(fit.thresholds)}
@@ -230,9 +235,9 @@ def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) 
 UNION_CONFIG = "configs/pool_student.cfg"
 
 
-def union_pipeline(args, labels: List[str], pool: List[Doc], student: Path):
+def union_pipeline(args, labels: List[str], pool: List[Doc], student: Path, dev: Optional[List[Doc]] = None):
     """``UNION_CONFIG`` assembled for this row: the LLM as ``pipeline`` builds it with the pool fit, the spaCy model
-    ``student`` beside it, their spans united."""
+    ``student`` beside it, their spans united (per label as chosen on ``dev``, when given)."""
     overrides = {
         "paths.student": str(student),
         "components.llm_lar_ner.cache_path": args.cache,
@@ -240,8 +245,31 @@ def union_pipeline(args, labels: List[str], pool: List[Doc], student: Path):
         "components.llm_lar_ner.backend.engine": args.engine,
     }
     nlp = spacy.util.load_model_from_config(spacy.util.load_config(UNION_CONFIG, overrides=overrides), auto_fill=True)
-    nlp.get_pipe("llm_ner_ensemble").initialize(members={"llm_lar_ner": {"pool": pool, "labels": list(labels)}})
+    members = {"llm_lar_ner": {"pool": pool, "labels": list(labels)}}
+    nlp.get_pipe("llm_ner_ensemble").initialize(members=members, dev=dev)
     return nlp
+
+
+def union_breakdown(ensemble: str, members: List[str]):
+    """For ``annotate_and_score(more=...)``: F1 / P / R of each member alone (its own flat spans) and of the members'
+    plain union, from the member groups the ensemble ``ensemble`` left on the predicted docs."""
+
+    def more(examples) -> Dict:
+        gold = [[(e.start, e.end, e.label_) for e in eg.reference.ents] for eg in examples]
+        outputs = [
+            {m: [(s.start, s.end, s.label_) for s in eg.predicted.spans[f"{ensemble}:{m}"]] for m in members}
+            for eg in examples
+        ]
+        systems = {m: [flat_spans(o[m]) for o in outputs] for m in members}
+        systems["union"] = [union(o).spans() for o in outputs]
+        scores = {name: prf(pred, gold) for name, pred in systems.items()}
+        return {
+            "breakdown": {
+                name: {"f1": 100 * s.fscore, "p": 100 * s.precision, "r": 100 * s.recall} for name, s in scores.items()
+            }
+        }
+
+    return more
 
 
 class Table:
@@ -368,6 +396,15 @@ def section_extra(args, table: Table) -> None:
                 row = run_llm(args, union_pipeline(args, labels, v_pool, student), v_test)
                 row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG)
                 table.add(f"{key}@{args.adapter_name}+spacy", row)
+            if args.union_sources and not table.has(f"{key}@{args.adapter_name}+spacy+sources"):
+                student = train_spacy(args, f"{key}/spacy", v_pool, v_dev)
+                chosen_on = sample(train, args.union_sources, args.seed, skip=args.pool + args.spacy_dev)
+                nlp = union_pipeline(args, labels, v_pool, student, lowered(chosen_on) if lower else chosen_on)
+                ensemble = nlp.get_pipe("llm_ner_ensemble")
+                row = run_llm(args, nlp, v_test, more=union_breakdown(ensemble.name, ensemble.members))
+                fitted = {**ensemble.vote_settings()["fitted"], "sources": ensemble.vote_settings()["sources"]}
+                row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG, fitted=fitted)
+                table.add(f"{key}@{args.adapter_name}+spacy+sources", row)
 
 
 def section_genia(args, table: Table) -> None:
@@ -512,6 +549,13 @@ def markdown(result: Dict) -> str:
                 f"(`{UNION_CONFIG}`, overlaps to the LLM).",
                 "",
             ]
+        if any(a.endswith("+sources") for a in adapters):
+            out += [
+                f"+sources: the same union keeping, per label, every member's spans or one member's alone, as chosen "
+                f"on {args.get('union_sources')} train sentences outside the pool and the spaCy model's checkpoint "
+                "sentences.",
+                "",
+            ]
     genia = [k for k in rows if k.startswith("genia/")]
     if genia:
         out += ["## GENIA nested (every span, nested ones too)", ""]
@@ -558,6 +602,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--fresh", action="store_true", help="measure every row again")
     ap.add_argument("--pool-fit", action="store_true", help="LLM rows fit lexicon and thresholds to their pool")
     ap.add_argument("--union-spacy", action="store_true", help="extra sets: also the fitted LLM united with spaCy")
+    ap.add_argument(
+        "--union-sources", type=int, default=0, help="extra sets: also the union per label, chosen on N sentences"
+    )
     ap.add_argument("--out", default="metrics/real_use.json")
     args = ap.parse_args(argv)
     args.domains, args.extra, args.variants = (
@@ -573,6 +620,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         args.adapter_name, args.lodo_tag = args.adapter_name + "+fit", args.lodo_tag + "+fit"
     elif args.union_spacy:
         raise SystemExit("real_use: --union-spacy unites the fitted LLM with spaCy: give --pool-fit too")
+    if args.union_sources and not (args.union_spacy and args.extra_split == "test"):
+        raise SystemExit(
+            "real_use: --union-sources chooses the union's sources on train sentences outside the pool: give "
+            "--union-spacy, and score the test split (its sentences are --extra-split dev's)"
+        )
     sections = args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS] + [s for s in args.extra if s not in EXTRA]
     unknown += [v for v in args.variants if v not in ("cased", "lower")]

@@ -119,8 +119,9 @@ def test_pool_fit_config_fits_at_assemble_time_and_loads_its_fit(tmp_path):
 @pytest.mark.model
 def test_pool_student_config_unites_the_fitted_llm_and_a_spacy_model(tmp_path):
     """configs/pool_student.cfg with the shipped model and a spaCy NER trained on the same pool (the six shipped
-    demonstrations): it assembles, loads back, and its entities are the members' spans united, the LLM's winning
-    overlaps."""
+    demonstrations), whose union chooses its sources per label on a dev set (the pool again, for the plumbing): it
+    assembles, loads back, and its entities are the spans of the members each label's sources name, united, the
+    LLM's winning overlaps."""
     import srsly
 
     pool = ROOT / "assets" / "demonstrations.jsonl"
@@ -129,13 +130,15 @@ def test_pool_student_config_unites_the_fitted_llm_and_a_spacy_model(tmp_path):
     out = tmp_path / "pipe"
     res = subprocess.run(
         [sys.executable, "-m", "spacy", "assemble", str(ROOT / "configs" / "pool_student.cfg"), str(out)]
-        + ["--paths.train", str(pool), "--paths.student", str(tmp_path / "student")],
+        + ["--paths.train", str(pool), "--paths.student", str(tmp_path / "student"), "--paths.dev", str(pool)],
         capture_output=True,
         text=True,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     nlp = spacy.load(out)
-    assert nlp.get_pipe("llm_ner_ensemble").voting == "union" and nlp.get_pipe("llm_lar_ner").pool_fit is not None
+    ens = nlp.get_pipe("llm_ner_ensemble")
+    assert ens.voting == "union" and nlp.get_pipe("llm_lar_ner").pool_fit is not None
+    assert ens.fitted["dev_docs"] == 6 and ens.fitted["dev_f1"] >= ens.fitted["union_dev_f1"]
     found = {"llm": set(), "student": set()}
     for text, _ in data[:3] + [("Angela Merkel met the Red Cross in Geneva.", [])]:
         doc = nlp(text)
@@ -144,6 +147,9 @@ def test_pool_student_config_unites_the_fitted_llm_and_a_spacy_model(tmp_path):
         student = {(s.start, s.end, s.label_) for s in doc.spans["llm_ner_ensemble:student_ner"]}
         found["llm"] |= llm
         found["student"] |= student
+        # the spans that count: those of the members each label's sources name (all members where none are named)
+        llm = {s for s in llm if "llm_lar_ner" in ens.sources.get(s[2], ("llm_lar_ner",))}
+        student = {s for s in student if "student_ner" in ens.sources.get(s[2], ("student_ner",))}
 
         def alone(span, others):
             return not any(o != span and o[0] < span[1] and span[0] < o[1] for o in others)

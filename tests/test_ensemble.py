@@ -6,7 +6,7 @@ import pytest
 import spacy
 from spacy.training import Example
 
-from spacy_llmner.ensemble import fit, flat, micro_f1, tally, union
+from spacy_llmner.ensemble import fit, fit_sources, flat, micro_f1, tally, union
 
 from fakes import FakeBackend, FakeScorer
 
@@ -72,6 +72,27 @@ def test_union_keeps_every_span_and_overlaps_go_to_the_member_listed_first():
     assert union({"student": student, "llm": llm}).spans() == student
     # without a precedence, equal support goes to the longer span, whichever member proposed it
     assert [(v.start, v.end) for v in flat(tally({"a": [(0, 2, "x")], "b": [(0, 3, "x")]}, {}))] == [(0, 3)]
+
+
+def test_fit_sources_keeps_each_label_from_the_members_that_get_it_right():
+    # the llm finds persons and proposes a wrong organisation; the student finds organisations and a wrong person
+    gold, outputs = [], []
+    for _ in range(10):
+        gold.append([(0, 2, "person"), (4, 5, "organisation"), (11, 12, "location")])
+        outputs.append(
+            {
+                "llm": [(0, 2, "person"), (6, 7, "organisation"), (11, 12, "location")],
+                "student": [(0, 1, "person"), (4, 5, "organisation"), (8, 9, "person"), (11, 12, "location")],
+            }
+        )
+    sources, f1, plain = fit_sources(outputs, gold, ["llm", "student"])
+    assert sources == {"organisation": ("student",), "person": ("llm",)}  # location: both, the default
+    assert plain == pytest.approx(0.75) and f1 == pytest.approx(1.0)
+    assert union(outputs[0], sources).spans() == gold[0]
+    # a plain union keeps both wrong spans; sources naming no label keep every member's spans
+    assert union(outputs[0], {}).spans() == union(outputs[0]).spans() != gold[0]
+    # nothing to gain: every label stays with both members
+    assert fit_sources([{"llm": g, "student": []} for g in gold], gold, ["llm", "student"])[0] == {}
 
 
 def test_fit_learns_to_trust_the_precise_member_and_beats_each_member():
@@ -215,6 +236,47 @@ def test_weighted_voting_fits_on_dev_and_round_trips(nlp, tmp_path):
     assert [(e.text, e.label_) for e in again.ents] == [(e.text, e.label_) for e in doc.ents]
     assert back.disabled == ["llm_a", "llm_b", "rules"]
     assert back.get_pipe("vote").from_bytes(ens.to_bytes()).weights == ens.weights
+
+
+def test_union_fits_its_sources_on_dev_and_round_trips(nlp, tmp_path):
+    # llm_a finds the person and calls "the" a location; llm_b finds the organisation and calls "in" a person
+    ens = build(
+        nlp,
+        [("Ada Lovelace", "person"), ("the", "location")],
+        [("Royal Society", "organisation"), ("in", "person")],
+        ruler=False,
+        voting="union",
+    )
+    text = "Ada Lovelace wrote to the Royal Society in 1851."
+    assert len(nlp(text).ents) == 4  # a plain union keeps every span, the wrong ones too
+    dev = [
+        {
+            "text": f"Ada Lovelace wrote to the Royal Society in {y}.",
+            "spans": [{"start": 0, "end": 12, "label": "person"}, {"start": 26, "end": 39, "label": "organisation"}],
+        }
+        for y in range(1840, 1850)
+    ]
+    ens.initialize(nlp=nlp, dev=dev)
+    assert ens.sources == {"location": ("llm_b",), "person": ("llm_a",)}  # llm_b never says location: none left
+    assert ens.fitted["dev_f1"] == pytest.approx(1.0) and ens.fitted["union_dev_f1"] == pytest.approx(2 / 3)
+    doc = nlp(text)
+    assert [(e.text, e.label_) for e in doc.ents] == [("Ada Lovelace", "person"), ("Royal Society", "organisation")]
+    assert [s.text for s in doc.spans["vote:llm_b"]] == ["Royal Society", "in"]  # each member's own spans stay
+    nlp.to_disk(tmp_path / "p")
+    back = spacy.load(tmp_path / "p")
+    assert back.get_pipe("vote").sources == ens.sources
+    for name in ("llm_a", "llm_b"):  # canned backends are not saved: put them back
+        back.get_pipe(name).backend = nlp.get_pipe(name).backend
+        back.get_pipe(name).constrained = False
+    assert [(e.text, e.label_) for e in back(text).ents] == [(e.text, e.label_) for e in doc.ents]
+    # initialized again without a dev set: a plain union again
+    ens.initialize(nlp=nlp)
+    assert ens.sources == {} and ens.fitted is None and len(nlp(text).ents) == 4
+    # a saved vote naming a component that is not a member is refused, naming it
+    votes = back.get_pipe("vote").vote_settings()
+    votes["sources"] = {"person": ["llm_c"]}
+    with pytest.raises(ValueError, match=r"vote: the saved vote's sources name \['llm_c'\]"):
+        back.get_pipe("vote").use_vote_settings(votes)
 
 
 def test_nlp_evaluate_scores_each_member_and_the_ensemble(nlp):

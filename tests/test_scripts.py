@@ -714,20 +714,35 @@ def test_distill_study(tmp_path):
 def test_real_use_measures_again_only_rows_of_an_engine_that_got_answers_wrong(monkeypatch):
     """A torch row measured before the attention-mask fix is stale (measured again, marked † meanwhile); one measured
     by a later revision, which changed rounding only, stands; a llama.cpp row and a spaCy row never are."""
-    import importlib.util
-
     from spacy_llmner.backends.llamacpp import TORCH_ENGINE_REVISION
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_use", ROOT / "benchmarks/real_use.py")
-    real_use = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_use)
+    real_use = _real_use(monkeypatch)
     key = "extra/btc/cased@ner-v2"
     assert real_use.stale(key, {"f1": 50.0})  # before revisions were recorded: revision 1
     assert real_use.stale(key, {"engine": "torch", "engine_revision": real_use.FIXED_IN_REVISION - 1})
     for revision in range(real_use.FIXED_IN_REVISION, TORCH_ENGINE_REVISION + 1):
         assert not real_use.stale(key, {"engine": "torch", "engine_revision": revision})
     assert not real_use.stale(key, {"engine": "llama.cpp"}) and not real_use.stale("extra/btc/cased/spacy", {})
+
+
+def test_real_use_refuses_union_sources_without_sentences_to_choose_them_on(monkeypatch):
+    """The union's sources are chosen on train sentences outside the pool: only beside --union-spacy, and not where
+    those sentences are the ones scored (--extra-split dev)."""
+    real_use = _real_use(monkeypatch)
+    for more in ((), ("--union-spacy", "--extra-split", "dev")):
+        with pytest.raises(SystemExit, match="--union-sources chooses the union's sources"):
+            real_use.main(["--pool-fit", "--union-sources", "3", *more])
+
+
+def _real_use(monkeypatch):
+    """benchmarks/real_use.py as a module."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("real_use", ROOT / "benchmarks/real_use.py")
+    real_use = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_use)
+    return real_use
 
 
 @pytest.mark.model
@@ -800,3 +815,14 @@ def test_real_use(tmp_path):
     again = json.loads((tmp_path / "real_use.json").read_text())["rows"]
     assert 0 <= again["extra/fixture/cased/spacy"]["f1"] <= 100 and f"extra/fixture/cased@{a}+fit+spacy" in again
     assert (tmp_path / "work2" / "extra_fixture_cased_spacy" / "model" / "model-best").is_dir()
+    # --union-sources: the same union, per label whose spans count, chosen on train sentences outside the pool and
+    # the spaCy checkpoint's; its row scores each member alone and their plain union on the same pass
+    run("benchmarks/real_use.py", *args, *union, "--work", tmp_path / "work2", "--union-sources", 3)
+    rows = json.loads((tmp_path / "real_use.json").read_text())["rows"]
+    assert set(rows) - set(again) == {f"extra/fixture/cased@{a}+fit+spacy+sources"}
+    row = rows[f"extra/fixture/cased@{a}+fit+spacy+sources"]
+    assert row["fitted"]["dev_docs"] >= 1 and set(row["fitted"]["sources"]) <= set(row["labels"])
+    assert 0 <= row["fitted"]["union_dev_f1"] <= row["fitted"]["dev_f1"] <= 1
+    assert set(row["breakdown"]) == {"llm_lar_ner", "student_ner", "union"} and row["docs"] == 3
+    assert all(0 <= b["f1"] <= 100 for b in row["breakdown"].values())
+    assert "+sources: the same union" in (tmp_path / "real_use.md").read_text()

@@ -15,7 +15,9 @@ whose members proposed exactly those boundaries (any label); kept when support >
 separate vote among the members that proposed it, each counting ``weight × its dev accuracy for that label``.
 With ``voting = "weighted"``, ``initialize`` fits the member weights, the label accuracies and the threshold on
 a dev set. With ``voting = "union"`` every member's span is kept and overlaps go to the member listed first: an
-LLM beside a spaCy model trained on the same few sentences (``configs/pool_student.cfg``). A ``validator`` (an
+LLM beside a spaCy model trained on the same few sentences (``configs/pool_student.cfg``); given a dev set,
+``initialize`` chooses per label whether every member's spans of it count or one member's alone (its
+``sources``). A ``validator`` (an
 ``llm_lar_ner`` member) re-asks spans whose support lies within ``validate_band`` of the threshold — only those,
 so the cost stays bounded — with its yes/no verification prompt.
 
@@ -26,14 +28,31 @@ member's spans to ``doc.spans["<ensemble>:<member>"]``, and the cost per member 
 """
 
 from .component import Ensemble, make_llm_ner_ensemble
-from .voting import Ballot, TokenSpan, Vote, fit, flat, flat_spans, label_accuracy, micro_f1, prf, tally, union, vote
+from .voting import (
+    Ballot,
+    Sources,
+    TokenSpan,
+    Vote,
+    fit,
+    fit_sources,
+    flat,
+    flat_spans,
+    label_accuracy,
+    micro_f1,
+    prf,
+    tally,
+    union,
+    vote,
+)
 
 __all__ = [
     "Ballot",
     "Ensemble",
+    "Sources",
     "TokenSpan",
     "Vote",
     "fit",
+    "fit_sources",
     "flat",
     "flat_spans",
     "label_accuracy",

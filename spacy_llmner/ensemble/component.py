@@ -18,7 +18,7 @@ from ..demonstrations import load_demonstrations
 from ..ty import LLMComponent
 from ..upstream import run_upstream
 from ..usage import Usage
-from .voting import Ballot, TokenSpan, fit, flat_spans, micro_f1, union, vote
+from .voting import Ballot, Sources, TokenSpan, fit, fit_sources, flat_spans, micro_f1, union, vote
 
 DEFAULT_CONFIG = {
     "members": [],
@@ -53,7 +53,8 @@ def make_llm_ner_ensemble(
     members (List[str]): the member components' names; each is disabled in the pipeline (the ensemble runs it).
     voting (str): "majority" (each member weighs 1), "weighted" (weights, label accuracies and threshold fitted
         on a dev set by ``initialize``) or "union" (every member's spans; where they overlap, the spans of the member
-        listed first win; threshold unused, no validator).
+        listed first win; threshold unused, no validator; given a dev set, ``initialize`` chooses per label whether
+        every member's spans of it count or one member's alone).
     threshold (float): a span is kept when the share of member weight proposing its boundaries exceeds this.
     weights (Dict[str, float]): starting member weights (default 1 each).
     validator (Optional[str]): an ``llm_lar_ner`` member that re-asks the doubtful spans (yes/no).
@@ -114,6 +115,7 @@ class Ensemble(Pipe):
         self.threshold = threshold
         self.weights = {m: float((weights or {}).get(m, 1.0)) for m in self.members}
         self.label_weights: Dict[str, Dict[str, float]] = {}
+        self.sources: Sources = {}  # union: label → the members whose spans of it count (fitted on dev; else all)
         self.validator = validator
         self.validate_band = validate_band
         self.validate_threshold = validate_threshold
@@ -209,7 +211,7 @@ class Ensemble(Pipe):
                 doc.spans[f"{self.name}:{m}"] = [Span(doc, s, e, label=lab) for s, e, lab in per_doc[m]]
             weighted = self.voting == "weighted"
             ballots.append(
-                union(per_doc)
+                union(per_doc, self.sources)
                 if self.voting == "union"
                 else vote(
                     per_doc,
@@ -270,11 +272,18 @@ class Ensemble(Pipe):
         """Initializes the LLM members (spaCy skips disabled components), with ``members[<name>]`` as their
         settings (e.g. a retrieval ``pool``); with ``voting = "weighted"`` fits the weights, label accuracies and
         threshold on ``dev`` (a path or docs with gold entities; else the training examples, which retrieval
-        members may have seen)."""
+        members may have seen); with ``voting = "union"`` and a ``dev`` given, which members' spans count per label
+        (``fit_sources``; without one, every member's: the sentences a trained member learned from would favour
+        it)."""
         for m in self.members:
             proc = self.member(m)
             if isinstance(proc, LLMComponent):  # trained spaCy members are left alone: initialize() would reset them
                 proc.initialize(get_examples, nlp=nlp or self.nlp, **(members or {}).get(m, {}))
+        if self.voting == "union":
+            self.sources, self.fitted = {}, None
+            if dev is not None:
+                self.fit_on(load_demonstrations(dev, self.nlp.vocab))
+            return
         if self.voting != "weighted":
             return
         if dev is not None:
@@ -293,10 +302,15 @@ class Ensemble(Pipe):
             truth.append([(sp.start, sp.end, sp.label_) for sp in spans if sp is not None])
         outputs, _ = self.run_members(self.prepare(docs))
         per_doc = [{m: outputs[m][i] for m in self.members} for i in range(len(docs))]
-        self.weights, self.label_weights, self.threshold, f1 = fit(per_doc, truth, self.members)
+        extra = {}
+        if self.voting == "union":
+            self.sources, f1, extra["union_dev_f1"] = fit_sources(per_doc, truth, self.members)
+        else:
+            self.weights, self.label_weights, self.threshold, f1 = fit(per_doc, truth, self.members)
         self.fitted = {
             "dev_docs": len(docs),
             "dev_f1": f1,
+            **extra,
             "member_dev_f1": {m: micro_f1([flat_spans(o[m]) for o in per_doc], truth) for m in self.members},
         }
         return self.fitted
@@ -322,6 +336,7 @@ class Ensemble(Pipe):
             "weights": self.weights,
             "label_weights": self.label_weights,
             "threshold": self.threshold,
+            "sources": {label: list(ms) for label, ms in self.sources.items()},
             "fitted": self.fitted,
         }
 
@@ -329,6 +344,14 @@ class Ensemble(Pipe):
         self.weights = {m: float(state["weights"].get(m, 1.0)) for m in self.members}
         self.label_weights = state.get("label_weights") or {}
         self.threshold = state["threshold"]
+        sources = {label: tuple(ms) for label, ms in (state.get("sources") or {}).items()}
+        strangers = sorted({m for ms in sources.values() for m in ms} - set(self.members))
+        if strangers:
+            raise ValueError(
+                f"{self.name}: the saved vote's sources name {strangers}, which are not members "
+                f"({self.members}); save the pipeline again or fit it again (initialize(dev=...))"
+            )
+        self.sources = sources
         self.fitted = state.get("fitted")
 
     def to_bytes(self, *, exclude=tuple()) -> bytes:

@@ -1,7 +1,8 @@
 """The ensemble's vote, as pure functions on token spans (testable without any model): ``tally`` every proposed
 boundary, ``vote`` to keep those with enough support (``union``: all of them, overlaps going to the earlier
-member), ``flat`` non-overlapping output, ``fit`` member weights and threshold on a dev set, ``prf`` strict span
-scores (spaCy's ``PRFScore``)."""
+member, optionally only the members a label's ``sources`` name), ``flat`` non-overlapping output, ``fit`` member
+weights and threshold on a dev set, ``fit_sources`` the union's sources per label, ``prf`` strict span scores
+(spaCy's ``PRFScore``)."""
 
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -77,13 +78,59 @@ def vote(
     return Ballot(votes, [v.support > threshold for v in votes])
 
 
-def union(outputs: Dict[str, Sequence[TokenSpan]]) -> Ballot:
+Sources = Dict[str, Tuple[str, ...]]  # label → the members whose spans of that label a union keeps
+
+
+def union(outputs: Dict[str, Sequence[TokenSpan]], sources: Optional[Sources] = None) -> Ballot:
     """Every member's spans kept. Where spans of different members overlap, those of the member earliest in
     ``outputs`` win; boundaries several members propose take the label of the type vote (``tally``: ties to the
     earliest member). For a member that recalls little beside one that recalls what it misses (an LLM beside a
-    spaCy model trained on the same few sentences)."""
+    spaCy model trained on the same few sentences). ``sources``: for a label it names, only those members' spans
+    of that label count (``fit_sources``); every other label, every member's."""
+    if sources:
+        outputs = {m: [s for s in spans if m in sources.get(s[2], (m,))] for m, spans in outputs.items()}
     votes = tally(outputs, {})
     return Ballot(votes, [True] * len(votes), tuple(outputs))
+
+
+def fit_sources(
+    outputs: Sequence[Dict[str, Sequence[TokenSpan]]],
+    gold: Sequence[Sequence[TokenSpan]],
+    members: Sequence[str],
+    rounds: int = 2,
+) -> Tuple[Sources, float, float]:
+    """Per label, whose spans the ``union`` keeps: every member's (the default, left out of the result) or one
+    member's alone, chosen by coordinate ascent on the micro F1 of the flat output on ``gold``, labels in order of
+    their gold frequency; a label changes only where that strictly raises F1. Returns the sources, their F1 and the
+    plain union's F1."""
+    everyone = tuple(members)
+    choices = [everyone] + [(m,) for m in members]
+    counts = {label: 0 for out in outputs for spans in out.values() for *_, label in spans}
+    for spans in gold:
+        for *_, label in spans:
+            counts[label] = counts.get(label, 0) + 1
+    labels = sorted(counts, key=lambda lab: (-counts[lab], lab))
+
+    def score(sources: Sources) -> float:
+        return micro_f1([union(out, sources).spans() for out in outputs], gold)
+
+    sources: Sources = {}
+    plain = best = score(sources)
+    for _ in range(rounds):
+        changed = False
+        for label in labels:
+            for choice in choices:
+                if choice == sources.get(label, everyone):
+                    continue
+                trial = {**sources, label: choice}
+                if choice == everyone:
+                    del trial[label]
+                f = score(trial)
+                if f > best + 1e-9:
+                    sources, best, changed = trial, f, True
+        if not changed:
+            break
+    return sources, best, plain
 
 
 def _accuracy(label_weights: Optional[Dict[str, Dict[str, float]]], member: str, label: str) -> float:
