@@ -17,9 +17,8 @@ With ``voting = "weighted"``, ``initialize`` fits the member weights, the label 
 a dev set. With ``voting = "union"`` every member's span is kept and overlaps go to the member listed first: an
 LLM beside a spaCy model trained on the same few sentences (``configs/pool_student.cfg``); given a dev set,
 ``initialize`` chooses per label whether every member's spans of it count or one member's alone (its
-``sources``). A ``validator`` (an
-``llm_lar_ner`` member) re-asks spans whose support lies within ``validate_band`` of the threshold — only those,
-so the cost stays bounded — with its yes/no verification prompt.
+``sources``). A ``validator`` (an ``llm_lar_ner`` member) re-asks spans whose support lies within
+``validate_band`` of the threshold — only those, so the cost stays bounded — with its yes/no verification prompt.
 
 Output: non-overlapping kept spans to ``doc.ents`` (most supported first; union: the first member's), every kept span to
 ``doc.spans[spans_key]`` with ``attrs["scores"]`` (support) and ``attrs["label_scores"]`` (type-vote share), each
