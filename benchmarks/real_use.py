@@ -402,7 +402,8 @@ def section_extra(args, table: Table) -> None:
                 nlp = union_pipeline(args, labels, v_pool, student, lowered(chosen_on) if lower else chosen_on)
                 ensemble = nlp.get_pipe("llm_ner_ensemble")
                 row = run_llm(args, nlp, v_test, more=union_breakdown(ensemble.name, ensemble.members))
-                fitted = {**ensemble.vote_settings()["fitted"], "sources": ensemble.vote_settings()["sources"]}
+                votes = ensemble.vote_settings()
+                fitted = {**votes["fitted"], "sources": votes["sources"]}
                 row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG, fitted=fitted)
                 table.add(f"{key}@{args.adapter_name}+spacy+sources", row)
 

@@ -93,13 +93,9 @@ def test_for_domains_runs_per_domain_and_skips_what_exists(tmp_path):
     assert (tmp_path / "b.done").read_text() == "" and "[b]" in out and "exists: skipped" in out
 
 
-def test_probe_bad_input():
+def test_probe_bad_input(monkeypatch):
     """Each case prints one line (its outcome: ok / error / warning) and the script exits 0."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("probe_bad_input", ROOT / "scripts/probe_bad_input.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _script(monkeypatch, "scripts/probe_bad_input.py")
     out = run("scripts/probe_bad_input.py")
     for name, _ in probe.CASES:
         assert re.search(rf"^- {re.escape(name)}: (ok|error)", out, re.M), f"no line for case {name!r}:\n{out}"
@@ -716,7 +712,7 @@ def test_real_use_measures_again_only_rows_of_an_engine_that_got_answers_wrong(m
     by a later revision, which changed rounding only, stands; a llama.cpp row and a spaCy row never are."""
     from spacy_llmner.backends.llamacpp import TORCH_ENGINE_REVISION
 
-    real_use = _real_use(monkeypatch)
+    real_use = _script(monkeypatch, "benchmarks/real_use.py")
     key = "extra/btc/cased@ner-v2"
     assert real_use.stale(key, {"f1": 50.0})  # before revisions were recorded: revision 1
     assert real_use.stale(key, {"engine": "torch", "engine_revision": real_use.FIXED_IN_REVISION - 1})
@@ -728,21 +724,22 @@ def test_real_use_measures_again_only_rows_of_an_engine_that_got_answers_wrong(m
 def test_real_use_refuses_union_sources_without_sentences_to_choose_them_on(monkeypatch):
     """The union's sources are chosen on train sentences outside the pool: only beside --union-spacy, and not where
     those sentences are the ones scored (--extra-split dev)."""
-    real_use = _real_use(monkeypatch)
+    real_use = _script(monkeypatch, "benchmarks/real_use.py")
     for more in ((), ("--union-spacy", "--extra-split", "dev")):
         with pytest.raises(SystemExit, match="--union-sources chooses the union's sources"):
             real_use.main(["--pool-fit", "--union-sources", "3", *more])
 
 
-def _real_use(monkeypatch):
-    """benchmarks/real_use.py as a module."""
+def _script(monkeypatch, path: str):
+    """The script at ``path`` (from the repository root) as a module, its folder on ``sys.path`` for its own
+    imports (benchmarks/common.py)."""
     import importlib.util
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_use", ROOT / "benchmarks/real_use.py")
-    real_use = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_use)
-    return real_use
+    monkeypatch.syspath_prepend(str((ROOT / path).parent))
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.model
