@@ -32,6 +32,28 @@ def test_the_gguf_reader_agrees_with_gguf_py():
         np.testing.assert_array_equal(tensors[t.name], ref.reshape(tensors[t.name].shape))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="fork() is POSIX's")
+def test_dequantized_weights_are_private_to_each_process():
+    """Dequantized weights live in anonymous memory maps (not numpy's allocator, which asks for transparent huge
+    pages and can stall for seconds on first touch). The map must be private: weights changed in a forked child (a
+    LoRA merged there) must not change the parent's, and torch must take the array without a copy."""
+    import torch
+
+    from spacy_llmner.backends.weights import empty_float32
+
+    a = empty_float32((3, 5))
+    a[...] = 1.0
+    t = torch.from_numpy(a)
+    assert t.data_ptr() == a.ctypes.data
+    pid = os.fork()
+    if pid == 0:  # the child writes through torch and leaves at once
+        t.add_(41.0)
+        os._exit(0 if float(a[0, 0]) == 42.0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.all(a == 1.0) and empty_float32((0,)).shape == (0,)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_dequantizing_many_rows_at_a_time_equals_gguf_py(threads, monkeypatch):
     """weights.dequantize feeds gguf-py's per-type code 256 rows at a time (gguf.quants.dequantize: 16), the calls

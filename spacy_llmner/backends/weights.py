@@ -16,6 +16,7 @@ all load through here.
 torch, transformers, peft and gguf are imported on first use only.
 """
 
+import mmap
 import os
 import re
 from functools import lru_cache
@@ -55,11 +56,23 @@ def read_gguf(
         if qtype == gguf.GGMLQuantizationType.F32:
             data = raw.view(np.float32)
         elif qtype == gguf.GGMLQuantizationType.F16:
-            data = raw.view(np.float16).astype(np.float32)
+            data = empty_float32(raw.shape[:1] + (row_bytes // 2,))
+            data[...] = raw.view(np.float16)
         else:
             data = dequantize(raw, qtype)
         out[name] = data.reshape(dims[::-1]) if len(dims) > 1 else data.reshape(-1)
     return meta, out
+
+
+def empty_float32(shape: Tuple[int, ...]) -> np.ndarray:
+    """A float32 array of zeros on ordinary pages. numpy asks the kernel for transparent huge pages for every
+    array of 4 MB or more (``madvise``); where the kernel then compacts memory on demand (THP ``defrag = madvise``,
+    a common default), first touching a freshly allocated gigabyte of weights can stall for seconds, by how
+    fragmented memory is at that moment. An anonymous memory map is never advised, so it costs ordinary page faults
+    (``tests/test_torch_engine.py`` checks the contents are gguf-py's)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    private = {"flags": mmap.MAP_PRIVATE} if os.name == "posix" else {}  # a forked child writes its own copy
+    return np.frombuffer(mmap.mmap(-1, max(4 * n, 1), **private), dtype=np.float32, count=n).reshape(shape)
 
 
 ROWS_PER_CALL = 256
@@ -78,7 +91,7 @@ def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
     if kind is None:
         return gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    out = np.empty((raw.shape[0], raw.shape[1] // size * block), dtype=np.float32)
+    out = empty_float32((raw.shape[0], raw.shape[1] // size * block))
     kind.init_grid()  # the i-quants' lookup grids (a no-op for the others)
 
     def rows(at: int) -> None:
