@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..formats import gbnf
 from .weights import read_gguf
 
 # control tokens llama.cpp ends generation on besides the end-of-sequence id (llama-vocab.cpp's list)
@@ -192,9 +193,12 @@ class _Wrapped:
 
 @lru_cache(maxsize=512)
 def _compiled(grammar: str) -> str:
+    """llguidance's grammar for a GBNF grammar: converted by ``gbnf.to_lark`` where the grammar is of the formats'
+    subset (every grammar the formats write), else by llguidance's own converter."""
     import llguidance
 
-    return llguidance.grammar_from("gbnf", grammar)
+    lark = gbnf.to_lark(grammar)
+    return llguidance.grammar_from("lark", lark) if lark is not None else llguidance.grammar_from("gbnf", grammar)
 
 
 class Matcher:

@@ -4,7 +4,8 @@ Every grammar draws span text from the input: a mention is any run of consecutiv
 as the source writes it (token text plus the whitespace between tokens). Rules grow linearly with the input.
 """
 
-from typing import List, Sequence, Tuple
+import re
+from typing import List, Optional, Sequence, Tuple
 
 
 def literal(text: str) -> str:
@@ -68,6 +69,57 @@ def mention_rules(tokens: Sequence[str], gaps: Sequence[str], escape=lambda s: s
             starts.append(f"run-{i}")
     rules.append("mention ::= " + " | ".join(starts))
     return rules
+
+
+# ---- the same grammar in llguidance's Lark -------------------------------------------------------------------------
+# The formats build a grammar for every sentence (its mentions are the sentence's own tokens), so converting GBNF
+# for the grammar engine happens once per sentence. llguidance's converter (``gbnf_to_lark``, Python) parses into a
+# tree and took longer per sentence at k = 0 than a tenth of the model's decoding. For the subset the formats write
+# the conversion is a renaming, done here with llguidance's rules: ``root`` becomes ``start``; every other rule that
+# reaches only literals and such rules becomes a lexer terminal (upper case, ``-`` as ``_``); literals are kept
+# verbatim (GBNF's escapes are Lark's).
+
+_RULE = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*::=(.*)")
+_PART = re.compile(r'\s+|"(?:[^"\\\n]|\\.)*"|[a-z][a-z0-9_-]*|[()|?*+]')
+
+
+def to_lark(grammar: str) -> Optional[str]:
+    """``grammar`` (GBNF) as llguidance's Lark, or None where it leaves the formats' subset (comments, character
+    classes, upper-case names, a reference to no rule, a name that would clash once renamed): the caller then hands
+    it to llguidance's own converter."""
+    rules = {}
+    for line in grammar.splitlines():
+        if not line.strip():
+            continue
+        m = _RULE.fullmatch(line)
+        if m is None or m.group(1) in rules:
+            return None
+        parts = _PART.findall(m.group(2))
+        if "".join(parts) != m.group(2):
+            return None
+        rules[m.group(1)] = parts
+    refs = {name: {p for p in parts if p[0].isalpha()} for name, parts in rules.items()}
+    if "root" not in rules or any(r not in rules or r == "root" for rs in refs.values() for r in rs):
+        return None
+    terminal: set = set()
+    grew = True
+    while grew:  # llguidance's fixpoint: recursive rules never become terminals
+        grew = False
+        for name, rs in refs.items():
+            if name != "root" and name not in terminal and rs <= terminal:
+                terminal.add(name)
+                grew = True
+    renamed = {
+        n: "start" if n == "root" else n.replace("-", "_").upper() if n in terminal else n.replace("-", "_")
+        for n in rules
+    }
+    if len(set(renamed.values())) != len(renamed):
+        return None
+    lines = ["%llguidance {}", ""]
+    for name, parts in rules.items():
+        body = "".join(renamed[p] if p[0].isalpha() else p for p in parts).strip()
+        lines.append(f"{renamed[name]}: {body}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- recognizing: does a grammar accept a text? ------------------------------------------------------------------
