@@ -105,9 +105,9 @@ TRICKY = 'Dr. "Bob" O\'Neil\tof ACME-Corp\\EU met 佐藤 in São Paulo (Brazil) 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_our_lark_conversion_masks_tokens_as_llguidance_s_own(fmt):
-    """The formats' grammars reach llguidance through ``gbnf.to_lark`` (llguidance's GBNF converter is Python and
-    was a tenth of decoding time at k = 0). On text with quotes, backslashes, tabs, pipes, braces and non-Latin
-    script, both conversions allow exactly the same tokens at every step of an answer that tags every word."""
+    """The formats' grammars reach llguidance through ``gbnf.to_lark``, not llguidance's own GBNF converter. On
+    text with quotes, backslashes, tabs, pipes, braces and non-Latin script, both conversions allow exactly the same
+    tokens at every step of one walk through the grammar (each step a seeded draw among the allowed tokens)."""
     import llguidance
 
     from spacy_llmner.backends.vocab import Matcher
@@ -122,7 +122,6 @@ def test_our_lark_conversion_masks_tokens_as_llguidance_s_own(fmt):
     assert gbnf.to_lark(grammar) is not None  # the formats' subset: the fast path is the one taken
     ours, theirs = vocab.matcher(grammar), Matcher(vocab, llguidance.grammar_from("gbnf", grammar))
     steps = 0
-    token = None
     while True:
         mask = ours.m.compute_bitmask()
         assert mask == theirs.m.compute_bitmask(), f"step {steps}"

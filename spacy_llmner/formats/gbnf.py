@@ -74,7 +74,7 @@ def mention_rules(tokens: Sequence[str], gaps: Sequence[str], escape=lambda s: s
 # ---- the same grammar in llguidance's Lark -------------------------------------------------------------------------
 # The formats build a grammar for every sentence (its mentions are the sentence's own tokens), so converting GBNF
 # for the grammar engine happens once per sentence. llguidance's converter (``gbnf_to_lark``, Python) parses into a
-# tree and took longer per sentence at k = 0 than a tenth of the model's decoding. For the subset the formats write
+# tree, a visible share of decoding time at k = 0 (docs/speed.md). For the subset the formats write
 # the conversion is a renaming, done here with llguidance's rules: ``root`` becomes ``start``; every other rule that
 # reaches only literals and such rules becomes a lexer terminal (upper case, ``-`` as ``_``); literals are kept
 # verbatim (GBNF's escapes are Lark's).
