@@ -30,16 +30,18 @@ from spacy_llmner.corpora import unannotated
 from common import CROSSNER_LABELS, load_split
 
 
-def pipeline(system, labels, pool, k, encoder=None, cache=None, demonstrations=None):
+def pipeline(system, labels, pool, k, encoder=None, cache=None, demonstrations=None, parallel=None, dtype=None):
     system, _, engine = system.partition("@")
     model, _, adapter = system.partition("+")
     config = spacy.util.load_config("configs/retrieval.cfg")
     config["components"]["llm_lar_ner"]["backend"]["model"] = model
     if engine:
         config["components"]["llm_lar_ner"]["backend"]["engine"] = engine
-        config["components"]["llm_lar_ner"]["backend"]["parallel"] = None
+        config["components"]["llm_lar_ner"]["backend"]["parallel"] = parallel
     config["components"]["llm_lar_ner"]["backend"]["adapter"] = (adapter or "auto") if adapter != "none" else None
     config["components"]["llm_lar_ner"]["cache_path"] = cache
+    if dtype:  # the torch engine's precision ("auto", the default: int8 products on a CPU)
+        config["components"]["llm_lar_ner"]["backend"]["dtype"] = dtype
     if demonstrations:  # the torch engine's reading of them ("parallel", the default, or "sequential")
         config["components"]["llm_lar_ner"]["backend"]["demonstrations"] = demonstrations
     nlp = spacy.util.load_model_from_config(config, auto_fill=True)
@@ -60,7 +62,9 @@ def run_domain(args, domain, models):
     labels = CROSSNER_LABELS[domain].split()
     systems, encoder = {}, None
     for name, model in models.items():
-        systems[name] = pipeline(model, labels, train, args.k, encoder, args.cache, args.demonstrations)
+        systems[name] = pipeline(
+            model, labels, train, args.k, encoder, args.cache, args.demonstrations, args.parallel, args.dtype
+        )
         encoder = systems[name].get_pipe("llm_lar_ner").retriever.encoder
         systems[name]("Warm-up sentence .")  # load the model outside the timing
     seconds = {k: [] for k in systems}
@@ -155,6 +159,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64, help="docs per nlp.pipe batch (--batched)")
     ap.add_argument("--cache", default=None, help="an answer cache (sqlite): reruns cost nothing")
     ap.add_argument("--demonstrations", choices=["parallel", "sequential"], help="the torch engine's reading")
+    ap.add_argument("--parallel", type=int, default=None, help="sequences decoded together (the engine's default)")
+    ap.add_argument("--dtype", default=None, help="the torch engine's precision (its default: auto)")
     ap.add_argument("--out", default="metrics/finetune.json")
     args = ap.parse_args()
     models = dict(s.split("=", 1) for s in args.system)

@@ -28,7 +28,7 @@ from ..calibration import load as load_calibration
 from ..ty import BackendError, Generation, GenerationRequest, ScoreRequest, Scores
 from .base import BackendBase
 from .gguf_check import GGUFFileError, architecture, check_adapter, check_model, read_header
-from .weights import check_device
+from .weights import check_device, check_dtype
 
 
 def _gemma3_270m() -> str:
@@ -159,8 +159,8 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
 ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
 # the torch engine's arithmetic, in cache identities: raised when a fix changes its answers, so that no answer cache
 # serves an earlier engine's (2: attention masks by token position, not cache slot; 3: decoding attention with the
-# query heads folded, bfloat16 sums in another order)
-TORCH_ENGINE_REVISION = 3
+# query heads folded, bfloat16 sums in another order; 4: "auto" on a CPU multiplies in int8)
+TORCH_ENGINE_REVISION = 4
 # how the torch engine reads a prompt's demonstrations; "auto": in parallel where an adapter is served (measured with
 # ner-v2: docs/speed.md), in sequence for a base model (Gemma 3 270M without one lost a demonstrated entity in JSON)
 DEMONSTRATIONS = ("auto", "parallel", "sequential")
@@ -292,8 +292,9 @@ class LlamaCppBackend(BackendBase):
         the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring (LAR typing,
         self-validation) and sampling run on the engine chosen.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
-    dtype (str): torch engine: "auto" (bfloat16 on a GPU and on CPUs with AVX-512 BF16 or AMX, else float32),
-        "bfloat16", "float16" or "float32".
+    dtype (str): torch engine: "auto" (on a CPU, the body's matrix products in int8 and the rest in bfloat16
+        where the CPU has AVX-512 BF16 or AMX, else float32; bfloat16 on a GPU), "int8" (a CPU only), "bfloat16",
+        "float16" or "float32".
     device (str): torch engine: "auto" (CUDA where torch sees a GPU, else the CPU), "cpu" or a torch device such
         as "cuda:0".
     demonstrations (str): torch engine: "parallel" (each demonstration of a prompt read after the instructions
@@ -342,6 +343,7 @@ class LlamaCppBackend(BackendBase):
         self.dtype = dtype
         try:
             check_device(device)
+            check_dtype(dtype, device)
         except ValueError as e:
             raise BackendError(f"llama.cpp backend: {e}") from e
         self.device = device

@@ -11,17 +11,23 @@ body and an output head, so that ``torch_decoder`` can apply the head to a few r
   finished rows are dropped (``keep``).
 - Precision: on a CPU with ``dtype = bfloat16`` the matrix products, the embedding / head and attention (the
   cached keys and values) run in bfloat16; the residual stream and norms stay in float32 (hooks on transformers'
-  modules; ``attention`` is registered with transformers' ``AttentionInterface``).
+  modules; ``attention`` is registered with transformers' ``AttentionInterface``). With int8 (``dtype = "int8"``,
+  or "auto" on a CPU) the body's linear layers become ``Int8Linear``: SmoothQuant-style smoothing calibrated once
+  on a fixed text, inputs quantized per token, weights per output channel, ``torch._int_mm``; the embedding / head
+  and attention as "auto" has them.
 
 ``body_flop`` and ``row_flop`` give the arithmetic of one token through the body's matrix products and of one head
 row (attention aside), for the decoder's compute accounting.
 """
 
+import threading
 from typing import Optional
 
-from transformers.cache_utils import Cache  # (this module is imported only when the engine loads)
+import torch  # (this module is imported only when the engine loads)
+from transformers.cache_utils import Cache
 
-from .weights import load_causal_lm, resolve_device, resolve_dtype
+from .vocab import vocab_of
+from .weights import load_causal_lm, resolve_device, resolve_dtype, resolve_int8
 
 
 class SlotCache(Cache):
@@ -122,17 +128,23 @@ class TorchModel:
             torch.set_num_threads(n_threads)
         self.torch = torch
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        # int8: the body's matrix products in int8 (CPU only), everything else as "auto" has it
+        self.int8 = resolve_int8(dtype, self.device)
+        self.dtype = resolve_dtype("auto" if self.int8 else dtype, self.device)
         # on a CPU the residual stream, norms and attention stay in float32 and only the matrix products (and the
         # embedding, which is also the head) run in bfloat16; on a GPU the whole model runs in ``dtype``
         mixed = self.device == "cpu" and self.dtype != torch.float32
         self.lm = load_causal_lm(
-            path, lora, torch.float32 if mixed else self.dtype, self.device, attention=register_attention()
+            path, lora, torch.float32 if mixed or self.int8 else self.dtype, self.device, attention=register_attention()
         )
         self.body = self.lm.get_decoder()
         linear = [m for m in self.body.modules() if isinstance(m, torch.nn.Linear)]
+        self.body_flop = 2 * sum(m.weight.numel() for m in linear)
         if mixed:
-            for module in linear + [self.lm.get_input_embeddings(), self.lm.get_output_embeddings()]:
+            for module in ([] if self.int8 else linear) + [
+                self.lm.get_input_embeddings(),
+                self.lm.get_output_embeddings(),
+            ]:
                 products_in(module, self.dtype)
         self.kv_dtype = self.dtype  # keys and values are stored (and attended over) in dtype
         self.head = self.lm.get_output_embeddings().weight  # (n_vocab, n_embd)
@@ -148,8 +160,10 @@ class TorchModel:
         self.by_type = bool(types)
         window = config.get("sliding_window")
         self.sliding_window = window if window and (not types or "sliding_attention" in types) else None
-        self.body_flop = 2 * sum(m.weight.numel() for m in linear)
         self.row_flop = 2 * self.head.shape[1]
+        if self.int8:  # calibrated on a fixed text, through the float body
+            ids = vocab_of(path).tokenize(CALIBRATION_TEXT)
+            int8_products(self.body, lambda: self.forward([ids], [list(range(len(ids)))], self.new_cache(1, len(ids))))
 
     def tensor(self, array, dtype=None):
         return self.torch.as_tensor(array, dtype=dtype, device=self.device)
@@ -230,3 +244,97 @@ def products_in(module, dtype) -> None:
         lambda m, args: tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
     )
     module.register_forward_hook(lambda m, args, out: out.float())
+
+
+# The text the int8 products are calibrated on (each input channel's largest magnitude, for smoothing): fixed, so that
+# every process quantizes alike; an instruction, entity types, demonstrations and answers as the engine's prompts
+# have them.
+CALIBRATION_TEXT = (
+    "Find the named entities in each sentence and give the type of each one.\n"
+    "Entity types:\n- person\n- organisation\n- location\n- misc\n\n"
+    "Sentence: In 1998 the Labour Party under Tony Blair won the election in Scotland.\n"
+    "Entities:\nLabour Party | organisation\nTony Blair | person\nScotland | location\n\n"
+    "Sentence: The researchers at Stanford University trained a convolutional neural network on ImageNet.\n"
+    "Entities:\nStanford University | organisation\nconvolutional neural network | misc\nImageNet | misc\n"
+)
+# SmoothQuant's migration strength: activation outliers are divided by scale^alpha, weights multiplied by it
+SMOOTHING = 0.5
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer whose product runs in int8 (``torch._int_mm``, int32 sums): its input divided per channel by
+    ``shared.smooth`` (SmoothQuant: outlier channels tamed, the weights' columns multiplied by the same factors),
+    then quantized per token (row), symmetric, at every call; weights quantized once, symmetric, one scale per output
+    channel. ``shared`` quantizes an input once for the layers that read it (attention's q, k, v; the MLP's gate and
+    up)."""
+
+    def __init__(self, linear: torch.nn.Linear, shared: "SharedInput"):
+        super().__init__()
+        weight = linear.weight.detach().float() * shared.smooth
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        # (in, out): the layout torch._int_mm's CPU kernel takes fastest for both of the body's shapes
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), False)
+        self.shared = shared
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        rows, scales = self.shared.quantized(x)
+        out = torch._int_mm(rows, self.qweight).float() * scales * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class SharedInput(threading.local):
+    """Per-token int8 quantization of the last input seen, by identity: the layers reading one tensor (transformers'
+    attention and MLP pass the same tensor to their projections, unchanged in between) quantize it once. Per thread:
+    backends sharing the model may run it from several. ``smooth``: each input channel's divisor."""
+
+    last = result = None
+
+    def __init__(self, smooth):
+        self.smooth = smooth
+
+    def quantized(self, x):
+        if x is not self.last:  # (held here, so no other tensor can take its identity)
+            flat = x.reshape(-1, x.shape[-1]).float() / self.smooth
+            scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            self.result = (torch.round(flat / scales).to(torch.int8), scales)
+            self.last = x
+        return self.result
+
+
+def int8_products(body, calibrate) -> None:
+    """Every ``torch.nn.Linear`` in ``body`` replaced by an ``Int8Linear`` (the float weights freed). ``calibrate``
+    runs the body once: each layer's largest input magnitude per channel is recorded, and the layers that read the
+    same tensor form a group sharing one quantization, smoothed by SmoothQuant's factors (max |x_j|^a /
+    max |w_j|^(1-a), the weights' maximum over the group's layers)."""
+    linears = [(module, name, child) for module in body.modules() for name, child in module.named_children()]
+    linears = [(module, name, child) for module, name, child in linears if type(child) is torch.nn.Linear]
+    seen = {}  # linear → (input tensor's id, per-channel max |x|)
+    keep = []  # the inputs, alive until grouped (their ids stay theirs)
+
+    def record(child, args):
+        x = args[0]
+        keep.append(x)
+        seen[child] = (id(x), x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
+
+    hooks = [child.register_forward_pre_hook(record) for _, _, child in linears]
+    try:
+        with torch.inference_mode():
+            calibrate()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = {}
+    for module, name, child in linears:
+        groups.setdefault(seen[child][0], []).append((module, name, child))
+    for members in groups.values():
+        act = seen[members[0][2]][1].clamp(min=1e-5)
+        wmax = torch.stack([child.weight.detach().float().abs().amax(dim=0) for _, _, child in members]).amax(dim=0)
+        smooth = (act.pow(SMOOTHING) / wmax.clamp(min=1e-5).pow(1 - SMOOTHING)).clamp(min=1e-5)
+        shared = SharedInput(smooth)
+        for module, name, child in members:
+            setattr(module, name, Int8Linear(child, shared))

@@ -120,8 +120,32 @@ def _cpu_flags() -> set:
     return set()
 
 
+# the torch engine's precisions; "int8": the body's matrix products in int8 (a CPU only: torch_model.Int8Linear), the
+# rest as "auto" has it
+DTYPES = ("auto", "int8", "bfloat16", "float16", "float32")
+
+
+def check_dtype(dtype: str, device: str = "auto") -> None:
+    """Refuses a precision the engine does not have, or int8 on a GPU (names only: nothing is imported)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"torch engine: dtype must be one of {', '.join(map(repr, DTYPES))}, not {dtype!r}")
+    if dtype == "int8" and device not in ("auto", "cpu"):
+        raise ValueError(
+            f"torch engine: dtype 'int8' runs on a CPU only, not on {device!r}: "
+            "use dtype 'auto' or 'bfloat16' there, or device 'cpu'"
+        )
+
+
+def resolve_int8(dtype: str, device: str) -> bool:
+    """Whether the body's matrix products run in int8 on the resolved ``device``: asked for, or "auto" on a CPU (F1
+    and speed against bfloat16: docs/speed.md, "Int8 matrix products")."""
+    check_dtype(dtype, device)
+    return dtype == "int8" or (dtype == "auto" and device == "cpu")
+
+
 def resolve_dtype(dtype: str, device: str = "cpu"):
-    """ "auto": bfloat16 on a GPU and where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere."""
+    """ "auto": bfloat16 on a GPU and where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere
+    (the float precision; whether products run in int8 is ``resolve_int8``'s)."""
     import torch
 
     if dtype == "auto":
