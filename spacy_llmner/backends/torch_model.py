@@ -140,11 +140,9 @@ class TorchModel:
         self.body = self.lm.get_decoder()
         linear = [m for m in self.body.modules() if isinstance(m, torch.nn.Linear)]
         self.body_flop = 2 * sum(m.weight.numel() for m in linear)
-        if mixed:
-            for module in ([] if self.int8 else linear) + [
-                self.lm.get_input_embeddings(),
-                self.lm.get_output_embeddings(),
-            ]:
+        if mixed:  # (int8 layers, made below, take and give float32 themselves)
+            floats = [] if self.int8 else linear
+            for module in floats + [self.lm.get_input_embeddings(), self.lm.get_output_embeddings()]:
                 products_in(module, self.dtype)
         self.kv_dtype = self.dtype  # keys and values are stored (and attended over) in dtype
         self.head = self.lm.get_output_embeddings().weight  # (n_vocab, n_embd)
@@ -281,7 +279,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x):
         rows, scales = self.shared.quantized(x)
-        out = torch._int_mm(rows, self.qweight).float() * scales * self.scale
+        out = torch._int_mm(rows, self.qweight).float().mul_(scales).mul_(self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -299,9 +297,9 @@ class SharedInput(threading.local):
 
     def quantized(self, x):
         if x is not self.last:  # (held here, so no other tensor can take its identity)
-            flat = x.reshape(-1, x.shape[-1]).float() / self.smooth
+            flat = x.reshape(-1, x.shape[-1]).float() / self.smooth  # (a new tensor: divided in place below)
             scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-            self.result = (torch.round(flat / scales).to(torch.int8), scales)
+            self.result = (flat.div_(scales).round_().to(torch.int8), scales)
             self.last = x
         return self.result
 
@@ -313,13 +311,11 @@ def int8_products(body, calibrate) -> None:
     max |w_j|^(1-a), the weights' maximum over the group's layers)."""
     linears = [(module, name, child) for module in body.modules() for name, child in module.named_children()]
     linears = [(module, name, child) for module, name, child in linears if type(child) is torch.nn.Linear]
-    seen = {}  # linear → (input tensor's id, per-channel max |x|)
-    keep = []  # the inputs, alive until grouped (their ids stay theirs)
+    seen = {}  # linear → (its input, held so that no other tensor takes its id; per-channel max |x|)
 
     def record(child, args):
         x = args[0]
-        keep.append(x)
-        seen[child] = (id(x), x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
+        seen[child] = (x, x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float())
 
     hooks = [child.register_forward_pre_hook(record) for _, _, child in linears]
     try:
@@ -330,7 +326,7 @@ def int8_products(body, calibrate) -> None:
             hook.remove()
     groups = {}
     for module, name, child in linears:
-        groups.setdefault(seen[child][0], []).append((module, name, child))
+        groups.setdefault(id(seen[child][0]), []).append((module, name, child))
     for members in groups.values():
         act = seen[members[0][2]][1].clamp(min=1e-5)
         wmax = torch.stack([child.weight.detach().float().abs().amax(dim=0) for _, _, child in members]).amax(dim=0)

@@ -122,7 +122,8 @@ def _cpu_flags() -> set:
 
 # the torch engine's precisions; "int8": the body's matrix products in int8 (a CPU only: torch_model.Int8Linear), the
 # rest as "auto" has it
-DTYPES = ("auto", "int8", "bfloat16", "float16", "float32")
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "int8") + FLOAT_DTYPES
 
 
 def check_dtype(dtype: str, device: str = "auto") -> None:
@@ -151,7 +152,7 @@ def resolve_dtype(dtype: str, device: str = "cpu"):
     if dtype == "auto":
         native = device != "cpu" or {"avx512_bf16", "amx_bf16"} & _cpu_flags()
         dtype = "bfloat16" if native else "float32"
-    if dtype not in ("bfloat16", "float32", "float16"):
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"torch engine: dtype must be 'auto', 'bfloat16', 'float16' or 'float32', not {dtype!r}")
     return getattr(torch, dtype)
 
