@@ -459,6 +459,42 @@ def test_prompts_batched_with_padding_decode_as_each_alone(gemma):
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("demonstrations", [False, True])
+def test_a_finished_row_takes_the_next_prompt_and_every_answer_is_as_alone(gemma, demonstrations):
+    """With more prompts than rows, a row that finishes takes the next waiting prompt mid-round: its keys and values
+    are written into that row, which then writes each new token at its own slot beside rows that fill more. A long
+    answer grows the cache past the few free slots a round starts with. Each answer and its log-probabilities must
+    be what the prompt gets alone."""
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+    from spacy_llmner.backends.torch_model import GROW
+
+    backend, model = gemma
+    texts = [
+        "Hi .",
+        "Toyota .",
+        "Angela Merkel met Emmanuel Macron , Olaf Scholz , Giorgia Meloni , Pedro Sanchez and Mark Rutte in Paris , "
+        "with envoys of Siemens , Airbus , Renault and the United Nations from Berlin , Rome , Madrid and Geneva .",
+        "Microsoft opened a lab in Nairobi , Kenya .",
+        "Paris .",
+        "Marie Curie worked at the University of Paris .",
+    ]
+    if demonstrations:
+        prompts, blocks, args, _ = demonstration_requests(backend, texts, DEMOS)
+    else:
+        (prompts, args), blocks = zero_shot_requests(backend, texts), None
+    decoder = TorchDecoder(backend.vocab, model, n_seq=2)
+    together = decoder.generate(prompts, *args, blocks=blocks)
+    assert decoder.usage["refilled_rows"] >= 3
+    assert max(t[1] for t in together) > GROW and "Olaf Scholz" in together[2][0]
+    for i, p in enumerate(prompts):
+        alone = TorchDecoder(backend.vocab, model, n_seq=1).generate(
+            [p], *([a[i]] for a in args), blocks=[blocks[i]] if blocks else None
+        )
+        assert together[i][0] == alone[0][0]
+        np.testing.assert_allclose([lp for _, lp in together[i][2]], [lp for _, lp in alone[0][2]], atol=1e-3)
+
+
+@pytest.mark.model
 def test_a_short_row_beside_one_longer_than_the_sliding_window_attends_as_alone(gemma):
     """Gemma 3's sliding-window layers mask by token position, not by cache slot: a short prompt decoded in a round
     with one longer than the window gets the logits it gets alone. (Masks from slot indices, transformers' default,

@@ -44,6 +44,7 @@ class _Seq:
     looped: bool = False  # stopped because a line repeated (``looping``): the answer before it is kept
     blocks: Tuple[tuple, ...] = ()  # the torch engine's demonstration blocks (tokens), read in parallel
     rest: int = 0  # ... and how many tokens follow them
+    candidates: object = None  # the torch engine's restricted head: the tokens its answer can use (np.ndarray)
 
 
 class GrammarFilter:

@@ -5,10 +5,12 @@ Same contract as ``batched.BatchedDecoder.generate`` (and the same GBNF grammars
 model's vocabulary: ``vocab.Vocab``, no llama.cpp): the backend picks this decoder with ``engine = "torch"``. What
 differs is where the arithmetic goes:
 
-- **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded in rounds of ``n_seq``: their
-  prompts evaluated together (right-padded), then one token per sequence per step. A round's key/value cache is
-  compacted when a quarter of its rows have finished. The prefix every prompt shares (instructions, label list) is
-  evaluated once and kept across calls.
+- **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded ``n_seq`` at a time: their
+  prompts evaluated together (right-padded), then one token per sequence per step. When a quarter of the rows have
+  finished, the next waiting prompts are prefilled into their places, so the batch stays full instead of running on
+  with a few long answers; each row then writes at its own slot. Once none wait, finished rows leave the cache.
+  A cache starts with a few free slots and grows when a row needs more. The prefix every prompt shares
+  (instructions, label list) is evaluated once and kept across calls.
 - **Demonstrations read in parallel** (``generate``'s ``blocks``, the backend's ``demonstrations = "parallel"``):
   each demonstration is evaluated once after the shared head alone and its keys and values are kept and copied into
   every row that shows it; only the question is evaluated per prompt (docs/speed.md).
@@ -29,7 +31,7 @@ counts every row through the body (padding and finished rows riding along includ
 """
 
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +40,7 @@ import numpy as np
 from ..formats.gbnf import literals
 from ._llama import shared_prefix
 from .batched import _Seq, extend, log_softmax_at
-from .torch_model import TorchModel
+from .torch_model import GROW, TorchModel
 from .vocab import Vocab
 
 # The restricted head looks up every substring of a prompt of up to SHORT characters in the vocabulary's text table,
@@ -297,25 +299,30 @@ class TorchDecoder:
         return [(s.text, len(s.generated), tuple(s.logprobs), s.truncated) for s in seqs]
 
     def _rounds(self, seqs: List[_Seq], common: int, prefill) -> None:
-        """Decodes ``seqs`` (sharing their first ``common`` tokens, the prefix already set) in rounds of ``n_seq``,
-        sorted by the length their prefill evaluates (the whole prompt, or only the question where the demonstrations
-        are blocks: rows of a prefill sub-batch are padded to its widest), each prefilled by ``prefill``."""
-        order = sorted(seqs, key=lambda s: s.rest if s.blocks else len(s.tokens))
-        for at in range(0, len(order), self.n_seq):
-            self._round(order[at : at + self.n_seq], common, prefill)
+        """Decodes ``seqs`` (sharing their first ``common`` tokens, the prefix already set), at most ``n_seq`` at a
+        time, sorted by the length their prefill evaluates (the whole prompt, or only the question where the
+        demonstrations are blocks: rows of a prefill sub-batch are padded to its widest), each group prefilled by
+        ``prefill``. Rows that finish are replaced by the next waiting sequences (``_decode``), so a batch does not
+        run on with a few long answers while others wait."""
+        waiting = deque(sorted(seqs, key=lambda s: s.rest if s.blocks else len(s.tokens)))
+        started: List[_Seq] = []
 
-    def _round(self, seqs: List[_Seq], common: int, prefill) -> None:
-        try:
-            for s in seqs:
+        def admit(n: int):
+            group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
+            for s in group:
+                started.append(s)
                 s.sampler = self.vocab.matcher(s.grammar) if s.grammar else None
                 s.pos = len(s.tokens)
                 s.rng = self.sampling.generator(s.tokens) if self.sampling else None
-            hidden, cache, mask = prefill(seqs, common)
-            self._decode(seqs, hidden, cache, mask, common)
-            self.usage["generated_tokens"] += sum(len(s.generated) for s in seqs)
-            self.usage["loops_stopped"] += sum(s.looped for s in seqs)
+            return (group, *prefill(group, common)) if group else None
+
+        try:
+            while waiting:
+                self._decode(*admit(self.n_seq), common, admit)
+            self.usage["generated_tokens"] += sum(len(s.generated) for s in started)
+            self.usage["loops_stopped"] += sum(s.looped for s in started)
         finally:
-            for s in seqs:
+            for s in started:
                 s.sampler = None
                 s.done = True
 
@@ -325,7 +332,7 @@ class TorchDecoder:
         padding mask (B, filled slots)."""
         torch = self.torch
         widest = max(len(s.tokens) for s in seqs) - common
-        capacity = common + widest + max(s.max_tokens for s in seqs) + 1
+        capacity = common + widest + GROW
         cache = self.model.new_cache(len(seqs), capacity, self.prefix_cache if common else None)
         mask = np.zeros((len(seqs), common + widest), dtype=np.int64)
         mask[:, :common] = 1
@@ -396,7 +403,7 @@ class TorchDecoder:
         widths = [sum(len(b) for b in s.blocks) for s in seqs]
         blocks_width, widest = max(widths), max(s.rest for s in seqs)
         filled = common + blocks_width
-        capacity = filled + widest + max(s.max_tokens for s in seqs) + 1
+        capacity = filled + widest + GROW
         cache = self.model.new_cache(len(seqs), capacity, self.prefix_cache)
         mask = np.zeros((len(seqs), filled + widest), dtype=np.int64)
         mask[:, :common] = 1
@@ -431,18 +438,30 @@ class TorchDecoder:
         cache.length = filled + widest
         return torch.stack(lasts), cache, mask
 
-    def _decode(self, seqs: List[_Seq], hidden, cache, mask: np.ndarray, common: int) -> None:
+    def _restricted(self, rows: List[_Seq], common: int):
+        """The restricted head of ``rows``: the union of the unfinished rows' candidate tokens, which of them each
+        row allows (a boolean tensor, rows × union) and the head's rows for them; None for the full head."""
+        if self.head != "restricted":
+            return None, None, None
+        open_ = [(r, s) for r, s in enumerate(rows) if s.grammar and not s.done]
+        for _, s in open_:
+            if s.candidates is None:
+                s.candidates = self.candidates(s.tokens, s.grammar, common)
+        union = np.unique(np.concatenate([s.candidates for _, s in open_] or [np.zeros(0, np.int64)]))
+        allowed = np.zeros((len(rows), len(union)), dtype=bool)
+        for r, s in open_:
+            allowed[r, np.searchsorted(union, s.candidates)] = True
+        return union, self.model.tensor(allowed), self.model.head_rows(union)
+
+    def _decode(self, rows: List[_Seq], hidden, cache, mask: np.ndarray, common: int, admit) -> None:
+        """Decodes prefilled ``rows`` (``hidden``: each one's last hidden state; their ``cache`` and its padding
+        ``mask``) one token per row per step, each row writing at its own slot (``SlotCache.at_slots``). A finished
+        row rides along until a quarter of the rows have finished; then ``admit(n)`` (the sequences, hidden states,
+        cache and mask of up to ``n`` more, prefilled; None when none wait) refills the finished rows in place, or,
+        when none wait, the finished rows leave the cache."""
         torch = self.torch
-        rows = list(seqs)  # the sequence each cache row holds
-        allowed = None
-        if self.head == "restricted":
-            cand = [self.candidates(s.tokens, s.grammar, common) if s.grammar else None for s in rows]
-            union = np.unique(np.concatenate([c for c in cand if c is not None] or [np.zeros(0, np.int64)]))
-            # per row: which of the union's entries its prompt allows
-            allowed = self.model.tensor(
-                np.stack([np.isin(union, c) if c is not None else np.zeros(len(union), bool) for c in cand])
-            )
-            head = self.model.head_rows(union)  # gathered once per round
+        fill = np.full(len(rows), mask.shape[1])  # each row's next slot
+        union, allowed, head = self._restricted(rows, common)
         while True:
             top = None
             if allowed is not None and len(union):
@@ -490,15 +509,43 @@ class TorchDecoder:
                 step_ids.append(0)
                 step_pos.append(s.pos)
             live = [r for r, s in enumerate(rows) if not s.done]
-            if not live:
+            new = admit(len(rows) - len(live)) if len(live) <= 0.75 * len(rows) else None
+            if not live and new is None:
                 return
-            if len(live) <= 0.75 * len(rows):  # compact: finished rows stop costing arithmetic
+            if new is None and len(live) <= 0.75 * len(rows):  # compact: finished rows stop costing arithmetic
                 cache.keep(self.model.tensor(live))
                 rows = [rows[r] for r in live]
                 step_ids = [step_ids[r] for r in live]
                 step_pos = [step_pos[r] for r in live]
-                mask = mask[live]
+                mask, fill = mask[live], fill[live]
                 if allowed is not None:
                     allowed = allowed[self.model.tensor(live)]
-            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=mask.dtype)], axis=1)
-            hidden = self._forward(np.array(step_ids)[:, None], np.array(step_pos)[:, None], cache, mask)[:, 0]
+                live = list(range(len(rows)))
+            if live:  # (finished rows ride along, writing at their next slot, masked)
+                cache.at_slots(self.model.tensor(fill))
+                if mask.shape[1] < cache.length + 1:
+                    mask = np.pad(mask, ((0, 0), (0, cache.length + 1 - mask.shape[1])))
+                mask[live, fill[live]] = 1
+                hidden = self._forward(
+                    np.array(step_ids)[:, None], np.array(step_pos)[:, None], cache, mask[:, : cache.length + 1]
+                )[:, 0]
+                fill[live] += 1
+            if new is not None:  # into the finished rows' places
+                group, new_hidden, new_cache, new_mask = new
+                free = [r for r, s in enumerate(rows) if s.done][: len(group)]
+                width = new_mask.shape[1]
+                cache.reserve(width)
+                if mask.shape[1] < width:
+                    mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
+                at = self.model.tensor(free)
+                for dst, src in zip(cache.keys + cache.values, new_cache.keys + new_cache.values):
+                    dst[at, :, :width] = src[:, :, :width]
+                cache.positions[at, :width] = new_cache.positions[:, :width]
+                mask[free] = 0
+                mask[free, :width] = new_mask
+                fill[free] = width
+                hidden[at] = new_hidden
+                for r, s in zip(free, group):
+                    rows[r] = s
+                self.usage["refilled_rows"] += len(group)
+                union, allowed, head = self._restricted(rows, common)

@@ -6,9 +6,10 @@ body and an output head, so that ``torch_decoder`` can apply the head to a few r
   ``DynamicCache``; returns float32 hidden states.
 - ``logits``: the output head on those hidden states, for every vocabulary row or for ``head_rows(ids)`` only,
   with the model's final logit soft-capping where its config has one.
-- Caches (``SlotCache``, a transformers ``Cache``): preallocated slots written in place; ``new_cache`` gives every
-  row of a round the shared prefix's keys and values; a prefill sub-batch writes into a range of the round's rows;
-  finished rows are dropped (``keep``).
+- Caches (``SlotCache``, a transformers ``Cache``): preallocated slots written in place, grown when full
+  (``reserve``); ``new_cache`` gives every row the shared prefix's keys and values; a prefill sub-batch writes into
+  a range of the rows; a one-token step may write each row at its own slot (``at_slots``: rows holding sequences of
+  different lengths); finished rows are dropped (``keep``).
 - Precision: on a CPU with ``dtype = bfloat16`` the matrix products, the embedding / head and attention (the
   cached keys and values) run in bfloat16; the residual stream and norms stay in float32 (hooks on transformers'
   modules; ``attention`` is registered with transformers' ``AttentionInterface``). With int8 (``dtype = "int8"``,
@@ -37,11 +38,29 @@ class SlotCache(Cache):
     ``DynamicCache`` concatenates: a copy of the whole cache per token); ``rows`` views a range of rows (a prefill
     sub-batch writes into the round's cache); ``keep`` drops finished rows."""
 
-    def __init__(self, keys, values, positions, length: int = 0):
+    def __init__(self, keys, values, positions, length: int = 0, view: bool = False):
         super().__init__()
         self.keys, self.values, self.positions, self.length = keys, values, positions, length
+        self.view = view  # rows of another cache (``rows``): written in place, so it cannot grow
+        self.slots = None  # one-token steps: each row's slot (``at_slots``)
+
+    def at_slots(self, slots) -> None:
+        """The next one-token step writes each row's token at its own slot (``slots``, a long tensor), not at
+        ``length``, and attends over the slots up to the largest: rows decoded side by side may hold sequences of
+        different lengths (a row refilled with a new sequence mid-round fills fewer slots than its neighbours)."""
+        self.slots = slots
+        self.length = int(slots.max()) if len(slots) else 0  # (the step attends over length + 1 slots)
+        self.reserve(self.length + 1)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.slots is not None:  # a one-token step, each row at its own slot (``at_slots``)
+            rows, n = self.torch_rows(), self.length + 1
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+            keys[rows, :, self.slots] = key_states[:, :, 0].to(keys.dtype)
+            values[rows, :, self.slots] = value_states[:, :, 0].to(values.dtype)
+            if layer_idx == len(self.keys) - 1:
+                self.length = n
+            return self.keys[layer_idx][:, :, :n], self.values[layer_idx][:, :, :n]
         n, t = self.length, key_states.shape[-2]
         self.keys[layer_idx][:, :, n : n + t] = key_states
         self.values[layer_idx][:, :, n : n + t] = value_states
@@ -55,19 +74,49 @@ class SlotCache(Cache):
     def get_max_cache_shape(self) -> Optional[int]:
         return None
 
+    def reserve(self, slots: int) -> None:
+        """At least ``slots`` slots per row: when the cache is full, its slots are copied into larger tensors with
+        GROW more free slots (a round starts with a few free slots, not its longest possible answer)."""
+        import torch
+
+        have = self.positions.shape[1]
+        if slots <= have:
+            return
+        if self.view:
+            raise RuntimeError(f"torch engine: {slots} slots needed in a view of {have} (a decoder bug)")
+        more = slots - have + GROW
+
+        def grow(t):
+            pad = torch.zeros((*t.shape[:-2], more, t.shape[-1]), dtype=t.dtype, device=t.device)
+            return torch.cat([t, pad], dim=-2)
+
+        self.keys = [grow(k) for k in self.keys]
+        self.values = [grow(v) for v in self.values]
+        self.positions = grow(self.positions[..., None])[..., 0]
+
     def rows(self, start: int, stop: int) -> "SlotCache":
         return SlotCache(
             [k[start:stop] for k in self.keys],
             [v[start:stop] for v in self.values],
             self.positions[start:stop],
             self.length,
+            view=True,
         )
 
+    def torch_rows(self):
+        import torch
+
+        return torch.arange(len(self.positions), device=self.positions.device)
+
     def keep(self, rows) -> None:
+        self.slots = None
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.positions = self.positions[rows]
 
+
+# free slots a cache gains when it grows (``SlotCache.reserve``), and that a new round's cache starts with
+GROW = 32
 
 ATTENTION = "spacy_llmner_sdpa"
 
@@ -187,7 +236,11 @@ class TorchModel:
         ``mask`` (B, cached + T): 1 where a slot holds a real token. Keys and values are written into ``cache``."""
         torch = self.torch
         ids, positions = self.tensor(ids, torch.long), self.tensor(positions, torch.long)
-        cache.positions[:, cache.length : cache.length + positions.shape[1]] = positions  # the slots written below
+        if cache.slots is not None:  # (a one-token step, each row at its own slot)
+            cache.positions[cache.torch_rows(), cache.slots] = positions[:, 0]
+        else:
+            cache.reserve(cache.length + positions.shape[1])
+            cache.positions[:, cache.length : cache.length + positions.shape[1]] = positions  # the slots written below
         return self.body(
             input_ids=ids,
             position_ids=positions,
