@@ -328,8 +328,8 @@ class TorchDecoder:
 
     def _prefill(self, seqs: List[_Seq], common: int):
         """Evaluates each prompt past the shared prefix, in sub-batches of at most ``max_batch_tokens`` (right-padded)
-        written into one cache for the round; returns each one's last hidden state (B, n_embd), the cache and its
-        padding mask (B, filled slots)."""
+        written into one cache; returns each one's last hidden state (B, n_embd), the cache, its padding mask (B,
+        filled slots) and each row's next slot (its generated tokens overwrite its padding)."""
         torch = self.torch
         widest = max(len(s.tokens) for s in seqs) - common
         capacity = common + widest + GROW
@@ -349,7 +349,7 @@ class TorchDecoder:
             h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : common + width])
             lasts.extend(h[r, len(s.tokens) - common - 1] for r, s in enumerate(part))
         cache.length = common + widest
-        return torch.stack(lasts), cache, mask
+        return torch.stack(lasts), cache, mask, np.array([len(s.tokens) for s in seqs])
 
     # -- demonstrations read in parallel (``generate``'s blocks) ----------------------------------------------------
     def _block_values(self, head: tuple, seqs: List[_Seq]) -> Dict[tuple, tuple]:
@@ -397,7 +397,8 @@ class TorchDecoder:
     def _prefill_blocks(self, seqs: List[_Seq], common: int):
         """``_prefill`` for rows whose demonstrations are blocks: each row's blocks' keys and values copied after the
         prefix (their positions those that follow it, the longest row's blocks setting the width, shorter rows
-        masked), then each row's question evaluated after them, starting at the position after its longest block."""
+        masked), then each row's question evaluated after them (in the slots right after its own blocks), starting at
+        the position after its longest block."""
         torch = self.torch
         values = self._block_values(tuple(self.prefix), seqs)
         widths = [sum(len(b) for b in s.blocks) for s in seqs]
@@ -407,7 +408,7 @@ class TorchDecoder:
         cache = self.model.new_cache(len(seqs), capacity, self.prefix_cache)
         mask = np.zeros((len(seqs), filled + widest), dtype=np.int64)
         mask[:, :common] = 1
-        starts = []
+        starts, slots = [], []  # each question's first position, and first slot: right after its own blocks
         for r, s in enumerate(seqs):
             at = common
             for block in s.blocks:
@@ -420,6 +421,7 @@ class TorchDecoder:
                 mask[r, at:end] = 1
                 at = end
             starts.append(common + max(len(b) for b in s.blocks))
+            slots.append(at)
         cache.length = filled
         lasts = []
         for at, n, width in self._sub_batches([s.rest for s in seqs]):
@@ -429,14 +431,16 @@ class TorchDecoder:
             for r, s in enumerate(part):
                 ids[r, : s.rest] = s.tokens[-s.rest :]
                 positions[r] = starts[at + r] + np.arange(width)
-                mask[at + r, filled : filled + s.rest] = 1
+                mask[at + r, slots[at + r] : slots[at + r] + s.rest] = 1
                 s.pos = starts[at + r] + s.rest
                 self.usage["prompt_tokens"] += s.rest
             self.usage["padding_tokens"] += int(ids.size) - sum(s.rest for s in part)
-            h = self._forward(ids, positions, cache.rows(at, at + n), mask[at : at + n, : filled + width])
+            view = cache.rows(at, at + n)
+            view.at_slots(self.model.tensor(slots[at : at + n]), width)
+            h = self._forward(ids, positions, view, mask[at : at + n, : view.length + width])
             lasts.extend(h[r, s.rest - 1] for r, s in enumerate(part))
         cache.length = filled + widest
-        return torch.stack(lasts), cache, mask
+        return torch.stack(lasts), cache, mask, np.array(slots) + [s.rest for s in seqs]
 
     def _restricted(self, rows: List[_Seq], common: int):
         """The restricted head of ``rows``: the union of the unfinished rows' candidate tokens, which of them each
@@ -453,14 +457,13 @@ class TorchDecoder:
             allowed[r, np.searchsorted(union, s.candidates)] = True
         return union, self.model.tensor(allowed), self.model.head_rows(union)
 
-    def _decode(self, rows: List[_Seq], hidden, cache, mask: np.ndarray, common: int, admit) -> None:
-        """Decodes prefilled ``rows`` (``hidden``: each one's last hidden state; their ``cache`` and its padding
-        ``mask``) one token per row per step, each row writing at its own slot (``SlotCache.at_slots``). A finished
-        row rides along until a quarter of the rows have finished; then ``admit(n)`` (the sequences, hidden states,
-        cache and mask of up to ``n`` more, prefilled; None when none wait) refills the finished rows in place, or,
-        when none wait, the finished rows leave the cache."""
+    def _decode(self, rows: List[_Seq], hidden, cache, mask: np.ndarray, fill: np.ndarray, common: int, admit) -> None:
+        """Decodes prefilled ``rows`` (``hidden``: each one's last hidden state; their ``cache``, its padding ``mask``
+        and each row's next slot, ``fill``) one token per row per step, each row writing at its own slot
+        (``SlotCache.at_slots``). A finished row rides along until a quarter of the rows have finished; then
+        ``admit(n)`` (the sequences, hidden states, cache, mask and next slots of up to ``n`` more, prefilled; None
+        when none wait) refills the finished rows in place, or, when none wait, the finished rows leave the cache."""
         torch = self.torch
-        fill = np.full(len(rows), mask.shape[1])  # each row's next slot
         union, allowed, head = self._restricted(rows, common)
         while True:
             top = None
@@ -531,7 +534,7 @@ class TorchDecoder:
                 )[:, 0]
                 fill[live] += 1
             if new is not None:  # into the finished rows' places
-                group, new_hidden, new_cache, new_mask = new
+                group, new_hidden, new_cache, new_mask, new_fill = new
                 free = [r for r, s in enumerate(rows) if s.done][: len(group)]
                 width = new_mask.shape[1]
                 cache.reserve(width)
@@ -543,7 +546,7 @@ class TorchDecoder:
                 cache.positions[at, :width] = new_cache.positions[:, :width]
                 mask[free] = 0
                 mask[free, :width] = new_mask
-                fill[free] = width
+                fill[free] = new_fill
                 hidden[at] = new_hidden
                 for r, s in zip(free, group):
                     rows[r] = s

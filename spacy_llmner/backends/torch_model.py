@@ -8,7 +8,7 @@ body and an output head, so that ``torch_decoder`` can apply the head to a few r
   with the model's final logit soft-capping where its config has one.
 - Caches (``SlotCache``, a transformers ``Cache``): preallocated slots written in place, grown when full
   (``reserve``); ``new_cache`` gives every row the shared prefix's keys and values; a prefill sub-batch writes into
-  a range of the rows; a one-token step may write each row at its own slot (``at_slots``: rows holding sequences of
+  a range of the rows; a step may write each row from its own slot on (``at_slots``: rows holding sequences of
   different lengths); finished rows are dropped (``keep``).
 - Precision: on a CPU with ``dtype = bfloat16`` the matrix products, the embedding / head and attention (the
   cached keys and values) run in bfloat16; the residual stream and norms stay in float32 (hooks on transformers'
@@ -42,25 +42,30 @@ class SlotCache(Cache):
         super().__init__()
         self.keys, self.values, self.positions, self.length = keys, values, positions, length
         self.view = view  # rows of another cache (``rows``): written in place, so it cannot grow
-        self.slots = None  # one-token steps: each row's slot (``at_slots``)
+        self.slots = None  # each row's first slot in the next step (``at_slots``), or None: all at ``length``
+        self.index = None
 
-    def at_slots(self, slots) -> None:
-        """The next one-token step writes each row's token at its own slot (``slots``, a long tensor), not at
-        ``length``, and attends over the slots up to the largest: rows decoded side by side may hold sequences of
-        different lengths (a row refilled with a new sequence mid-round fills fewer slots than its neighbours)."""
+    def at_slots(self, slots, tokens: int = 1) -> None:
+        """The next step writes each row's ``tokens`` new tokens from its own slot on (``slots``, a long tensor),
+        not from ``length``, and attends over the slots up to the last written: rows side by side may hold sequences
+        of different lengths (a row refilled with a new sequence mid-round; a question placed right after its row's
+        own demonstrations)."""
         self.slots = slots
-        self.length = int(slots.max()) if len(slots) else 0  # (the step attends over length + 1 slots)
-        self.reserve(self.length + 1)
+        self.length = int(slots.max()) if len(slots) else 0  # (the step attends over length + tokens slots)
+        self.reserve(self.length + tokens)
+        rows = torch.arange(len(slots), device=slots.device)[:, None]
+        self.index = (rows, slots[:, None] + torch.arange(tokens, device=slots.device))  # (rows, tokens) slots
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if self.slots is not None:  # a one-token step, each row at its own slot (``at_slots``)
-            rows, n = self.torch_rows(), self.length + 1
+        if self.slots is not None:  # each row from its own slot on (``at_slots``)
             keys, values = self.keys[layer_idx], self.values[layer_idx]
-            keys[rows, :, self.slots] = key_states[:, :, 0].to(keys.dtype)
-            values[rows, :, self.slots] = value_states[:, :, 0].to(values.dtype)
+            rows, at = self.index
+            keys[rows, :, at] = key_states.transpose(1, 2).to(keys.dtype)
+            values[rows, :, at] = value_states.transpose(1, 2).to(values.dtype)
+            n = self.length + key_states.shape[-2]
             if layer_idx == len(self.keys) - 1:
                 self.length = n
-            return self.keys[layer_idx][:, :, :n], self.values[layer_idx][:, :, :n]
+            return keys[:, :, :n], values[:, :, :n]
         n, t = self.length, key_states.shape[-2]
         self.keys[layer_idx][:, :, n : n + t] = key_states
         self.values[layer_idx][:, :, n : n + t] = value_states
@@ -102,11 +107,6 @@ class SlotCache(Cache):
             self.length,
             view=True,
         )
-
-    def torch_rows(self):
-        import torch
-
-        return torch.arange(len(self.positions), device=self.positions.device)
 
     def keep(self, rows) -> None:
         self.slots = None
@@ -236,8 +236,8 @@ class TorchModel:
         ``mask`` (B, cached + T): 1 where a slot holds a real token. Keys and values are written into ``cache``."""
         torch = self.torch
         ids, positions = self.tensor(ids, torch.long), self.tensor(positions, torch.long)
-        if cache.slots is not None:  # (a one-token step, each row at its own slot)
-            cache.positions[cache.torch_rows(), cache.slots] = positions[:, 0]
+        if cache.slots is not None:  # (each row from its own slot on)
+            cache.positions[cache.index] = positions
         else:
             cache.reserve(cache.length + positions.shape[1])
             cache.positions[:, cache.length : cache.length + positions.shape[1]] = positions  # the slots written below
