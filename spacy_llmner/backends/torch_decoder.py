@@ -6,7 +6,7 @@ model's vocabulary: ``vocab.Vocab``, no llama.cpp): the backend picks this decod
 differs is where the arithmetic goes:
 
 - **Batches of sequences through PyTorch.** Prompts are sorted by length and decoded ``n_seq`` at a time: their
-  prompts evaluated together (right-padded), then one token per sequence per step. When a quarter of the rows have
+  prompts evaluated together (right-padded), then one token per sequence per step. When an eighth of the rows have
   finished, the next waiting prompts are prefilled into their places, so the batch stays full instead of running on
   with a few long answers; each row then writes at its own slot. Once none wait, finished rows leave the cache.
   A cache starts with a few free slots and grows when a row needs more. The prefix every prompt shares
@@ -460,9 +460,10 @@ class TorchDecoder:
     def _decode(self, rows: List[_Seq], hidden, cache, mask: np.ndarray, fill: np.ndarray, common: int, admit) -> None:
         """Decodes prefilled ``rows`` (``hidden``: each one's last hidden state; their ``cache``, its padding ``mask``
         and each row's next slot, ``fill``) one token per row per step, each row writing at its own slot
-        (``SlotCache.at_slots``). A finished row rides along until a quarter of the rows have finished; then
+        (``SlotCache.at_slots``). A finished row rides along until an eighth of the rows have finished; then
         ``admit(n)`` (the sequences, hidden states, cache, mask and next slots of up to ``n`` more, prefilled; None
-        when none wait) refills the finished rows in place, or, when none wait, the finished rows leave the cache."""
+        when none wait) refills the finished rows in place; when none wait, the finished rows leave the cache once a
+        quarter of the rows have finished."""
         torch = self.torch
         union, allowed, head = self._restricted(rows, common)
         while True:
@@ -512,7 +513,7 @@ class TorchDecoder:
                 step_ids.append(0)
                 step_pos.append(s.pos)
             live = [r for r, s in enumerate(rows) if not s.done]
-            new = admit(len(rows) - len(live)) if len(live) <= 0.75 * len(rows) else None
+            new = admit(len(rows) - len(live)) if len(live) <= 0.875 * len(rows) else None
             if not live and new is None:
                 return
             if new is None and len(live) <= 0.75 * len(rows):  # compact: finished rows stop costing arithmetic
