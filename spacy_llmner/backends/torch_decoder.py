@@ -48,6 +48,11 @@ from .vocab import Vocab
 SHORT = 8
 
 
+def widened(mask: np.ndarray, slots: int) -> np.ndarray:
+    """A padding mask with at least ``slots`` columns (the new ones 0)."""
+    return mask if mask.shape[1] >= slots else np.pad(mask, ((0, 0), (0, slots - mask.shape[1])))
+
+
 def nbytes(tensors) -> int:
     """The bytes a tuple of tensors holds."""
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -527,8 +532,7 @@ class TorchDecoder:
                 live = list(range(len(rows)))
             if live:  # (finished rows ride along, writing at their next slot, masked)
                 cache.at_slots(self.model.tensor(fill))
-                if mask.shape[1] < cache.length + 1:
-                    mask = np.pad(mask, ((0, 0), (0, cache.length + 1 - mask.shape[1])))
+                mask = widened(mask, cache.length + 1)
                 mask[live, fill[live]] = 1
                 hidden = self._forward(
                     np.array(step_ids)[:, None], np.array(step_pos)[:, None], cache, mask[:, : cache.length + 1]
@@ -537,14 +541,9 @@ class TorchDecoder:
             if new is not None:  # into the finished rows' places
                 group, new_hidden, new_cache, new_mask, new_fill = new
                 free = [r for r, s in enumerate(rows) if s.done][: len(group)]
-                width = new_mask.shape[1]
-                cache.reserve(width)
-                if mask.shape[1] < width:
-                    mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
-                at = self.model.tensor(free)
-                for dst, src in zip(cache.keys + cache.values, new_cache.keys + new_cache.values):
-                    dst[at, :, :width] = src[:, :, :width]
-                cache.positions[at, :width] = new_cache.positions[:, :width]
+                width, at = new_mask.shape[1], self.model.tensor(free)
+                cache.put(at, new_cache, width)
+                mask = widened(mask, width)
                 mask[free] = 0
                 mask[free, :width] = new_mask
                 fill[free] = new_fill

@@ -82,8 +82,6 @@ class SlotCache(Cache):
     def reserve(self, slots: int) -> None:
         """At least ``slots`` slots per row: when the cache is full, its slots are copied into larger tensors with
         GROW more free slots (a round starts with a few free slots, not its longest possible answer)."""
-        import torch
-
         have = self.positions.shape[1]
         if slots <= have:
             return
@@ -98,6 +96,14 @@ class SlotCache(Cache):
         self.keys = [grow(k) for k in self.keys]
         self.values = [grow(v) for v in self.values]
         self.positions = grow(self.positions[..., None])[..., 0]
+
+    def put(self, rows, other: "SlotCache", slots: int) -> None:
+        """The first ``slots`` slots of every row of ``other`` written into ``rows`` (a long tensor) of this cache,
+        grown if it has fewer: new sequences taking finished rows' places."""
+        self.reserve(slots)
+        for dst, src in zip(self.keys + self.values, other.keys + other.values):
+            dst[rows, :, :slots] = src[:, :, :slots]
+        self.positions[rows, :slots] = other.positions[:, :slots]
 
     def rows(self, start: int, stop: int) -> "SlotCache":
         return SlotCache(
