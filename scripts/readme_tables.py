@@ -20,15 +20,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # (row label, metrics file, the engine that ran it[, what its command needs today to run as it ran then])
 QUALITY = [
     (
-        "with the shipped adapter `ner-v2` (the default: demonstrations read in parallel, int8 products on a CPU)",
-        "metrics/speed/full_test_v2_k3_int8_amd_epyc_zen4.json",
+        "with the shipped adapter `ner-v2` (the default: demonstrations read in parallel, int8 products on a CPU, "
+        "128 rows decoded together, `nlp.pipe` batches of 1,000)",
+        "metrics/speed/full_test_v2_k3_wider_amd_epyc_zen4.json",
         "torch (transformers)",
+    ),
+    (
+        "the same, 64 rows and batches of 256 (the defaults until 2026-12-06), the same hour",
+        "metrics/speed/full_test_v2_k3_before_wider_amd_epyc_zen4.json",
+        "torch (transformers)",
+        "--parallel 64",
     ),
     (
         'the same, bfloat16 products (`dtype = "bfloat16"`; the default until 2026-12-06)',
         "metrics/speed/full_test_v2_k3_parallel_amd_epyc_zen4_lark.json",
         "torch (transformers)",
-        "--dtype bfloat16",
+        "--dtype bfloat16 --parallel 64",
     ),
     (
         'the same, demonstrations read in sequence (the default until 2026-12-06; now `demonstrations = "sequential"`)',
@@ -73,7 +80,8 @@ def summary(path: Path) -> dict:
 
 def command(args: dict) -> str:
     """The benchmarks/finetune.py command line that wrote a file, from the arguments it recorded."""
-    parts = ["python benchmarks/finetune.py --batched", f"--k {args['k']}", f"--n {args['n']}"]
+    parts = ["python benchmarks/finetune.py --batched", f"--batch-size {args['batch_size']}", f"--k {args['k']}"]
+    parts.append(f"--n {args['n']}")
     parts += [f"--system {s}" for s in args["system"]]
     if args.get("lower"):
         parts.append("--lower")

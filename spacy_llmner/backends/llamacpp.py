@@ -156,7 +156,7 @@ def check_settings(model: str, adapter: Optional[str], engine: str) -> None:
         )
 
 
-ENGINES = {"llama.cpp": 8, "torch": 64}  # greedy decoders and the sequences each decodes together by default
+ENGINES = {"llama.cpp": 8, "torch": 128}  # greedy decoders and the sequences each decodes together by default
 # the torch engine's arithmetic, in cache identities: raised when a fix changes its answers, so that no answer cache
 # serves an earlier engine's (2: attention masks by token position, not cache slot; 3: decoding attention with the
 # query heads folded, bfloat16 sums in another order; 4: "auto" on a CPU multiplies in int8)
