@@ -3,6 +3,8 @@ head against the full one, and the pipeline end to end."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,6 +163,19 @@ def test_engine_settings_are_checked_and_named_in_the_identity():
     assert torch_engine.engine == "torch"  # the default
     assert torch_engine.identity() != cpp.identity() and torch_engine.identity()["engine"] == "torch"
     assert torch_engine.parallel > cpp.parallel  # each engine's own default batch
+
+
+def test_auto_keeps_float32_where_pytorch_s_kernels_are_held_to_avx2():
+    """ "auto" takes bfloat16 on a CPU only where PyTorch's kernels use AVX-512: with ``ATEN_CPU_CAPABILITY=avx2``
+    (how docs/speed.md measures the engine as on an AVX2-only CPU) it is float32 on any CPU; on a GPU bfloat16."""
+    code = (
+        "import torch; from spacy_llmner.backends.weights import resolve_dtype; "
+        "print(torch.backends.cpu.get_cpu_capability(), resolve_dtype('auto', 'cpu'), resolve_dtype('auto', 'cuda'))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    capability, on_cpu, on_gpu = out.split()
+    assert not capability.startswith("AVX512") and (on_cpu, on_gpu) == ("torch.float32", "torch.bfloat16")
 
 
 def test_the_precision_is_checked_at_construction_and_int8_stays_on_a_cpu():

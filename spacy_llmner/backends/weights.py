@@ -145,12 +145,16 @@ def resolve_int8(dtype: str, device: str) -> bool:
 
 
 def resolve_dtype(dtype: str, device: str = "cpu"):
-    """ "auto": bfloat16 on a GPU and where the CPU multiplies it natively (AVX-512 BF16 or AMX), float32 elsewhere
-    (the float precision; whether products run in int8 is ``resolve_int8``'s)."""
+    """ "auto": bfloat16 on a GPU and where the CPU multiplies it natively (AVX-512 BF16 or AMX) and PyTorch's
+    kernels use AVX-512 (not where ``ATEN_CPU_CAPABILITY`` holds them to AVX2: that also measures the engine as on
+    an AVX2-only CPU, docs/speed.md), float32 elsewhere (the float precision; whether products run in int8 is
+    ``resolve_int8``'s)."""
     import torch
 
     if dtype == "auto":
-        native = device != "cpu" or {"avx512_bf16", "amx_bf16"} & _cpu_flags()
+        native = device != "cpu" or (
+            {"avx512_bf16", "amx_bf16"} & _cpu_flags() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        )
         dtype = "bfloat16" if native else "float32"
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"torch engine: dtype must be 'auto', 'bfloat16', 'float16' or 'float32', not {dtype!r}")
