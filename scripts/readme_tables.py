@@ -80,8 +80,12 @@ def summary(path: Path) -> dict:
 
 def command(args: dict) -> str:
     """The benchmarks/finetune.py command line that wrote a file, from the arguments it recorded."""
-    parts = ["python benchmarks/finetune.py --batched", f"--batch-size {args['batch_size']}", f"--k {args['k']}"]
-    parts.append(f"--n {args['n']}")
+    parts = [
+        "python benchmarks/finetune.py --batched",
+        f"--batch-size {args['batch_size']}",
+        f"--k {args['k']}",
+        f"--n {args['n']}",
+    ]
     parts += [f"--system {s}" for s in args["system"]]
     if args.get("lower"):
         parts.append("--lower")
