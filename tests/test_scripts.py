@@ -345,6 +345,16 @@ def test_backend_memory():
 
 
 @pytest.mark.model
+def test_startup_times_the_demo_command_to_its_first_entity(tmp_path):
+    out = run("benchmarks/startup.py", "--runs", 1, "--out", tmp_path / "startup.json")
+    record = json.loads((tmp_path / "startup.json").read_text())
+    run1 = record["runs"][0]
+    # the first entity comes after the CLI's own start (it counts from after importing spaCy) and before the exit
+    assert 0 < run1["cli_first_result_s"] < run1["first_entity_s"] < run1["exit_s"]
+    assert record["median"] == run1 and "medians of 1" in out
+
+
+@pytest.mark.model
 def test_answer_snapshot(tmp_path):
     run("scripts/answer_snapshot.py", "--data", DATA, "--n", 1, "--out", tmp_path / "answers.json")
     answers = json.loads((tmp_path / "answers.json").read_text())

@@ -63,6 +63,24 @@ def test_the_tokenizer_bytes_and_end_tokens_are_llama_cpp_s(name):
     assert all(vocab.piece(t) == llm.detokenize([t]) for t in sample if llm.detokenize([t]))
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("name", MODELS)
+def test_by_text_maps_every_utf8_piece_to_all_its_ids(name):
+    vocab = vocab_of(resolve_model_path(name))
+    expected = {}
+    for t in range(vocab.n_vocab):
+        try:
+            text = vocab.piece(t).decode("utf8")
+        except UnicodeDecodeError:
+            continue
+        if text:
+            expected.setdefault(text, []).append(t)
+    table = vocab.by_text()
+    assert {text: list(ids) for text, ids in table.items()} == expected
+    if name == "gemma3-270m":  # texts shared by several tokens (a byte token and a piece)
+        assert any(len(ids) > 1 for ids in table.values())
+
+
 FORMATS = {  # as the grammars write them: the inline formats start with a space
     "Lines": "Angela Merkel | person\nParis | location\n\n",
     "Bracket": " [Angela Merkel|person] met Emmanuel Macron in [Paris|location].\n",

@@ -120,7 +120,7 @@ class TorchDecoder:
         if model.n_vocab < self.n_vocab:
             raise ValueError(f"torch engine: the model's head has {model.n_vocab} rows, its vocabulary {self.n_vocab}")
         self.eog = list(vocab.eog)
-        self._pieces: Optional[Dict[str, List[int]]] = None
+        self._pieces: Optional[Dict[str, Tuple[int, ...]]] = None
         self._long: Dict[str, List[str]] = {}  # the first SHORT characters of a longer piece → those pieces
         self._prefix_candidates: Tuple[tuple, set] = ((), set())
         self.prefix: List[int] = []
@@ -137,13 +137,12 @@ class TorchDecoder:
         self._block_bytes = 0
 
     # -- the restricted head ----------------------------------------------------------------------------------
-    def pieces(self) -> Dict[str, List[int]]:
+    def pieces(self) -> Dict[str, Tuple[int, ...]]:
         """Token text → token ids, over the whole vocabulary (built once)."""
         if self._pieces is None:
             self._pieces = self.vocab.by_text()
-            for text in self._pieces:
-                if len(text) > SHORT:
-                    self._long.setdefault(text[:SHORT], []).append(text)
+            for text in [text for text in self._pieces if len(text) > SHORT]:
+                self._long.setdefault(text[:SHORT], []).append(text)
         return self._pieces
 
     def candidates(self, tokens: Sequence[int], grammar: str = "", common: int = 0) -> np.ndarray:

@@ -23,8 +23,10 @@ end-of-generation tokens and grammar matchers.
 ``tokenizers`` (a transformers dependency) and ``llguidance`` are imported on first use.
 """
 
+from collections import Counter
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence
+from itertools import repeat
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -102,7 +104,7 @@ class Vocab:
             raise UnsupportedTokenizer(f"{path}: {why}")
         if self.kind == "llama":
             self.tokenizer = _spm_bpe(self.tokens, meta["tokenizer.ggml.scores"], self.types, meta)
-            self.pieces = [self._spm_piece(i) for i in range(n)]
+            self.pieces = self._spm_pieces()
         else:
             self.tokenizer = _gpt2_bpe(self.tokens, meta["tokenizer.ggml.merges"], self.types)
             table = _bytes_of_gpt2()
@@ -112,15 +114,20 @@ class Vocab:
         self.eog: List[int] = sorted(eog)
         self._eog = frozenset(self.eog)
         self._llg = None
-        self._by_text: Optional[Dict[str, List[int]]] = None
+        self._by_text: Optional[Dict[str, Tuple[int, ...]]] = None
 
-    def _spm_piece(self, i: int) -> bytes:
-        tok, kind = self.tokens[i], self.types[i]
-        if kind == CONTROL:
-            return b""
-        if kind == BYTE and len(tok) == 6 and tok.startswith("<0x"):
-            return bytes([int(tok[3:5], 16)])
-        return tok.replace("▁", " ").encode()
+    def _spm_pieces(self) -> List[bytes]:
+        """Each token's bytes: its text with ``▁`` as a space, ``<0xXX>`` byte tokens that byte, control tokens
+        none (whole-table operations: 262k tokens for Gemma 3)."""
+        pieces = list(map(str.encode, map(str.replace, self.tokens, repeat("▁"), repeat(" "))))
+        for i, kind in enumerate(self.types):
+            if kind == CONTROL:
+                pieces[i] = b""
+            elif kind == BYTE:
+                tok = self.tokens[i]
+                if len(tok) == 6 and tok.startswith("<0x"):
+                    pieces[i] = bytes([int(tok[3:5], 16)])
+        return pieces
 
     def _gpt2_piece(self, i: int, table: Dict[str, int]) -> bytes:
         tok, kind = self.tokens[i], self.types[i]
@@ -143,18 +150,18 @@ class Vocab:
     def is_eog(self, token: int) -> bool:
         return token in self._eog
 
-    def by_text(self) -> Dict[str, List[int]]:
-        """Token text → token ids, over the whole vocabulary (built once; byte pieces that are not UTF-8 alone
-        are left out: they are reachable through a prompt's own tokens only)."""
+    def by_text(self) -> Dict[str, Tuple[int, ...]]:
+        """Token text → token ids (ascending), over the whole vocabulary (built once; byte pieces that are not
+        UTF-8 alone are left out: they are reachable through a prompt's own tokens only)."""
         if self._by_text is None:
-            table: Dict[str, List[int]] = {}
-            for t, piece in enumerate(self.pieces):
-                try:
-                    text = piece.decode("utf8")
-                except UnicodeDecodeError:
-                    continue
-                if text:
-                    table.setdefault(text, []).append(t)
+            texts = list(map(_utf8_or_empty, self.pieces))
+            table: Dict[str, Tuple[int, ...]] = dict(zip(texts, zip(range(len(texts)))))  # the last id of each
+            shared = {text for text, n in Counter(texts).items() if n > 1 and text}
+            for text in shared:
+                table[text] = ()
+            for t in [t for t, text in enumerate(texts) if text in shared]:
+                table[texts[t]] += (t,)
+            table.pop("", None)
             self._by_text = table
         return self._by_text
 
@@ -170,8 +177,10 @@ class Vocab:
         if self._llg is None:
             import llguidance
 
+            # no "slices": they speed up masks of lexemes with broad character classes (JSON strings), while the
+            # formats' grammars are literals; without them the table builds in ~half the time and masks are the same
             self._llg = llguidance.LLTokenizer(
-                llguidance.TokenizerWrapper(_Wrapped(self)), n_vocab=self.n_vocab, eos_token=self.eog
+                llguidance.TokenizerWrapper(_Wrapped(self)), n_vocab=self.n_vocab, eos_token=self.eog, slices=[]
             )
         return self._llg
 
@@ -241,7 +250,7 @@ def _spm_bpe(tokens: List[str], scores: List[float], types: List[int], meta) -> 
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     get, merges = vocab.get, []
-    for i, tok in enumerate(tokens):  # 1.5 M splits for Gemma 3: the suffix is looked up only after the prefix
+    for i, tok in enumerate(tokens):  # 1.1 M splits for Gemma 3: the suffix is looked up only after the prefix
         if types[i] != NORMAL or len(tok) < 2:
             continue
         for k in range(1, len(tok)):
@@ -268,6 +277,13 @@ def _spm_bpe(tokens: List[str], scores: List[float], types: List[int], meta) -> 
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     _added(tk, tokens, types, AddedToken)
     return tk
+
+
+def _utf8_or_empty(piece: bytes) -> str:
+    try:
+        return piece.decode("utf8")
+    except UnicodeDecodeError:
+        return ""
 
 
 def _gpt2_bpe(tokens: List[str], merges: List[str], types: List[int]) -> "object":
