@@ -155,6 +155,41 @@ def test_our_lark_conversion_masks_tokens_as_llguidance_s_own(fmt):
     assert steps >= 10
 
 
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_first_allowed_picks_what_the_mask_picks(fmt):
+    """The greedy decoder asks ``first_allowed`` (tokens tried one by one) instead of the whole-vocabulary mask: at
+    every step of each format's answer, and where it may end, for candidate lists mixing allowed, refused and
+    end-of-generation tokens, it gives the position of the mask's first allowed candidate."""
+    vocab = vocab_of(resolve_model_path("gemma3-270m"))
+    nlp = spacy.blank("en")
+    config = {"labels": ["person", "location"], "zero_shot": True, "format": {"@misc": f"spacy_llmner.{fmt}Format.v1"}}
+    ner = nlp.add_pipe("llm_lar_ner", config=config)
+    m = vocab.matcher(ner.request(nlp.make_doc("Angela Merkel met Emmanuel Macron in Paris.")[:]).grammar)
+    rng = random.Random(0)
+    cut = FORMATS[fmt].index("Angela") + 3  # "Ang" alone: the grammar then forces "ela", one whole token
+    answer = vocab.tokenize(FORMATS[fmt][:cut])[1:] + vocab.tokenize(FORMATS[fmt][cut:])[1:]
+    table, forced = vocab.by_text(), 0
+    for step in range(len(answer) + 1):
+        allowed = np.flatnonzero(m.allowed(np.arange(vocab.n_vocab))).tolist()
+        refused = [t for t in rng.sample(range(vocab.n_vocab), 50) if t not in set(allowed)]
+        # near misses: the tokens that spell the start of an allowed token (refused where the text is forced)
+        near = [t for a in allowed[:20] for k in range(1, 8) for t in table.get(vocab.text_of([a])[:k], ())]
+        refused += [t for t in near if t not in set(allowed)]
+        forced += bool(m.m.compute_ff_tokens()) and any(m.m.validate_tokens([t]) == 1 for t in refused)
+        for _ in range(20):
+            ids = rng.sample(refused, min(4, rng.randrange(len(refused) + 1))) + rng.sample(
+                allowed, min(2, len(allowed))
+            )
+            ids += rng.sample(vocab.eog, rng.randrange(len(vocab.eog) + 1))
+            rng.shuffle(ids)
+            ok = m.allowed(np.array(ids, dtype=np.int64))
+            assert m.first_allowed(ids) == (int(np.argmax(ok)) if ok.any() else None), (step, ids)
+        if step < len(answer):
+            m.accept(answer[step])
+    assert set(vocab.eog) <= set(allowed) and m.first_allowed(refused + vocab.eog) == len(refused)  # it may end
+    assert forced  # states where a token accepted alone is not in the mask (forced text) were tried
+
+
 def test_to_lark_renames_rules_as_llguidance_and_leaves_other_grammars_to_it():
     from spacy_llmner.formats.gbnf import to_lark
 

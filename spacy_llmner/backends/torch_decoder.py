@@ -483,12 +483,14 @@ class TorchDecoder:
                 if not s.done:
                     token = None
                     if top is not None and s.sampler is not None:
-                        ok = s.sampler.allowed(top[0][r]) & np.isfinite(top[1][r])
-                        if ok.any():
-                            j = int(np.argmax(ok))  # the best allowed (candidates are sorted best first)
-                            if s.rng is not None:
-                                where = np.flatnonzero(ok)
-                                j = int(where[self.sampling.pick(s.rng, top[1][r][where])])
+                        finite = np.isfinite(top[1][r])  # (candidates are sorted best first: -inf ones last)
+                        if s.rng is not None:  # sampled among the allowed ones of the best
+                            ok = s.sampler.allowed(top[0][r]) & finite
+                            where = np.flatnonzero(ok)
+                            j = int(where[self.sampling.pick(s.rng, top[1][r][where])]) if len(where) else None
+                        else:  # the best allowed
+                            j = s.sampler.first_allowed(top[0][r][: int(finite.sum())].tolist())
+                        if j is not None:
                             token = int(top[0][r][j])
                             lp = lambda v=float(top[1][r][j] - top[2][r]): v  # noqa: E731
                     if token is None:

@@ -232,6 +232,22 @@ class Matcher:
         ids = np.asarray(ids, dtype=np.int64)
         return ((self._mask()[ids >> 3] >> (ids & 7)) & 1).astype(bool)
 
+    def first_allowed(self, ids: Sequence[int]) -> Optional[int]:
+        """The position of the first of ``ids`` the grammar allows next, or None: ``allowed(ids)``'s first True. Where
+        the grammar forces text that makes whole tokens, llguidance's mask allows only that text's own tokens, so the
+        mask is asked; elsewhere the mask allows exactly the tokens llguidance would accept alone, so each candidate
+        is tried alone instead of computing the mask over the whole vocabulary (an end-of-generation token where the
+        grammar may end, as the mask has it; tests/test_vocab.py checks both against the mask)."""
+        m = self.m
+        if m.compute_ff_tokens():
+            ok = self.allowed(np.asarray(ids, dtype=np.int64))
+            return int(np.argmax(ok)) if ok.any() else None
+        eog = self.vocab.is_eog
+        for j, token in enumerate(ids):
+            if m.is_accepting() if eog(token) else m.validate_tokens([token]) == 1:
+                return j
+        return None
+
     def best(self, logits: np.ndarray) -> Optional[int]:
         """The best allowed token over the whole vocabulary (``logits`` has one entry per token), or None."""
         bits = np.unpackbits(self._mask(), bitorder="little")[: len(logits)].astype(bool)
