@@ -451,6 +451,41 @@ def test_the_restricted_head_has_every_piece_whose_text_occurs_in_the_prompt(gem
 
 
 @pytest.mark.model
+def test_demonstrations_pieces_are_kept_and_those_across_their_boundaries_found(gemma):
+    """With demonstration blocks, each block's pieces are found once and kept: the candidates are those of the
+    prompt read whole, whatever the blocks (pieces across a boundary: whitespace runs, words split between blocks),
+    the first time and when the blocks are shown again."""
+    import random
+
+    from spacy_llmner.backends.torch_decoder import TorchDecoder
+
+    backend, model = gemma
+    vocab = backend.vocab
+    head = vocab.tokenize("Find the named entities.\n\n")
+    parts = [
+        "Sentence: Angela Merkel met Emmanuel Macron in Paris.\nEntities:\nAngela Merkel | person\n\n",
+        "Sentence: The administratively differentiated internationalisation" + " " * 30,
+        "      electroencephalography in São Paulo, 東京\n\n",
+        "Sentence: Convolutional networks\nEntities:\nnone\n\n",
+    ]
+    rng = random.Random(0)
+    for trial in range(6):
+        decoder = TorchDecoder(vocab, model, n_seq=1)
+        shown = rng.sample(parts, 3)
+        blocks = [vocab.tokenize(p, bos=False) for p in shown]
+        if trial % 2:  # blocks cut anywhere, not at a demonstration's end
+            flat = [t for b in blocks for t in b]
+            cuts = sorted(rng.sample(range(1, len(flat)), 2))
+            blocks = [flat[: cuts[0]], flat[cuts[0] : cuts[1]], flat[cuts[1] :]]
+        question = vocab.tokenize("Sentence: Emmanuel Macron spoke.\nEntities:\n", bos=False)
+        tokens = head + [t for b in blocks for t in b] + question
+        whole = decoder.candidates(tokens, "", len(head))
+        assert decoder.candidates(tokens, "", len(head), [tuple(b) for b in blocks]).tolist() == whole.tolist()
+        again = decoder.candidates(tokens, "", len(head), [tuple(b) for b in blocks])  # the blocks' pieces kept
+        assert again.tolist() == whole.tolist()
+
+
+@pytest.mark.model
 def test_prompts_batched_with_padding_decode_as_each_alone(gemma):
     """Prompts of different lengths share a round: right-padded, masked, each at its own positions. Each answer
     must be what the prompt gets decoded on its own."""

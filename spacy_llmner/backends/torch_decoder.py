@@ -46,6 +46,7 @@ from .vocab import Vocab
 # The restricted head looks up every substring of a prompt of up to SHORT characters in the vocabulary's text table,
 # and a longer piece only where its first SHORT characters occur.
 SHORT = 8
+KEPT_PIECES = 4096  # demonstrations and literals whose pieces are kept
 
 
 def widened(mask: np.ndarray, slots: int) -> np.ndarray:
@@ -122,6 +123,8 @@ class TorchDecoder:
         self.eog = list(vocab.eog)
         self._pieces: Optional[Dict[str, Tuple[int, ...]]] = None
         self._long: Dict[str, List[str]] = {}  # the first SHORT characters of a longer piece → those pieces
+        self._longest = SHORT  # characters in the longest piece
+        self._kept_pieces: Dict[object, frozenset] = {}  # a demonstration block's or a literal's pieces
         self._prefix_candidates: Tuple[tuple, set] = ((), set())
         self.prefix: List[int] = []
         self.prefix_cache = None  # the shared prefix's keys and values (torch_model.SlotCache, one row)
@@ -143,30 +146,58 @@ class TorchDecoder:
             self._pieces = self.vocab.by_text()
             for text in [text for text in self._pieces if len(text) > SHORT]:
                 self._long.setdefault(text[:SHORT], []).append(text)
+                self._longest = max(self._longest, len(text))
         return self._pieces
 
-    def candidates(self, tokens: Sequence[int], grammar: str = "", common: int = 0) -> np.ndarray:
+    def candidates(
+        self, tokens: Sequence[int], grammar: str = "", common: int = 0, blocks: Sequence[Sequence[int]] = ()
+    ) -> np.ndarray:
         """Ids of every token whose text occurs in the prompt or in one of the grammar's literals, the prompt's own
         tokens and end-of-generation. The first ``common`` tokens are the shared prefix: their part is found once
-        per prefix."""
+        per prefix. ``blocks``: the demonstrations that follow it (consecutive, as ``generate`` takes them), whose
+        pieces are found once per demonstration and kept."""
         key = tuple(tokens[:common])
         if self._prefix_candidates[0] != key:
             self._prefix_candidates = (key, self._substrings(self.vocab.text_of(key)))
-        found = self._prefix_candidates[1] | self._substrings(self.vocab.text_of(tokens[common:]))
+        found = self._prefix_candidates[1] | self._pieces_after(tokens[common:], blocks)
         for literal in set(literals(grammar)):
-            found |= self._substrings(literal)
+            found |= self._kept(literal, literal)
         found.update(tokens)
         found.update(self.eog)
         return np.fromiter(sorted(found), dtype=np.int64)
 
-    def _substrings(self, text: str) -> set:
-        """Ids of the pieces occurring in ``text``: every substring of at most SHORT characters is looked up, and
-        a longer piece only where its first SHORT characters occur."""
+    def _pieces_after(self, tokens: Sequence[int], blocks: Sequence[Sequence[int]]) -> set:
+        """The pieces occurring in the text of ``tokens``, which start with ``blocks``: each block's own (kept), the
+        rest's, and those that start within a piece's length before a boundary and cross it."""
+        whole = self.vocab.text_of(tokens)
+        texts = [self.vocab.text_of(block) for block in blocks]
+        if not blocks or not whole.startswith("".join(texts)):  # (a character split across blocks: found as one)
+            return self._substrings(whole)
+        found, at = set(), 0
+        for block, text in zip(blocks, texts):
+            found |= self._kept(tuple(block), text)
+            at += len(text)
+            found |= self._substrings(whole, range(max(0, at - self._longest + 1), at))
+        return found | self._substrings(whole, range(at, len(whole)))
+
+    def _kept(self, key, text: str) -> frozenset:
+        """``_substrings(text)``, found once per ``key`` (a demonstration's tokens, a literal) and kept (at most
+        KEPT_PIECES keys: all are dropped when full)."""
+        found = self._kept_pieces.get(key)
+        if found is None:
+            if len(self._kept_pieces) >= KEPT_PIECES:
+                self._kept_pieces.clear()
+            found = self._kept_pieces[key] = frozenset(self._substrings(text))
+        return found
+
+    def _substrings(self, text: str, starts: Optional[range] = None) -> set:
+        """Ids of the pieces occurring in ``text`` (only those starting at ``starts``, default all): every substring
+        of at most SHORT characters is looked up, and a longer piece only where its first SHORT characters occur."""
         table = self.pieces()
         get, long = table.get, self._long.get
         found: set = set()
         n = len(text)
-        for i in range(n):
+        for i in range(n) if starts is None else starts:
             for j in range(i + 1, min(n, i + SHORT) + 1):
                 ids = get(text[i:j])
                 if ids:
@@ -454,7 +485,7 @@ class TorchDecoder:
         open_ = [(r, s) for r, s in enumerate(rows) if s.grammar and not s.done]
         for _, s in open_:
             if s.candidates is None:
-                s.candidates = self.candidates(s.tokens, s.grammar, common)
+                s.candidates = self.candidates(s.tokens, s.grammar, common, s.blocks)
         union = np.unique(np.concatenate([s.candidates for _, s in open_] or [np.zeros(0, np.int64)]))
         allowed = np.zeros((len(rows), len(union)), dtype=bool)
         for r, s in open_:
