@@ -3,7 +3,7 @@ fresh process with an empty ``HOME`` (so the packaged model is assembled again a
 times, from the launch, the first entity line it prints, its own "first result after" (counted from after its
 ``import spacy``) and its exit. Medians of --runs runs, one after another.
 
-    python benchmarks/startup.py --runs 5 --out metrics/speed/startup.json
+    python benchmarks/startup.py --runs 5 --out metrics/speed/startup/demo.json --label "main at <commit>"
 """
 
 import argparse
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--python", default=sys.executable, help="the interpreter of the environment to measure")
     ap.add_argument("--out", default=None, help="a JSON file for the runs and their medians")
+    ap.add_argument("--label", default="", help="what was measured (the code, the machine's state), kept in --out")
     args = ap.parse_args()
     runs = []
     for i in range(args.runs):
@@ -85,6 +86,7 @@ def main() -> None:
     if args.out:
         record = {
             "command": "python " + " ".join(COMMAND),
+            "label": args.label,
             "runs": runs,
             "median": medians,
             "cpu": cpu_name(),

@@ -22,11 +22,17 @@ QUALITY = [
     (
         "with the shipped adapter `ner-v2` (the default: demonstrations read in parallel, int8 products on a CPU, "
         "128 rows decoded together, `nlp.pipe` batches of 1,000)",
-        "metrics/speed/full_test_v2_k3_wider_amd_epyc_zen4.json",
+        "metrics/speed/full_test_v2_k3_kept_pieces_amd_epyc_zen4.json",
         "torch (transformers)",
     ),
     (
-        "the same, 64 rows and batches of 256 (the defaults until 2026-12-06), the same hour",
+        "the same, the code before 2026-12-07 (c413ee6: the whole-vocabulary grammar mask at every step, every "
+        "demonstration searched for its pieces again), the same hour",
+        "metrics/speed/full_test_v2_k3_before_kept_pieces_amd_epyc_zen4.json",
+        "torch (transformers)",
+    ),
+    (
+        "the same, 64 rows and batches of 256 (the defaults until 2026-12-06), another day",
         "metrics/speed/full_test_v2_k3_before_wider_amd_epyc_zen4.json",
         "torch (transformers)",
         "--parallel 64",

@@ -648,7 +648,8 @@ def test_readme_tables(tmp_path):
         "full_test_base_k3",
         "full_test_v2_k3",
         "full_test_v2_k3_lower",
-        "full_test_v2_k3_wider_amd_epyc_zen4",
+        "full_test_v2_k3_kept_pieces_amd_epyc_zen4",
+        "full_test_v2_k3_before_kept_pieces_amd_epyc_zen4",
         "full_test_v2_k3_before_wider_amd_epyc_zen4",
         "full_test_v2_k3_parallel_amd_epyc_zen4_lark",
     ):
