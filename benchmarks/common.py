@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: CrossNER splits as Docs, fixed demonstrations, strict entity-level scoring."""
 
+import platform
 import random
 import time
 from pathlib import Path
@@ -90,3 +91,14 @@ def run_and_score(nlp, gold: List[Doc], batch_size: int = 16) -> Dict:
 
 def blank(lang: str = "en"):
     return spacy.blank(lang)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

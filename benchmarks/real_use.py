@@ -58,7 +58,7 @@ from spacy_llmner.backends.llamacpp import DEFAULT_ADAPTERS, DEFAULT_DEMONSTRATI
 from spacy_llmner.corpora import read_bio, read_jsonl
 from spacy_llmner.ensemble import flat_spans, prf, union
 
-from common import CROSSNER_LABELS, annotate_and_score, load_split
+from common import CROSSNER_LABELS, annotate_and_score, cpu_name, load_split
 from documents import inputs, paragraphs
 
 SECTIONS = ("paragraphs", "lodo", "extra", "genia")
@@ -312,16 +312,6 @@ class Table:
         self.path.write_text(json.dumps(result, indent=1))
         self.path.with_suffix(".md").write_text(markdown(result))
         return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # -- sections -------------------------------------------------------------------------------------------------------

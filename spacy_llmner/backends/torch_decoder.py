@@ -124,8 +124,7 @@ class TorchDecoder:
         self._pieces: Optional[Dict[str, Tuple[int, ...]]] = None
         self._long: Dict[str, List[str]] = {}  # the first SHORT characters of a longer piece → those pieces
         self._longest = SHORT  # characters in the longest piece
-        self._kept_pieces: Dict[object, frozenset] = {}  # a demonstration block's or a literal's pieces
-        self._prefix_candidates: Tuple[tuple, set] = ((), set())
+        self._kept_pieces: Dict[object, frozenset] = {}  # the shared prefix's, a demonstration's, a literal's pieces
         self.prefix: List[int] = []
         self.prefix_cache = None  # the shared prefix's keys and values (torch_model.SlotCache, one row)
         self.usage: Counter = Counter()
@@ -154,14 +153,12 @@ class TorchDecoder:
     ) -> np.ndarray:
         """Ids of every token whose text occurs in the prompt or in one of the grammar's literals, the prompt's own
         tokens and end-of-generation. The first ``common`` tokens are the shared prefix: their part is found once
-        per prefix. ``blocks``: the demonstrations that follow it (consecutive, as ``generate`` takes them), whose
-        pieces are found once per demonstration and kept."""
-        key = tuple(tokens[:common])
-        if self._prefix_candidates[0] != key:
-            self._prefix_candidates = (key, self._substrings(self.vocab.text_of(key)))
-        found = self._prefix_candidates[1] | self._pieces_after(tokens[common:], blocks)
+        per prefix and kept. ``blocks``: the demonstrations that follow it (consecutive, as ``generate`` takes them),
+        whose pieces are found once per demonstration and kept."""
+        found = set(self._kept(tuple(tokens[:common])))
+        found |= self._pieces_after(tokens[common:], blocks)
         for literal in set(literals(grammar)):
-            found |= self._kept(literal, literal)
+            found |= self._kept(literal)
         found.update(tokens)
         found.update(self.eog)
         return np.fromiter(sorted(found), dtype=np.int64)
@@ -175,18 +172,19 @@ class TorchDecoder:
             return self._substrings(whole)
         found, at = set(), 0
         for block, text in zip(blocks, texts):
-            found |= self._kept(tuple(block), text)
+            found |= self._kept(tuple(block))
             at += len(text)
             found |= self._substrings(whole, range(max(0, at - self._longest + 1), at))
         return found | self._substrings(whole, range(at, len(whole)))
 
-    def _kept(self, key, text: str) -> frozenset:
-        """``_substrings(text)``, found once per ``key`` (a demonstration's tokens, a literal) and kept (at most
-        KEPT_PIECES keys: all are dropped when full)."""
+    def _kept(self, key) -> frozenset:
+        """The pieces occurring in ``key`` (a literal, or tokens: the shared prefix, a demonstration), found once
+        per key and kept (at most KEPT_PIECES keys: all are dropped when full)."""
         found = self._kept_pieces.get(key)
         if found is None:
             if len(self._kept_pieces) >= KEPT_PIECES:
                 self._kept_pieces.clear()
+            text = key if isinstance(key, str) else self.vocab.text_of(key)
             found = self._kept_pieces[key] = frozenset(self._substrings(text))
         return found
 
