@@ -34,6 +34,10 @@ fitted LLM and the row's spaCy model (the same one, so the same 200 sentences an
 same union keeping, per label, every member's spans or one member's alone, as chosen on N seeded train sentences
 outside the pool and the spaCy model's checkpoint sentences (the ensemble's ``initialize(dev=...)``); the row also
 scores each member alone and their plain union on the same pass.
+--pool-tune CONFIG (extra sets): each row's adapter is first tuned further on the row's own pool (the cased or the
+lower-cased one) by ``spacy-llmner finetune CONFIG`` (configs/finetune_pool.cfg: ner-v2's own LoRA, the pool's sentences
+as the default pipeline prompts them), once per --work folder; its rows are named @<adapter>+tuned (then +fit ...)
+and record the tuning's examples and seconds.
 
 Each row is written to --out (and --out's .md) once measured; a rerun skips the rows already there (--fresh
 measures them again), so a stopped run resumes. The table states the run's wall and CPU seconds.
@@ -235,13 +239,32 @@ def run_spacy(args, key: str, pool: List[Doc], dev: List[Doc], test: List[Doc]) 
 UNION_CONFIG = "configs/pool_student.cfg"
 
 
-def union_pipeline(args, labels: List[str], pool: List[Doc], student: Path, dev: Optional[List[Doc]] = None):
-    """``UNION_CONFIG`` assembled for this row: the LLM as ``pipeline`` builds it with the pool fit, the spaCy model
-    ``student`` beside it, their spans united (per label as chosen on ``dev``, when given)."""
+def pool_tuned(args, key: str, pool: List[Doc]) -> Tuple[str, Dict]:
+    """The adapter tuned further on ``pool`` by ``spacy-llmner finetune`` with the config ``args.pool_tune`` (for
+    the row ``key``, once per --work folder): its GGUF file and its tuning summary."""
+    from spacy_llmner.finetune import finetune, load_settings
+
+    folder = Path(args.work) / (key.replace("/", "_") + "_tuned")
+    if not (folder / "adapter.gguf").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        DocBin(docs=pool).to_disk(folder / "pool.spacy")
+        overrides = {"paths.pool": str(folder / "pool.spacy"), "data.names": [key.split("/")[1]]}
+        finetune(load_settings(Path(args.pool_tune), overrides), folder)
+    summary = json.loads((folder / "tuning.json").read_text())
+    tuning = {"config": args.pool_tune, "examples": summary["examples"], "seconds": summary["seconds"]}
+    return str(folder / "adapter.gguf"), tuning
+
+
+def union_pipeline(
+    args, labels: List[str], pool: List[Doc], student: Path, dev: Optional[List[Doc]] = None, adapter: str = ""
+):
+    """``UNION_CONFIG`` assembled for this row: the LLM as ``pipeline`` builds it with the pool fit (its adapter:
+    ``adapter`` or else ``args.adapter``), the spaCy model ``student`` beside it, their spans united (per label as
+    chosen on ``dev``, when given)."""
     overrides = {
         "paths.student": str(student),
         "components.llm_lar_ner.cache_path": args.cache,
-        "components.llm_lar_ner.backend.adapter": args.adapter,
+        "components.llm_lar_ner.backend.adapter": adapter or args.adapter,
         "components.llm_lar_ner.backend.engine": args.engine,
     }
     nlp = spacy.util.load_model_from_config(spacy.util.load_config(UNION_CONFIG, overrides=overrides), auto_fill=True)
@@ -370,9 +393,12 @@ def section_extra(args, table: Table) -> None:
             lower = variant == "lower"
             v_test, v_pool, v_dev = (lowered(x) if lower else x for x in (test, pool, dev))
             key = f"{section}/{name}/{variant}"
+            adapter, tuning = args.adapter, {}
+            if args.pool_tune:  # the adapter tuned further on this row's pool (the cased or lower-cased one)
+                adapter, tuning = pool_tuned(args, f"extra/{name}/{variant}", v_pool)
             if not table.has(f"{key}@{args.adapter_name}"):
-                row = run_llm(args, pipeline(args, labels, v_pool, 3, args.adapter), v_test)
-                row.update(k=3, pool=len(pool), labels=labels)
+                row = run_llm(args, pipeline(args, labels, v_pool, 3, adapter), v_test)
+                row.update(k=3, pool=len(pool), labels=labels, **({"pool_tune": tuning} if tuning else {}))
                 table.add(f"{key}@{args.adapter_name}", row)
             united = args.union_spacy and not table.has(f"{key}@{args.adapter_name}+spacy")
             # a union row whose spaCy model is trained again (another --work folder, a new checkout) scores the
@@ -383,19 +409,23 @@ def section_extra(args, table: Table) -> None:
                 table.add(f"{key}/spacy", {**run_spacy(args, f"{key}/spacy", v_pool, v_dev, v_test), "pool": len(pool)})
             if united:
                 student = train_spacy(args, f"{key}/spacy", v_pool, v_dev)
-                row = run_llm(args, union_pipeline(args, labels, v_pool, student), v_test)
+                row = run_llm(args, union_pipeline(args, labels, v_pool, student, adapter=adapter), v_test)
                 row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG)
                 table.add(f"{key}@{args.adapter_name}+spacy", row)
             if args.union_sources and not table.has(f"{key}@{args.adapter_name}+spacy+sources"):
                 student = train_spacy(args, f"{key}/spacy", v_pool, v_dev)
                 chosen_on = sample(train, args.union_sources, args.seed, skip=args.pool + args.spacy_dev)
-                nlp = union_pipeline(args, labels, v_pool, student, lowered(chosen_on) if lower else chosen_on)
+                nlp = union_pipeline(
+                    args, labels, v_pool, student, lowered(chosen_on) if lower else chosen_on, adapter=adapter
+                )
                 ensemble = nlp.get_pipe("llm_ner_ensemble")
                 row = run_llm(args, nlp, v_test, more=union_breakdown(ensemble.name, ensemble.members))
                 votes = ensemble.vote_settings()
                 fitted = {**votes["fitted"], "sources": votes["sources"]}
                 row.update(k=3, pool=len(pool), labels=labels, config=UNION_CONFIG, fitted=fitted)
                 table.add(f"{key}@{args.adapter_name}+spacy+sources", row)
+            if args.pool_tune:  # one model per row: the next row's adapter is another
+                PIPELINES.pop((adapter, False), None)
 
 
 def section_genia(args, table: Table) -> None:
@@ -540,11 +570,21 @@ def markdown(result: Dict) -> str:
                 f"(`{UNION_CONFIG}`, overlaps to the LLM).",
                 "",
             ]
+        if any("+tuned" in a for a in adapters):
+            tuned = [r["pool_tune"] for k, r in rows.items() if k.startswith(section + "/") and "pool_tune" in r]
+            out += [
+                f"+tuned: the adapter tuned further on the row's own pool (`{tuned[0]['config']}`, "
+                f"{max(t['examples'] for t in tuned)} examples at most, "
+                f"{max(t['seconds']['train'] for t in tuned) / 60:.0f} min of CPU training at most per set).",
+                "",
+            ]
         if any(a.endswith("+sources") for a in adapters):
+            chosen_on = max(
+                r["fitted"]["dev_docs"] for k, r in rows.items() if k.startswith(section + "/") and "fitted" in r
+            )
             out += [
                 f"+sources: the same union keeping, per label, every member's spans or one member's alone, as chosen "
-                f"on {args.get('union_sources')} train sentences outside the pool and the spaCy model's checkpoint "
-                "sentences.",
+                f"on {chosen_on} train sentences outside the pool and the spaCy model's checkpoint sentences.",
                 "",
             ]
     genia = [k for k in rows if k.startswith("genia/")]
@@ -596,6 +636,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument(
         "--union-sources", type=int, default=0, help="extra sets: also the union per label, chosen on N sentences"
     )
+    ap.add_argument(
+        "--pool-tune",
+        default="",
+        help="extra sets: the adapter tuned further on each row's pool (a finetune config: configs/finetune_pool.cfg)",
+    )
     ap.add_argument("--out", default="metrics/real_use.json")
     args = ap.parse_args(argv)
     args.domains, args.extra, args.variants = (
@@ -607,6 +652,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args.adapter = path or args.adapter
     if args.adapter_name == "auto":
         args.adapter_name = DEFAULT_ADAPTERS["gemma3-270m"]
+    if args.pool_tune:
+        if args.sections != "extra":
+            raise SystemExit("real_use: --pool-tune tunes on the extra sets' pools: give --sections extra")
+        args.adapter_name += "+tuned"
     if args.pool_fit:
         args.adapter_name, args.lodo_tag = args.adapter_name + "+fit", args.lodo_tag + "+fit"
     elif args.union_spacy:

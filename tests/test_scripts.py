@@ -836,3 +836,23 @@ def test_real_use(tmp_path):
     assert set(row["breakdown"]) == {"llm_lar_ner", "student_ner", "union"} and row["docs"] == 3
     assert all(0 <= b["f1"] <= 100 for b in row["breakdown"].values())
     assert "+sources: the same union" in (tmp_path / "real_use.md").read_text()
+    # --pool-tune: ner-v2 tuned further on the row's pool (configs/finetune_pool.cfg cut to one step), a row of its own
+    from thinc.api import Config
+
+    cfg = Config().from_disk(ROOT / "configs" / "finetune_pool.cfg", interpolate=False)
+    cfg["data"]["renders"], cfg["training"]["max_steps"] = 1, 1
+    cfg.to_disk(tmp_path / "finetune_pool.cfg")
+    run(
+        "benchmarks/real_use.py",
+        *args,
+        "--variants",
+        "cased",
+        "--sections",
+        "extra",
+        "--pool-tune",
+        tmp_path / "finetune_pool.cfg",
+    )
+    tuned = json.loads((tmp_path / "real_use.json").read_text())["rows"][f"extra/fixture/cased@{a}+tuned"]
+    assert tuned["pool_tune"]["examples"] == 4 and tuned["docs"] == 3 and 0 <= tuned["f1"] <= 100
+    assert (tmp_path / "work" / "extra_fixture_cased_tuned" / "adapter.gguf").is_file()
+    assert f"ours ({a}+tuned)" in (tmp_path / "real_use.md").read_text()

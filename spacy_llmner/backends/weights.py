@@ -241,10 +241,12 @@ def load_causal_lm(
     device: str = "cpu",
     merge: bool = True,
     attention: Optional[str] = None,
+    trainable: bool = False,
 ):
     """A transformers causal LM (eval mode) from a GGUF file or a transformers folder; ``lora`` (a GGUF LoRA file
-    or a peft folder) merged in by peft, or with ``merge = False`` returned as a peft model. ``attention``: a name
-    registered with transformers' ``AttentionInterface`` (default: transformers' choice)."""
+    or a peft folder) merged in by peft, or with ``merge = False`` returned as a peft model (``trainable``: its LoRA
+    weights require gradients, to tune them further). ``attention``: a name registered with transformers'
+    ``AttentionInterface`` (default: transformers' choice)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
@@ -278,7 +280,7 @@ def load_causal_lm(
             raise ValueError(f"{path}: weights missing {missing[:4]} / unexpected {unexpected[:4]}")
     model.eval()
     if lora:
-        model = apply_lora(model, lora, arch, merge=merge)
+        model = apply_lora(model, lora, arch, merge=merge, trainable=trainable)
     return model.to(device)
 
 
@@ -313,18 +315,21 @@ def gguf_lora_to_peft(lora: str, model, arch: Optional[str] = None):
     return config, state
 
 
-def apply_lora(model, lora: str, arch: Optional[str] = None, merge: bool = True):
-    """``model`` with a LoRA adapter (GGUF file or peft folder) through peft: merged, or a peft model."""
+def apply_lora(model, lora: str, arch: Optional[str] = None, merge: bool = True, trainable: bool = False):
+    """``model`` with a LoRA adapter (GGUF file or peft folder) through peft: merged, or a peft model whose LoRA
+    weights require gradients only when ``trainable``."""
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
     if os.path.isdir(lora):
-        tuned = PeftModel.from_pretrained(model, lora)
+        tuned = PeftModel.from_pretrained(model, lora, is_trainable=trainable)
     else:
         config, state = gguf_lora_to_peft(lora, model, arch)
         tuned = get_peft_model(model, config)
         result = set_peft_model_state_dict(tuned, {k: v.to(model.dtype) for k, v in state.items()})
         if result.unexpected_keys:
             raise ValueError(f"LoRA adapter {lora}: peft did not place {result.unexpected_keys[:4]}")
+        for name, param in tuned.named_parameters():
+            param.requires_grad_(trainable and "lora_" in name)
     return tuned.merge_and_unload() if merge else tuned
 
 

@@ -5,7 +5,9 @@
 reads the datasets, renders training examples with the very component (``[prompt] config``) the tuned model will
 serve (``examples.py``), LoRA-tunes the GGUF model dequantized into torch (``train.py``), merges the adapters and
 writes ``model.gguf`` for the llama.cpp backend (``export.py``), plus the adapter and ``tuning.json`` (settings,
-data sizes, loss curve, seconds). Use it with ``backend.model = "<output>/model.gguf"``.
+data sizes, loss curve, seconds). Use it with ``backend.model = "<output>/model.gguf"``. With ``[model] adapter``
+(e.g. the shipped ``ner-v2``), that adapter's LoRA is tuned further instead and written as ``adapter.gguf``: use it
+with ``backend.adapter = "<output>/adapter.gguf"`` (``configs/finetune_pool.cfg``: a set's own labelled sentences).
 
 Needs the ``tune`` extra (peft, gguf); nothing here is imported by ``import spacy_llmner``.
 """
@@ -29,6 +31,9 @@ data = "../shared/data"
 [model]
 # packaged short name or a GGUF path
 base = "gemma3-270m"
+# null: a new LoRA ([training] r, alpha), merged into model.gguf. An adapter (a shipped name such as "ner-v2", "auto"
+# or a GGUF LoRA file): its own LoRA tuned further, written as adapter.gguf for backend.adapter
+adapter = null
 
 [prompt]
 # the pipeline whose llm_lar_ner component the tuned model will serve: examples are its own prompts
@@ -172,19 +177,20 @@ def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
 
 def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any]:
     """Builds the examples, tunes, exports; returns the summary written to ``output/tuning.json``."""
-    from .export import export_gguf, merged_weights
-    from .train import Tokenizer, load_model, model_file, tune, write_log
+    from .export import export_gguf, export_lora_gguf, merged_weights
+    from .train import Tokenizer, adapter_file, load_model, model_file, tune, write_log
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     base = model_file(settings["model"]["base"])
+    adapter = adapter_file(settings["model"]["base"], settings["model"].get("adapter"))
     t0 = time.perf_counter()
     examples = build_examples(settings, log)
     t_examples = time.perf_counter() - t0
     train = TrainingSettings(**settings["training"])
     tokenizer = Tokenizer(base)
     t1 = time.perf_counter()
-    model = load_model(base, train.device)
+    model = load_model(base, train.device, adapter)
     t_load = time.perf_counter() - t1
 
     def progress(state):
@@ -198,12 +204,16 @@ def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any
     model, tuning_log = tune(model, tokenizer, examples, train, progress)
     model.save_pretrained(str(output / "adapter"))
     t2 = time.perf_counter()
-    path = export_gguf(base, merged_weights(model), str(output / "model.gguf"), settings["export"]["type"])
+    if adapter is None:
+        path = export_gguf(base, merged_weights(model), str(output / "model.gguf"), settings["export"]["type"])
+    else:  # the tuned-further adapter, for the shipped model file it was tuned on
+        path = Path(export_lora_gguf(output / "adapter", base, output / "adapter.gguf")["path"])
     t_export = time.perf_counter() - t2
     tokenizer.close()
     by_dataset = dict(Counter(ex.dataset for ex in examples))
     summary = {
         "base": base,
+        "adapter_tuned_further": adapter,
         "model": str(path),
         "model_mb": round(path.stat().st_size / 1e6, 1),
         "examples": len(examples),

@@ -216,13 +216,15 @@ def tune(
     save_every: int = 50,
     progress: Optional[Callable[[TuningLog], None]] = None,
 ):
-    """LoRA-tunes ``model`` (a transformers causal LM, float32) on ``examples``; returns (peft model, log).
+    """LoRA-tunes ``model`` (a transformers causal LM, float32) on ``examples``; returns (peft model, log). A peft
+    model (``load_causal_lm(..., merge=False, trainable=True)``) has its own LoRA weights tuned further, with their
+    rank, scale and targets (``settings``' r, alpha, dropout and targets then go unused).
 
     With ``out``: the resumable state goes to ``<out>/resume.pt`` (``identity``: what else a resumed run must
     share, e.g. model and data files) and ``state`` (from ``load_state``) is continued; ``checkpoints`` are
     fractions of the plan at which ``<out>/ckpt-<fraction>/`` peft folders are written."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
     from ..backends.weights import save_peft
@@ -236,14 +238,17 @@ def tune(
     log.examples, log.skipped_too_long = len(train_on), len(examples) - len(train_on)
     steps = plan(train_on, settings)
     log.steps = len(steps)
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.targets),
-        task_type="CAUSAL_LM",
-    )
-    tuned = get_peft_model(model, config).to(device)
+    if isinstance(model, PeftModel):  # an adapter tuned further: its own rank, scale and targets
+        tuned = model.to(device)
+    else:
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=list(settings.targets),
+            task_type="CAUSAL_LM",
+        )
+        tuned = get_peft_model(model, config).to(device)
     params = [p for p in tuned.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(settings.warmup * len(steps))), max(1, len(steps)))
