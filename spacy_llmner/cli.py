@@ -297,10 +297,10 @@ def adapter_peft(
 ):
     """Writes an adapter in peft's format, what vLLM serves with --enable-lora --lora-modules NAME=OUTPUT (derived
     from the GGUF adapter: the same weights, stored in float16)."""
-    from .backends.llamacpp import HF_NAMES, LlamaCppBackend, resolve_adapter, resolve_model_path
+    from .backends.llamacpp import HF_NAMES, resolve_adapter_file, resolve_model_path
     from .backends.weights import write_peft_adapter
 
-    gguf = LlamaCppBackend.adapter_file_of(resolve_adapter(model, adapter))
+    gguf = resolve_adapter_file(model, adapter)
     folder = write_peft_adapter(gguf, resolve_model_path(model), output, HF_NAMES.get(model))
     typer.echo(f"adapter-peft: wrote {folder} (the adapter {adapter} for {HF_NAMES.get(model, model)})")
 

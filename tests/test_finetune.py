@@ -304,13 +304,13 @@ def test_tuning_an_adapter_further_continues_its_own_lora(tmp_path):
     import torch
 
     from spacy_llmner.backends.gguf_check import read_header
-    from spacy_llmner.backends.llamacpp import LlamaCppBackend
+    from spacy_llmner.backends.llamacpp import LlamaCppBackend, resolve_adapter_file
     from spacy_llmner.backends.weights import load_causal_lm
     from spacy_llmner.finetune import finetune
-    from spacy_llmner.finetune.train import adapter_file, load_model, model_file
+    from spacy_llmner.finetune.train import load_model, model_file
     from spacy_llmner.ty import ScoreRequest
 
-    base, shipped = model_file("gemma3-270m"), adapter_file("gemma3-270m", "ner-v2")
+    base, shipped = model_file("gemma3-270m"), resolve_adapter_file("gemma3-270m", "ner-v2")
     ids = torch.tensor([[2, 651, 1217, 4371, 235265, 100]])
     with torch.no_grad():
         trainable = load_model(base, "cpu", shipped)

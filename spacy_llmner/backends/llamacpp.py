@@ -110,6 +110,12 @@ def resolve_adapter(model: str, adapter: Optional[str]) -> Optional[str]:
     return adapter
 
 
+def resolve_adapter_file(model: str, adapter: Optional[str]) -> Optional[str]:
+    """The GGUF file of the adapter a setting names (``resolve_adapter``'s checks: a shipped name, "auto", a GGUF
+    LoRA path), or None for the base model."""
+    return LlamaCppBackend.adapter_file_of(resolve_adapter(model, adapter))
+
+
 DEFAULT_ADAPTERS = {"gemma3-270m": "ner-v2"}  # what adapter = "auto" applies, by model name
 # the packaged models' architectures, known without opening them (others: read from the GGUF header)
 MODEL_ARCHITECTURES = {"gemma3-270m": "gemma3", "smollm2-135m": "llama"}

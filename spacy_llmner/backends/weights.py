@@ -324,12 +324,11 @@ def apply_lora(model, lora: str, arch: Optional[str] = None, merge: bool = True,
         tuned = PeftModel.from_pretrained(model, lora, is_trainable=trainable)
     else:
         config, state = gguf_lora_to_peft(lora, model, arch)
+        config.inference_mode = not trainable  # peft's own switch, as is_trainable sets it for a folder
         tuned = get_peft_model(model, config)
         result = set_peft_model_state_dict(tuned, {k: v.to(model.dtype) for k, v in state.items()})
         if result.unexpected_keys:
             raise ValueError(f"LoRA adapter {lora}: peft did not place {result.unexpected_keys[:4]}")
-        for name, param in tuned.named_parameters():
-            param.requires_grad_(trainable and "lora_" in name)
     return tuned.merge_and_unload() if merge else tuned
 
 

@@ -177,13 +177,14 @@ def read_sources(data: Dict[str, Any]) -> List[Tuple[str, List[Demonstration]]]:
 
 def finetune(settings: Dict[str, Any], output: Path, log=print) -> Dict[str, Any]:
     """Builds the examples, tunes, exports; returns the summary written to ``output/tuning.json``."""
+    from ..backends.llamacpp import resolve_adapter_file
     from .export import export_gguf, export_lora_gguf, merged_weights
-    from .train import Tokenizer, adapter_file, load_model, model_file, tune, write_log
+    from .train import Tokenizer, load_model, model_file, tune, write_log
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     base = model_file(settings["model"]["base"])
-    adapter = adapter_file(settings["model"]["base"], settings["model"].get("adapter"))
+    adapter = resolve_adapter_file(settings["model"]["base"], settings["model"]["adapter"])
     t0 = time.perf_counter()
     examples = build_examples(settings, log)
     t_examples = time.perf_counter() - t0

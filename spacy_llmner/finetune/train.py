@@ -16,16 +16,7 @@ from . import loop
 from .examples import TuningExample
 from .loop import LORA_TARGETS, TrainingSettings, TuningLog
 
-__all__ = [
-    "LORA_TARGETS",
-    "TrainingSettings",
-    "TuningLog",
-    "Tokenizer",
-    "adapter_file",
-    "load_model",
-    "model_file",
-    "tune",
-]
+__all__ = ["LORA_TARGETS", "TrainingSettings", "TuningLog", "Tokenizer", "load_model", "model_file", "tune"]
 
 
 def model_file(model: str) -> str:
@@ -34,21 +25,11 @@ def model_file(model: str) -> str:
     return resolve_model_path(model)
 
 
-def adapter_file(model: str, adapter: Optional[str]) -> Optional[str]:
-    """The LoRA an adapter setting names (a shipped adapter's name, "auto", a GGUF LoRA file; checked against
-    ``model``), or None."""
-    from ..backends.llamacpp import LlamaCppBackend, resolve_adapter
-
-    return LlamaCppBackend.adapter_file_of(resolve_adapter(model, adapter))
-
-
 def load_model(path: str, device: str = "cpu", adapter: Optional[str] = None):
     """The model in float32 for tuning, through the package's one loader (``backends.weights``); with ``adapter``
     (a GGUF LoRA file or a peft folder) a peft model whose LoRA weights are tuned further."""
     from ..backends.weights import load_causal_lm, resolve_device
 
-    if adapter is None:
-        return load_causal_lm(path, None, "float32", resolve_device(device))
     return load_causal_lm(path, adapter, "float32", resolve_device(device), merge=False, trainable=True)
 
 
