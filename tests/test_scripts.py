@@ -489,7 +489,7 @@ def test_finetune_then_speed_table(tmp_path):
     res = json.loads((tmp_path / "speed.json").read_text())
     base = res["domains"]["politics"]["base"]
     assert base["sentences"] == 1 and base["calls_per_sentence"] == 1 and base["engine_evaluated_tokens_per_sentence"]
-    assert set(res["peak_gflops"]) == {"float32", "bfloat16"} and set(res["average"]) == {"base"}
+    assert set(res["peak_gflops"]) == {"float32", "bfloat16", "int8"} and set(res["average"]) == {"base"}
     out = run("benchmarks/speed_table.py", tmp_path / "speed.json")
     assert out.splitlines()[-1].startswith("| base | test first 1/domain | k = 2 | ")
 

@@ -179,23 +179,32 @@ def test_auto_keeps_float32_where_pytorch_s_kernels_are_held_to_avx2():
 
 
 def test_the_precision_is_checked_at_construction_and_int8_stays_on_a_cpu():
-    from spacy_llmner.backends.weights import resolve_int8
+    from spacy_llmner.backends.weights import int8_kernel, resolve_int8
 
     with pytest.raises(BackendError, match="dtype must be one of"):
         LlamaCppBackend(dtype="int4")
     with pytest.raises(BackendError, match="'int8' runs on a CPU only"):
         LlamaCppBackend(dtype="int8", device="cuda")
     assert LlamaCppBackend(dtype="int8").dtype == "int8"  # a name only: nothing is loaded yet
-    assert resolve_int8("int8", "cpu") and resolve_int8("auto", "cpu")  # the default on a CPU
+    assert resolve_int8("int8", "cpu") and resolve_int8("auto", "cpu", {"avx2", "avx512_vnni"})  # CPU default
+    assert resolve_int8("auto", "cpu", {"avx2", "avx_vnni"}) and resolve_int8("auto", "cpu", {"amx_int8"})
+    # an AVX2-only CPU: float32 by default (torch._int_mm has no oneDNN path there); "int8" asked for is obeyed
+    assert not resolve_int8("auto", "cpu", {"avx2", "fma"}) and resolve_int8("int8", "cpu", {"avx2", "fma"})
+    # torch._int_mm reaches oneDNN only with VNNI or AMX; an AVX2-only CPU takes oneDNN's quantized linear
+    assert int8_kernel({"avx2", "avx512_vnni"}) == int8_kernel({"amx_int8"}) == int8_kernel({"avx_vnni"}) == "int_mm"
+    assert int8_kernel({"avx2", "fma", "f16c"}) == "onednn_avx2" and int8_kernel({"sse4_2"}) is None
     assert not resolve_int8("bfloat16", "cpu") and not resolve_int8("auto", "cuda")
     with pytest.raises(ValueError, match="runs on a CPU only, not on 'cuda'"):  # the device "auto" resolved to CUDA
         resolve_int8("int8", "cuda")
 
 
-def test_int8_products_are_the_dequantized_product_and_a_shared_input_is_quantized_once():
-    """``Int8Linear``: the integer product (int32 sums) times the scales equals the product of the dequantized
-    (smoothed) operands; weights per output channel and activations per token keep every row within a few percent
-    of the float product, also beside a token 30 times larger; layers reading one input quantize it once."""
+@pytest.mark.parametrize("kernel", ["int_mm", "onednn_avx2"])
+def test_int8_products_are_the_dequantized_product_and_a_shared_input_is_quantized_once(kernel):
+    """``Int8Linear``, with either kernel: the integer product (int32 sums) times the scales equals the product of
+    the dequantized (smoothed) operands, exactly also where every input byte is at its largest (the AVX2 kernel's
+    int16 pair sums: 7-bit weights keep them in range); weights per output channel and activations per token keep
+    every row within a few percent of the float product, also beside a token 30 times larger; layers reading one
+    input quantize it once."""
     import torch
 
     from spacy_llmner.backends.torch_model import Int8Linear, SharedInput
@@ -205,10 +214,12 @@ def test_int8_products_are_the_dequantized_product_and_a_shared_input_is_quantiz
     for layer in layers:
         torch.nn.init.normal_(layer.weight, generator=g)
         layer.weight.data[3] *= 20  # a large output channel: its own scale
-    shared = SharedInput(torch.rand(64, generator=g) + 0.5)  # each input channel's divisor (smoothing)
+    smooth = torch.rand(64, generator=g) + 0.5  # each input channel's divisor (smoothing)
+    shared = SharedInput(smooth, kernel)
     int8 = [Int8Linear(layer, shared) for layer in layers]
     x = torch.randn(2, 5, 64, generator=g)
     x[0, 1] *= 30  # a large token: its own scale
+    x[1, 2] = smooth  # every channel at the token's maximum: each byte 127 (255 shifted to unsigned)
     with torch.inference_mode():
         first = int8[0](x)
         quantized = shared.result
@@ -217,13 +228,19 @@ def test_int8_products_are_the_dequantized_product_and_a_shared_input_is_quantiz
         for layer, q, out in zip(layers, int8, (first, second)):
             assert out.shape == (2, 5, layer.out_features) and out.dtype == torch.float32
             rows, scales = quantized
-            exact = (rows.double() * scales.double()) @ (q.qweight.double() * q.scale.double())
+            if kernel == "onednn_avx2":  # unsigned bytes, zero point 128; weights of 7 bits
+                assert rows.dtype == torch.uint8 and bool((rows[7] == 255).all())
+                rows = rows.double() - 128
+            weights = torch.round(layer.weight.detach().float() * smooth / q.scale[:, None])
+            assert float(weights.abs().max()) == (63 if kernel == "onednn_avx2" else 127)
+            exact = (rows.double() * scales.double()) @ (weights.t().double() * q.scale.double())
             if layer.bias is not None:
                 exact += layer.bias.double()
             torch.testing.assert_close(out.reshape(10, -1).double(), exact, rtol=1e-5, atol=1e-4)
             want = layer(x)
             err = (out - want).norm(dim=-1) / want.norm(dim=-1)
-            assert float(err.max()) < 0.08  # (one scale for the whole input: up to 0.36 here)
+            # (one scale for the whole input: up to 0.36 here; 7-bit weights have twice the 8-bit step)
+            assert float(err.max()) < (0.16 if kernel == "onednn_avx2" else 0.08)
         again = int8[0](2 * x)  # another input: quantized anew (its own scales: twice the first ones)
         assert shared.result is not quantized and torch.equal(shared.result[1], 2 * quantized[1])
         torch.testing.assert_close(again, 2 * first, rtol=1e-4, atol=1e-3)

@@ -298,8 +298,9 @@ class LlamaCppBackend(BackendBase):
         the architectures in TORCH_ARCHITECTURES) or "llama.cpp" (``batched.BatchedDecoder``). Scoring (LAR typing,
         self-validation) and sampling run on the engine chosen.
     head (str): torch engine: "restricted" (logits for the tokens an answer can use) or "full" (every row).
-    dtype (str): torch engine: "auto" (on a CPU, the body's matrix products in int8 and the rest in bfloat16
-        where the CPU has AVX-512 BF16 or AMX, else float32; bfloat16 on a GPU), "int8" (a CPU only), "bfloat16",
+    dtype (str): torch engine: "auto" (on a CPU with VNNI or AMX int8, the body's matrix products in int8, and
+        the rest in bfloat16 where it has AVX-512 BF16 or AMX, else float32; bfloat16 on a GPU), "int8" (a CPU
+        only; on an AVX2-only CPU through oneDNN's quantized linear, 7-bit weights), "bfloat16",
         "float16" or "float32".
     device (str): torch engine: "auto" (CUDA where torch sees a GPU, else the CPU), "cpu" or a torch device such
         as "cuda:0".

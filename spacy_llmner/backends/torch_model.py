@@ -13,9 +13,9 @@ body and an output head, so that ``torch_decoder`` can apply the head to a few r
 - Precision: on a CPU with ``dtype = bfloat16`` the matrix products, the embedding / head and attention (the
   cached keys and values) run in bfloat16; the residual stream and norms stay in float32 (hooks on transformers'
   modules; ``attention`` is registered with transformers' ``AttentionInterface``). With int8 (``dtype = "int8"``,
-  or "auto" on a CPU) the body's linear layers become ``Int8Linear``: SmoothQuant-style smoothing calibrated once
-  on a fixed text, inputs quantized per token, weights per output channel, ``torch._int_mm``; the embedding / head
-  and attention as "auto" has them.
+  or "auto" on a CPU with VNNI or AMX int8: ``weights.resolve_int8``) the body's linear layers become
+  ``Int8Linear``: SmoothQuant-style smoothing calibrated once on a fixed text, inputs quantized per token, weights
+  per output channel, ``torch._int_mm``; the embedding / head and attention as "auto" has them.
 
 ``body_flop`` and ``row_flop`` give the arithmetic of one token through the body's matrix products and of one head
 row (attention aside), for the decoder's compute accounting.
@@ -28,7 +28,7 @@ import torch  # (this module is imported only when the engine loads)
 from transformers.cache_utils import Cache
 
 from .vocab import vocab_of
-from .weights import load_causal_lm, resolve_device, resolve_dtype, resolve_int8
+from .weights import int8_kernel, load_causal_lm, resolve_device, resolve_dtype, resolve_int8
 
 
 class SlotCache(Cache):
@@ -216,7 +216,8 @@ class TorchModel:
         self.row_flop = 2 * self.head.shape[1]
         if self.int8:  # calibrated on a fixed text, through the float body
             ids = vocab_of(path).tokenize(CALIBRATION_TEXT)
-            int8_products(self.body, lambda: self.forward([ids], [list(range(len(ids)))], self.new_cache(1, len(ids))))
+            run = lambda: self.forward([ids], [list(range(len(ids)))], self.new_cache(1, len(ids)))  # noqa: E731
+            int8_products(self.body, run, int8_kernel() or "int_mm")
 
     def tensor(self, array, dtype=None):
         return self.torch.as_tensor(array, dtype=dtype, device=self.device)
@@ -319,18 +320,28 @@ SMOOTHING = 0.5
 
 
 class Int8Linear(torch.nn.Module):
-    """A linear layer whose product runs in int8 (``torch._int_mm``, int32 sums): its input divided per channel by
-    ``shared.smooth`` (SmoothQuant: outlier channels tamed, the weights' columns multiplied by the same factors),
-    then quantized per token (row), symmetric, at every call; weights quantized once, symmetric, one scale per output
-    channel. ``shared`` quantizes an input once for the layers that read it (attention's q, k, v; the MLP's gate and
-    up)."""
+    """A linear layer whose product runs in int8 (int32 sums): its input divided per channel by ``shared.smooth``
+    (SmoothQuant: outlier channels tamed, the weights' columns multiplied by the same factors), then quantized per
+    token (row), symmetric, at every call; weights quantized once, symmetric, one scale per output channel.
+    ``shared`` quantizes an input once for the layers that read it (attention's q, k, v; the MLP's gate and up).
+
+    Two kernels (``shared.kernel``, ``weights.int8_kernel``): ``"int_mm"`` (``torch._int_mm``: oneDNN where the CPU
+    has VNNI or AMX int8) and ``"onednn_avx2"`` (oneDNN's quantized linear, PyTorch's x86 quantization op, for a CPU
+    with AVX2 only, where ``torch._int_mm`` has no oneDNN path). The AVX2 kernel multiplies unsigned by signed bytes
+    and adds pairs in int16 (``vpmaddubsw``): the input is shifted to unsigned (zero point 128) and the weights keep
+    7 bits (±63), so that no pair's sum (2 × 255 × 63) leaves int16 and the int32 sums stay exact."""
 
     def __init__(self, linear: torch.nn.Linear, shared: "SharedInput"):
         super().__init__()
         weight = linear.weight.detach().float() * shared.smooth
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        # (in, out): the layout torch._int_mm's CPU kernel takes fastest for both of the body's shapes
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
+        self.avx2 = shared.kernel == "onednn_avx2"
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / (63 if self.avx2 else 127)
+        quantized = torch.round(weight / scale[:, None]).to(torch.int8)
+        if self.avx2:  # (oneDNN's own layout: an opaque tensor, kept out of the state dict)
+            self.packed = torch.ops.onednn.qlinear_prepack(quantized, None)
+            self.register_buffer("zero_points", torch.zeros(len(scale), dtype=torch.int32))
+        else:  # (in, out): the layout torch._int_mm's CPU kernel takes fastest for both of the body's shapes
+            self.register_buffer("qweight", quantized.t().contiguous())
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), False)
         self.shared = shared
@@ -338,7 +349,12 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x):
         rows, scales = self.shared.quantized(x)
-        out = torch._int_mm(rows, self.qweight).float().mul_(scales).mul_(self.scale)
+        if self.avx2:
+            out = torch.ops.onednn.qlinear_pointwise(
+                rows, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+            ).mul_(scales)
+        else:
+            out = torch._int_mm(rows, self.qweight).float().mul_(scales).mul_(self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -347,23 +363,27 @@ class Int8Linear(torch.nn.Module):
 class SharedInput(threading.local):
     """Per-token int8 quantization of the last input seen, by identity: the layers reading one tensor (transformers'
     attention and MLP pass the same tensor to their projections, unchanged in between) quantize it once. Per thread:
-    backends sharing the model may run it from several. ``smooth``: each input channel's divisor."""
+    backends sharing the model may run it from several. ``smooth``: each input channel's divisor; ``kernel``: the
+    layers' (``Int8Linear``), for which the AVX2 one takes the bytes shifted to unsigned."""
 
     last = result = None
 
-    def __init__(self, smooth):
+    def __init__(self, smooth, kernel: str = "int_mm"):
         self.smooth = smooth
+        self.kernel = kernel
 
     def quantized(self, x):
         if x is not self.last:  # (held here, so no other tensor can take its identity)
             flat = x.reshape(-1, x.shape[-1]).float() / self.smooth  # (a new tensor: divided in place below)
             scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-            self.result = (flat.div_(scales).round_().to(torch.int8), scales)
+            rows = flat.div_(scales).round_()
+            rows = rows.add_(128).to(torch.uint8) if self.kernel == "onednn_avx2" else rows.to(torch.int8)
+            self.result = (rows, scales)
             self.last = x
         return self.result
 
 
-def int8_products(body, calibrate) -> None:
+def int8_products(body, calibrate, kernel: str = "int_mm") -> None:
     """Every ``torch.nn.Linear`` in ``body`` replaced by an ``Int8Linear`` (the float weights freed). ``calibrate``
     runs the body once: each layer's largest input magnitude per channel is recorded, and the layers that read the
     same tensor form a group sharing one quantization, smoothed by SmoothQuant's factors (max |x_j|^a /
@@ -390,6 +410,6 @@ def int8_products(body, calibrate) -> None:
         act = seen[members[0][2]][1].clamp(min=1e-5)
         wmax = torch.stack([child.weight.detach().float().abs().amax(dim=0) for _, _, child in members]).amax(dim=0)
         smooth = (act.pow(SMOOTHING) / wmax.clamp(min=1e-5).pow(1 - SMOOTHING)).clamp(min=1e-5)
-        shared = SharedInput(smooth)
+        shared = SharedInput(smooth, kernel)
         for module, name, child in members:
             setattr(module, name, Int8Linear(child, shared))

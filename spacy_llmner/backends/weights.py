@@ -137,11 +137,29 @@ def check_dtype(dtype: str, device: str = "auto") -> None:
         )
 
 
-def resolve_int8(dtype: str, device: str) -> bool:
-    """Whether the body's matrix products run in int8 on the resolved ``device``: asked for, or "auto" on a CPU (F1
-    and speed against bfloat16: docs/speed.md, "Int8 matrix products")."""
+# CPU flags (as /proc/cpuinfo names them) under which torch._int_mm multiplies through oneDNN's int8 kernels. On a CPU
+# with none of them (AVX2 only: AMD Zen 3 and older, Intel before Ice Lake / Alder Lake) it falls back to a scalar
+# loop, far slower than float32 (docs/speed.md, "A real AVX2-only CPU"). There "auto" keeps float32 products, and
+# "int8" calls oneDNN's quantized linear with 7-bit weights instead (torch_model.Int8Linear): faster than float32,
+# but its scores move further from float32's than 8-bit products do.
+INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_kernel(cpu_flags: Optional[set] = None) -> Optional[str]:
+    """The int8 kernel for a CPU with these flags (this machine's by default): "int_mm" (VNNI or AMX),
+    "onednn_avx2" (AVX2 only) or None (neither: float32 products)."""
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    return "int_mm" if INT8_CPU_FLAGS & flags else "onednn_avx2" if "avx2" in flags else None
+
+
+def resolve_int8(dtype: str, device: str, cpu_flags: Optional[set] = None) -> bool:
+    """Whether the body's matrix products run in int8 on the resolved ``device``: asked for, or "auto" on a CPU
+    with VNNI or AMX int8 (``int8_kernel`` "int_mm"; F1 and speed against bfloat16: docs/speed.md, "Int8 matrix
+    products")."""
     check_dtype(dtype, device)
-    return dtype == "int8" or (dtype == "auto" and device == "cpu")
+    if dtype == "auto" and device == "cpu":
+        return int8_kernel(cpu_flags) == "int_mm"
+    return dtype == "int8"
 
 
 def resolve_dtype(dtype: str, device: str = "cpu"):
