@@ -141,7 +141,7 @@ def peak_gflops(threads: int) -> dict:
     from spacy_llmner.backends.torch_model import Int8Linear, SharedInput
     from spacy_llmner.backends.weights import int8_kernel
 
-    layer = Int8Linear(torch.nn.Linear(640, 4096, bias=False), SharedInput(torch.ones(640), int8_kernel() or "int_mm"))
+    layer = Int8Linear(torch.nn.Linear(640, 4096, bias=False), SharedInput(torch.ones(640), int8_kernel()))
     x = torch.randn(256, 640)
     with torch.inference_mode():
         layer(x)

@@ -192,7 +192,7 @@ def test_the_precision_is_checked_at_construction_and_int8_stays_on_a_cpu():
     assert not resolve_int8("auto", "cpu", {"avx2", "fma"}) and resolve_int8("int8", "cpu", {"avx2", "fma"})
     # torch._int_mm reaches oneDNN only with VNNI or AMX; an AVX2-only CPU takes oneDNN's quantized linear
     assert int8_kernel({"avx2", "avx512_vnni"}) == int8_kernel({"amx_int8"}) == int8_kernel({"avx_vnni"}) == "int_mm"
-    assert int8_kernel({"avx2", "fma", "f16c"}) == "onednn_avx2" and int8_kernel({"sse4_2"}) is None
+    assert int8_kernel({"avx2", "fma", "f16c"}) == "onednn_avx2" and int8_kernel({"sse4_2"}) == "int_mm"
     assert not resolve_int8("bfloat16", "cpu") and not resolve_int8("auto", "cuda")
     with pytest.raises(ValueError, match="runs on a CPU only, not on 'cuda'"):  # the device "auto" resolved to CUDA
         resolve_int8("int8", "cuda")

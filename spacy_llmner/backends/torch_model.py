@@ -216,8 +216,11 @@ class TorchModel:
         self.row_flop = 2 * self.head.shape[1]
         if self.int8:  # calibrated on a fixed text, through the float body
             ids = vocab_of(path).tokenize(CALIBRATION_TEXT)
-            run = lambda: self.forward([ids], [list(range(len(ids)))], self.new_cache(1, len(ids)))  # noqa: E731
-            int8_products(self.body, run, int8_kernel() or "int_mm")
+            int8_products(
+                self.body,
+                lambda: self.forward([ids], [list(range(len(ids)))], self.new_cache(1, len(ids))),
+                int8_kernel(),
+            )
 
     def tensor(self, array, dtype=None):
         return self.torch.as_tensor(array, dtype=dtype, device=self.device)
@@ -317,6 +320,8 @@ CALIBRATION_TEXT = (
 )
 # SmoothQuant's migration strength: activation outliers are divided by scale^alpha, weights multiplied by it
 SMOOTHING = 0.5
+# The AVX2 kernel's operands (Int8Linear): input bytes shifted to unsigned by this zero point, weights of 7 bits
+AVX2_ZERO_POINT, AVX2_WEIGHT_LEVELS = 128, 63
 
 
 class Int8Linear(torch.nn.Module):
@@ -335,7 +340,7 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         weight = linear.weight.detach().float() * shared.smooth
         self.avx2 = shared.kernel == "onednn_avx2"
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / (63 if self.avx2 else 127)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / (AVX2_WEIGHT_LEVELS if self.avx2 else 127)
         quantized = torch.round(weight / scale[:, None]).to(torch.int8)
         if self.avx2:  # (oneDNN's own layout: an opaque tensor, kept out of the state dict)
             self.packed = torch.ops.onednn.qlinear_prepack(quantized, None)
@@ -351,7 +356,19 @@ class Int8Linear(torch.nn.Module):
         rows, scales = self.shared.quantized(x)
         if self.avx2:
             out = torch.ops.onednn.qlinear_pointwise(
-                rows, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+                rows,
+                1.0,
+                AVX2_ZERO_POINT,
+                self.packed,
+                self.scale,
+                self.zero_points,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
             ).mul_(scales)
         else:
             out = torch._int_mm(rows, self.qweight).float().mul_(scales).mul_(self.scale)
@@ -377,7 +394,7 @@ class SharedInput(threading.local):
             flat = x.reshape(-1, x.shape[-1]).float() / self.smooth  # (a new tensor: divided in place below)
             scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
             rows = flat.div_(scales).round_()
-            rows = rows.add_(128).to(torch.uint8) if self.kernel == "onednn_avx2" else rows.to(torch.int8)
+            rows = rows.add_(AVX2_ZERO_POINT).to(torch.uint8) if self.kernel == "onednn_avx2" else rows.to(torch.int8)
             self.result = (rows, scales)
             self.last = x
         return self.result

@@ -145,20 +145,20 @@ def check_dtype(dtype: str, device: str = "auto") -> None:
 INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def int8_kernel(cpu_flags: Optional[set] = None) -> Optional[str]:
-    """The int8 kernel for a CPU with these flags (this machine's by default): "int_mm" (VNNI or AMX),
-    "onednn_avx2" (AVX2 only) or None (neither: float32 products)."""
+def int8_kernel(cpu_flags: Optional[set] = None) -> str:
+    """The int8 kernel for a CPU with these flags (this machine's by default): "onednn_avx2" with AVX2 but neither
+    VNNI nor AMX int8, else "int_mm"."""
     flags = _cpu_flags() if cpu_flags is None else cpu_flags
-    return "int_mm" if INT8_CPU_FLAGS & flags else "onednn_avx2" if "avx2" in flags else None
+    return "onednn_avx2" if "avx2" in flags and not INT8_CPU_FLAGS & flags else "int_mm"
 
 
 def resolve_int8(dtype: str, device: str, cpu_flags: Optional[set] = None) -> bool:
     """Whether the body's matrix products run in int8 on the resolved ``device``: asked for, or "auto" on a CPU
-    with VNNI or AMX int8 (``int8_kernel`` "int_mm"; F1 and speed against bfloat16: docs/speed.md, "Int8 matrix
+    with VNNI or AMX int8 (``INT8_CPU_FLAGS``; F1 and speed against bfloat16: docs/speed.md, "Int8 matrix
     products")."""
     check_dtype(dtype, device)
     if dtype == "auto" and device == "cpu":
-        return int8_kernel(cpu_flags) == "int_mm"
+        return bool(INT8_CPU_FLAGS & (_cpu_flags() if cpu_flags is None else cpu_flags))
     return dtype == "int8"
 
 
