@@ -756,6 +756,44 @@ def test_rows_reading_stored_demonstrations_share_rounds_by_question_length(gemm
     assert decoder.usage["padding_tokens"] - before == by_question
 
 
+@pytest.mark.model
+def test_a_full_demonstration_store_keeps_the_blocks_needed_soonest(gemma):
+    """A store too small for every block drops first what the call will not show again: rows admitted one at a
+    time show blocks A B C, then D E F, then A B C again. After D E F the store is over budget; least recently used
+    order would drop A B C (and evaluate them again for the third row), the call's known order drops D E F. Answers
+    equal those of a store that keeps everything."""
+    from spacy_llmner.backends.torch_decoder import TorchDecoder, nbytes
+
+    backend, model = gemma
+    shown = [
+        ("Barack Obama visited Nairobi last May .", [(0, 12, "person"), (21, 28, "location")]),
+        ("Shares of Siemens rose in Frankfurt .", [(10, 17, "organisation"), (26, 35, "location")]),
+        ("Angela Merkel spoke in Berlin today .", [(0, 13, "person"), (23, 29, "location")]),
+        ("Toyota built a plant in Kentucky .", [(0, 6, "organisation"), (24, 32, "location")]),
+        ("Lionel Messi moved to Miami in July .", [(0, 12, "person"), (22, 27, "location")]),
+        ("The BBC opened an office in Lagos .", [(4, 7, "organisation"), (28, 33, "location")]),
+    ]
+    rows = [  # admitted by question length: these three in this order
+        ("Hi .", shown[:3]),
+        ("Emmanuel Macron met Olaf Scholz .", shown[3:]),
+        ("Microsoft opened a new research lab in Nairobi , Kenya , after long talks .", shown[:3]),
+    ]
+    made = [demonstration_requests(backend, [text], demos) for text, demos in rows]
+    prompts, blocks = [m[0][0] for m in made], [m[1][0] for m in made]
+    args = [[m[2][j][0] for m in made] for j in range(3)]
+    everything = TorchDecoder(backend.vocab, model, n_seq=1)
+    expected = everything.generate(prompts, *args, blocks=blocks)
+    head = prompts[0][: blocks[0][0][0]]
+    tokens = [tuple(p[a:b]) for p, spans in zip(prompts[:2], blocks[:2]) for a, b in spans]  # A B C D E F
+    size = [nbytes(everything.stored_block(head, t)) for t in tokens]
+    budget = sum(size[:3]) + min(size[3:]) // 2  # A B C fit; A B C and any one of D E F do not
+    small = TorchDecoder(backend.vocab, model, n_seq=1, block_cache_mb=budget / 2**20)
+    assert [a[0] for a in small.generate(prompts, *args, blocks=blocks)] == [e[0] for e in expected]
+    assert small.usage["reused_tokens"] == sum(len(t) for t in tokens[:3])  # the third row's blocks, all stored
+    assert all(small.stored_block(head, t) is not None for t in tokens[:3])
+    assert all(small.stored_block(head, t) is None for t in tokens[3:])
+
+
 def test_a_request_s_parts_must_join_to_its_prompt_and_the_engine_setting_is_checked():
     from spacy_llmner.ty import GenerationRequest
 

@@ -30,6 +30,7 @@ and the arithmetic it cost (``gflop``, matrix products of body and head; attenti
 counts every row through the body (padding and finished rows riding along included).
 """
 
+import math
 import zlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class TorchDecoder:
         top_k: int = 16,
         max_batch_tokens: int = 1024,
         sampling: Optional[Sampling] = None,
-        block_cache_mb: int = 256,
+        block_cache_mb: float = 1024,
     ):
         import torch
 
@@ -132,6 +133,8 @@ class TorchDecoder:
         self.block_cache_mb = block_cache_mb
         self._block_store: "OrderedDict[Tuple[tuple, tuple], tuple]" = OrderedDict()
         self._block_bytes = 0
+        # while a call's rows are decoded: the head, and each of its blocks' admissions still to come (their order)
+        self._upcoming: Tuple[tuple, Dict[tuple, deque]] = ((), {})
 
     def close(self) -> None:
         self.prefix_cache = None
@@ -339,10 +342,17 @@ class TorchDecoder:
         run on with a few long answers while others wait."""
         waiting = deque(sorted(seqs, key=lambda s: s.rest if s.blocks else len(s.tokens)))
         started: List[_Seq] = []
+        upcoming: Dict[tuple, deque] = {}  # block → the admissions that show it, in order (for ``_evict``)
+        for i, s in enumerate(waiting):
+            for block in s.blocks:
+                upcoming.setdefault(block, deque()).append(i)
+        self._upcoming = (tuple(self.prefix), upcoming)
 
         def admit(n: int):
             group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
             for s in group:
+                for block in s.blocks:
+                    upcoming[block].popleft()
                 started.append(s)
                 s.sampler = self.vocab.matcher(s.grammar) if s.grammar else None
                 s.pos = len(s.tokens)
@@ -355,6 +365,7 @@ class TorchDecoder:
             self.usage["generated_tokens"] += sum(len(s.generated) for s in started)
             self.usage["loops_stopped"] += sum(s.looped for s in started)
         finally:
+            self._upcoming = ((), {})
             for s in started:
                 s.sampler = None
                 s.done = True
@@ -419,9 +430,23 @@ class TorchDecoder:
                 out[block] = kv
                 self._block_store[(head, block)] = kv
                 self._block_bytes += nbytes(kv)
-        while self._block_bytes > self.block_cache_mb * 2**20 and self._block_store:
-            self._block_bytes -= nbytes(self._block_store.popitem(last=False)[1])
+        self._evict()
         return out
+
+    def _evict(self) -> None:
+        """Drops stored blocks until the store fits ``block_cache_mb``: first those the call being decoded will not
+        show again (least recently used first: blocks of earlier calls, or of another head), then the one it shows
+        furthest ahead (Belady's rule: rows are admitted in a known order, so the store keeps what is needed soonest
+        and a pool larger than the store is not evaluated again at every turn, as least-recently-used order would)."""
+        head, upcoming = self._upcoming
+
+        def next_use(key) -> float:
+            queue = upcoming.get(key[1]) if key[0] == head else None
+            return queue[0] if queue else math.inf
+
+        while self._block_bytes > self.block_cache_mb * 2**20 and self._block_store:
+            victim = max(self._block_store, key=next_use)  # (the first of equals: the least recently used)
+            self._block_bytes -= nbytes(self._block_store.pop(victim))
 
     def stored_block(self, head: Sequence[int], block: Sequence[int]) -> Optional[tuple]:
         """The stored keys and values of a demonstration block read after ``head``, or None."""
