@@ -48,6 +48,12 @@ QUALITY = [
         "metrics/real_use.json",
         "torch (transformers)",
     ),
+    (
+        "the default on an AVX2-only CPU (AMD EPYC Zen 3, another day): float32 products, demonstrations kept by next use "
+        "(3de9d52)",
+        "metrics/speed/engine/avx2/full_test_v2_k3_amd_epyc_zen3_store.json",
+        "torch (transformers)",
+    ),
     ("base model (`adapter = null`)", "metrics/speed/full_test_base_k3.json", "torch (hand-written, 8380660)"),
     (
         "`ner-v2`, sentences and retrieval pool lower-cased",
