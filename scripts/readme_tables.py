@@ -49,8 +49,8 @@ QUALITY = [
         "torch (transformers)",
     ),
     (
-        "the default on an AVX2-only CPU (AMD EPYC Zen 3, another day): float32 products, demonstrations kept by next use "
-        "(3de9d52)",
+        "the default on an AVX2-only CPU (AMD EPYC Zen 3, another day): float32 products, demonstrations kept by "
+        "next use (3de9d52)",
         "metrics/speed/engine/avx2/full_test_v2_k3_amd_epyc_zen3_store.json",
         "torch (transformers)",
     ),
