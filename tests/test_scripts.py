@@ -657,8 +657,9 @@ def test_readme_tables(tmp_path):
         for systems in data["domains"].values():
             for row in systems.values():
                 row["f1"] = 12.5
-        (tmp_path / "metrics" / "speed" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "metrics" / "speed" / f"{name}.json").write_text(json.dumps(data))
+        copy = tmp_path / "metrics" / "speed" / f"{name}.json"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(json.dumps(data))
     data = json.loads((ROOT / "metrics" / "real_use.json").read_text())
     for key, row in data["rows"].items():
         row["f1"] = 12.5 if key.startswith("paragraphs/") else row["f1"]

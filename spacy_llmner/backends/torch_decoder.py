@@ -133,8 +133,8 @@ class TorchDecoder:
         self.block_cache_mb = block_cache_mb
         self._block_store: "OrderedDict[Tuple[tuple, tuple], tuple]" = OrderedDict()
         self._block_bytes = 0
-        # while a call's rows are decoded: the head, and each of its blocks' admissions still to come (their order)
-        self._upcoming: Tuple[tuple, Dict[tuple, deque]] = ((), {})
+        # while a call's rows are decoded: each of its blocks' admissions still to come, in order (``_evict``)
+        self._upcoming: Dict[tuple, deque] = {}
 
     def close(self) -> None:
         self.prefix_cache = None
@@ -346,7 +346,7 @@ class TorchDecoder:
         for i, s in enumerate(waiting):
             for block in s.blocks:
                 upcoming.setdefault(block, deque()).append(i)
-        self._upcoming = (tuple(self.prefix), upcoming)
+        self._upcoming = upcoming
 
         def admit(n: int):
             group = [waiting.popleft() for _ in range(min(n, len(waiting)))]
@@ -365,7 +365,7 @@ class TorchDecoder:
             self.usage["generated_tokens"] += sum(len(s.generated) for s in started)
             self.usage["loops_stopped"] += sum(s.looped for s in started)
         finally:
-            self._upcoming = ((), {})
+            self._upcoming = {}
             for s in started:
                 s.sampler = None
                 s.done = True
@@ -430,18 +430,18 @@ class TorchDecoder:
                 out[block] = kv
                 self._block_store[(head, block)] = kv
                 self._block_bytes += nbytes(kv)
-        self._evict()
+        self._evict(head)
         return out
 
-    def _evict(self) -> None:
-        """Drops stored blocks until the store fits ``block_cache_mb``: first those the call being decoded will not
-        show again (least recently used first: blocks of earlier calls, or of another head), then the one it shows
-        furthest ahead (Belady's rule: rows are admitted in a known order, so the store keeps what is needed soonest
-        and a pool larger than the store is not evaluated again at every turn, as least-recently-used order would)."""
-        head, upcoming = self._upcoming
+    def _evict(self, head: tuple) -> None:
+        """Drops stored blocks until the store fits ``block_cache_mb``: first those the call being decoded (after
+        ``head``) will not show again (least recently used first: blocks of earlier calls, or of another head), then
+        the one it shows furthest ahead (Belady's rule: rows are admitted in a known order, so the store keeps what is
+        needed soonest and a pool larger than the store is not evaluated again at every turn, as least-recently-used
+        order would)."""
 
         def next_use(key) -> float:
-            queue = upcoming.get(key[1]) if key[0] == head else None
+            queue = self._upcoming.get(key[1]) if key[0] == head else None
             return queue[0] if queue else math.inf
 
         while self._block_bytes > self.block_cache_mb * 2**20 and self._block_store:
