@@ -11,9 +11,10 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # Without OpenMP (ggml's own thread pool instead, as fast here): GNU OpenMP's threads do not survive fork(), so a
 # process that had run the model hung in `nlp.pipe(..., n_process=2)`.
 LLAMA_VERSION := 0.3.36
-LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp
+# Without the multimodal library (mtmd: images and audio, never used here): less to compile (docs/reliability.md).
+LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp-nomtmd
 WHEELS := .cache/wheels
-LLAMA_CMAKE := -DGGML_OPENMP=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+LLAMA_CMAKE := -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
 	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
 
 .PHONY: install demo test clean chromium

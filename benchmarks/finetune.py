@@ -120,37 +120,41 @@ def decoder_usage(nlp):
 
 
 def peak_gflops(threads: int) -> dict:
-    """The machine's matrix-product peak on these threads (torch, the body's largest shape, 256 rows)."""
+    """The machine's matrix-product peak on these threads (torch, the body's largest shape, 256 rows): for each
+    precision the best of three runs of up to ~1 s each. Runs are bounded by time, not a count of calls: without
+    bfloat16 units (AVX2 only) one bfloat16 call takes ~0.07 s, and a fixed count took minutes."""
     import torch
 
-    torch.set_num_threads(threads)
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, w = torch.randn(256, 640, dtype=dtype), torch.randn(2048 * 2, 640, dtype=dtype)
-        for _ in range(10):
-            a @ w.T
-        best = float("inf")
-        for _ in range(3):  # the best of three ~1 s runs
-            t0 = time.perf_counter()
-            for _ in range(200 if dtype == torch.float32 else 600):
-                a @ w.T
-            best = min(best, (time.perf_counter() - t0) / (200 if dtype == torch.float32 else 600))
-        out[str(dtype).split(".")[1]] = 2 * 256 * 640 * 4096 / best / 1e9
-    # int8 (GOP/s): the engine's int8 layer with the kernel `dtype = "int8"` takes on this CPU, the input quantized
-    # once (held by identity); runs until 1 s has passed, as torch._int_mm without VNNI takes seconds a call
     from spacy_llmner.backends.torch_model import Int8Linear, SharedInput
     from spacy_llmner.backends.weights import int8_kernel
 
+    torch.set_num_threads(threads)
+    shape = 2 * 256 * 640 * 4096  # multiply-adds × 2 of one call
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, w = torch.randn(256, 640, dtype=dtype), torch.randn(2048 * 2, 640, dtype=dtype)
+        out[str(dtype).split(".")[1]] = shape / best_call_seconds(lambda a=a, w=w: a @ w.T) / 1e9
+    # int8 (GOP/s): the engine's int8 layer with the kernel `dtype = "int8"` takes on this CPU, the input quantized
+    # once (held by identity)
     layer = Int8Linear(torch.nn.Linear(640, 4096, bias=False), SharedInput(torch.ones(640), int8_kernel()))
     x = torch.randn(256, 640)
     with torch.inference_mode():
-        layer(x)
-        calls, t0 = 0, time.perf_counter()
-        while calls < 600 and time.perf_counter() - t0 < 1.0:
-            layer(x)
-            calls += 1
-    out["int8"] = 2 * 256 * 640 * 4096 * calls / (time.perf_counter() - t0) / 1e9
+        out["int8"] = shape / best_call_seconds(lambda: layer(x)) / 1e9
     return out
+
+
+def best_call_seconds(call, runs: int = 3, seconds: float = 1.0, most: int = 600) -> float:
+    """Seconds per call of ``call``: the best of ``runs`` runs, each of up to ``most`` calls or until ``seconds``
+    have passed (after one call to warm up)."""
+    call()
+    best = float("inf")
+    for _ in range(runs):
+        calls, t0 = 0, time.perf_counter()
+        while calls < most and time.perf_counter() - t0 < seconds:
+            call()
+            calls += 1
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
 
 
 def lowered(doc: Doc) -> Doc:
