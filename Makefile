@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # Without OpenMP (ggml's own thread pool instead, as fast here): GNU OpenMP's threads do not survive fork(), so a
 # process that had run the model hung in `nlp.pipe(..., n_process=2)`.
 LLAMA_VERSION := 0.3.36
-# Without the multimodal library (mtmd: images and audio, never used here): less to compile (docs/reliability.md).
+# Without the multimodal library (mtmd: images and audio, never used here).
 LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp-nomtmd
 WHEELS := .cache/wheels
 LLAMA_CMAKE := -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
@@ -57,7 +57,7 @@ chromium:
 test: install chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
