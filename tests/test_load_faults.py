@@ -4,7 +4,7 @@ fault-injecting proxy of the test's own, on loopback. 300 short docs through ``n
 second run over the same docs answered from the cache without a single request.
 
 The proxy's faults are a fixed schedule keyed by each prompt and attempt (connection resets, 429 with
-Retry-After, 500s, stalls past the client's timeout, bodies cut short; every hundredth doc from the 50th stalls),
+Retry-After, 500s, stalls past the client's timeout, bodies cut short; the docs of day 50, 150, 250, … stall),
 at most two per prompt, so with ``max_retries = 3`` every doc must come through; bounded in count and time,
 loopback only.
 """
@@ -37,7 +37,7 @@ STALLED = re.compile(r" on day \d*50\.")  # the docs that stall at their first a
 
 def schedule(prompt: str, attempt: int):
     """The fault (or None) for this prompt's attempt: ~16 % of first attempts fail, a quarter of those fail again;
-    stalls are rarer (each costs a worker TIMEOUT seconds), and every hundredth doc from the 50th draws one."""
+    stalls are rarer (each costs a worker TIMEOUT seconds), and the docs of day 50, 150, 250, … draw one."""
     if attempt == 0 and STALLED.search(prompt):
         return "stall"
     h = int(hashlib.sha256(f"{prompt}\x00{attempt}".encode()).hexdigest()[:8], 16) % 1000
