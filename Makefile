@@ -11,19 +11,22 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # Without OpenMP (ggml's own thread pool instead, as fast here): GNU OpenMP's threads do not survive fork(), so a
 # process that had run the model hung in `nlp.pipe(..., n_process=2)`.
 LLAMA_VERSION := 0.3.36
-# Without the multimodal library (mtmd: images and audio, never used here).
-LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp-nomtmd
+# Without the multimodal library (mtmd: images and audio, never used here) and without llama.cpp's common library
+# (cmake/llama_cpp_no_common.cmake: the bindings never load it; half the compile time).
+LLAMA_BUILD := $(LLAMA_VERSION)-avx2-noomp-nomtmd-nocommon
 WHEELS := .cache/wheels
-LLAMA_CMAKE := -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+# the wheel is built by a venv of its own, so that `make -j2 install` compiles it while .venv installs
+BUILD_VENV := $(WHEELS)/venv
+LLAMA_CMAKE := -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama_cpp_no_common.cmake $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
 	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF,-DGGML_NATIVE=OFF)
 
 .PHONY: install demo test clean chromium
 
-$(WHEELS)/.llama-$(LLAMA_BUILD):
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
+$(WHEELS)/.llama-$(LLAMA_BUILD): cmake/llama_cpp_no_common.cmake
 	mkdir -p $(WHEELS)
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BUILD_VENV)/bin/python -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
 		llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
 	touch $@
 
@@ -35,8 +38,13 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install -q $(FIND_LINKS) -e .
 	touch $@
 
+# The test tools, from wheels (while llama.cpp compiles, under `make -j2`).
+$(VENV)/.test-base: pyproject.toml $(VENV)/.base
+	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test-base,bench]"
+	touch $@
+
 # Everything the tests use: llama-cpp-python (built as above: engine = "llama.cpp", scoring, servers), test tools.
-$(VENV)/.installed: pyproject.toml $(VENV)/.base $(WHEELS)/.llama-$(LLAMA_BUILD)
+$(VENV)/.installed: pyproject.toml $(VENV)/.test-base $(WHEELS)/.llama-$(LLAMA_BUILD)
 	# replaces a llama-cpp-python of the same version built another way (an older .venv's native build)
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PY) -m pip install -q $(FIND_LINKS) --find-links $(WHEELS) --only-binary llama-cpp-python \
@@ -54,7 +62,9 @@ chromium:
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: install chromium
+# llama.cpp compiles while the rest installs (two jobs)
+test:
+	$(MAKE) -j2 install chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests

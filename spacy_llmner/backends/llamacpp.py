@@ -508,14 +508,22 @@ class LlamaCppBackend(BackendBase):
                 # engine would hang in its first parallel region. One thread per process never enters one (and
                 # nlp.pipe(n_process=N) keeps N cores busy).
                 threads = 1 if _FORKED_AFTER_TORCH else self.n_threads
-                try:
-                    model = _load_torch(
-                        resolve_model_path(self.model), self.adapter_file, self.dtype, threads, self.device
-                    )
-                except ValueError as e:
-                    raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
+                from concurrent.futures import ThreadPoolExecutor
+
+                # the tokenizer is built from the GGUF's tables (seconds of Python for Gemma 3's vocabulary) while the
+                # model loads: the loading waits on files and numpy/torch kernels that let go of the GIL
+                with ThreadPoolExecutor(1, thread_name_prefix="spacy-llmner-vocab") as pool:
+                    vocab = pool.submit(lambda: self.vocab)
+                    try:
+                        model = _load_torch(
+                            resolve_model_path(self.model), self.adapter_file, self.dtype, threads, self.device
+                        )
+                    except ValueError as e:
+                        raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
                 sampling = Sampling(self.temperature, self.seed) if self.temperature > 0 else None
-                self._decoder = TorchDecoder(self.vocab, model, n_seq=self.parallel, head=self.head, sampling=sampling)
+                self._decoder = TorchDecoder(
+                    vocab.result(), model, n_seq=self.parallel, head=self.head, sampling=sampling
+                )
             else:
                 from .batched import BatchedDecoder
 

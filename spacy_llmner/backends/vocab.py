@@ -23,6 +23,7 @@ end-of-generation tokens and grammar matchers.
 ``tokenizers`` (a transformers dependency) and ``llguidance`` are imported on first use.
 """
 
+import threading
 from collections import Counter
 from functools import lru_cache
 from itertools import repeat
@@ -323,7 +324,16 @@ def _added(tk, tokens, types, AddedToken) -> None:
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in pairs if k == CONTROL])
 
 
-@lru_cache(maxsize=4)
+_BUILDING = threading.Lock()
+
+
 def vocab_of(path: str) -> Vocab:
-    """One ``Vocab`` per model file in the process."""
+    """One ``Vocab`` per model file in the process (built once even where threads ask for it together: the torch
+    engine builds it beside the model's loading)."""
+    with _BUILDING:
+        return _vocab_of(path)
+
+
+@lru_cache(maxsize=4)
+def _vocab_of(path: str) -> Vocab:
     return Vocab(path)
