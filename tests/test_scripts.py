@@ -11,6 +11,7 @@ import shlex
 import site
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -764,11 +765,24 @@ def _script(monkeypatch, path: str):
     return module
 
 
+def run_here(monkeypatch, capsys, script: str, *args) -> str:
+    """``script``'s ``main(args)`` in this process, from the repository root (``run``'s environment): what it
+    printed. A model that this process loaded before is not loaded again (seconds per run)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = _script(monkeypatch, script)
+    capsys.readouterr()
+    module.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
 @pytest.mark.model
-def test_real_use(tmp_path):
+def test_real_use(tmp_path, monkeypatch, capsys):
     """Every section on the fixtures with the real default pipeline: politics as paragraphs of two sentences and
     at k = 0 / 1, the conll2003 fixture as an extra set (pool 4, beside a spaCy model of 4 steps), the made-up nested
-    set; cased and lower-cased. A rerun measures nothing again (every row is there) and the table is rewritten alike."""
+    set; cased and lower-cased. A rerun measures nothing again (every row is there) and the table is rewritten
+    alike. The first run is the command line's; the others call the script's ``main`` in this process
+    (``run_here``), so that the model loads once."""
     args = (
         "--data", DATA, "--domains", "politics", "--extra", "fixture", "--genia", DATA / "nested" / "made_up",
         "--ks", "0,1", "--per", 2, "--pool", 4,
@@ -776,6 +790,7 @@ def test_real_use(tmp_path):
         "--work", tmp_path / "work", "--out", tmp_path / "real_use.json",
     )  # fmt: skip
     run("benchmarks/real_use.py", *args)
+    rerun = partial(run_here, monkeypatch, capsys, "benchmarks/real_use.py")
     res = json.loads((tmp_path / "real_use.json").read_text())
     rows, a = res["rows"], DEFAULT_ADAPTERS["gemma3-270m"]  # each key ends in @ the adapter's name
     expected = {
@@ -799,26 +814,26 @@ def test_real_use(tmp_path):
     assert res["cpu_seconds"] > 0 and set(res["peers"]) >= {"GLiNER-L (0.3 B), zero-shot"}
     table = (tmp_path / "real_use.md").read_text()
     assert f"| politics | cased | {a} |" in table and "GLiNER-L" in table and "| fixture | lower | 3 |" in table
-    again = run("benchmarks/real_use.py", *args)
+    again = rerun(*args)
     assert "F1" not in again.split("# Quality where users are")[0]  # no row measured again
     assert json.loads((tmp_path / "real_use.json").read_text())["rows"] == rows
     # another adapter's rows join the same table beside the first ones: a leave-one-domain-out adapter (here
     # ner-v1 stands in for one) and the extra sets' dev sentences (outside the pool and the spaCy checkpoint's)
     one = ("--variants", "cased", "--lodo-adapters", f"politics={adapter_path('ner-v1')}", "--lodo-tag", "lodo-x")
     one += ("--sections", "lodo,extra", "--ks", "0", "--extra-split", "dev", "--dev", 3)
-    run("benchmarks/real_use.py", *args, *one)
+    rerun(*args, *one)
     more = json.loads((tmp_path / "real_use.json").read_text())["rows"]
     assert set(more) - set(rows) == {"lodo/politics/k0/cased@lodo-x", f"extra-dev/fixture/cased@{a}"}
     assert more["lodo/politics/k0/cased@lodo-x"]["in_domain_adapter"] is False
     assert "ours (lodo-x), k = 0, cased" in (tmp_path / "real_use.md").read_text()
     # --pool-fit: the extra set's row again with a pipeline fitted to its pool, beside the first one
-    run("benchmarks/real_use.py", *args, "--variants", "cased", "--sections", "extra", "--pool-fit")
+    rerun(*args, "--variants", "cased", "--sections", "extra", "--pool-fit")
     fitted = json.loads((tmp_path / "real_use.json").read_text())["rows"][f"extra/fixture/cased@{a}+fit"]
     assert fitted["pool_fit"]["docs"] == 4 and fitted["pool_fit"]["fitted_f"] >= fitted["pool_fit"]["lexicon_f"]
     assert fitted["pool_fit"]["seconds"] > 0 and set(fitted["pool_fit"]["thresholds"]) <= set(fitted["labels"])
     assert f"ours ({a}+fit)" in (tmp_path / "real_use.md").read_text()
     # --union-spacy: configs/pool_student.cfg, the fitted LLM and the row's spaCy model united, a row of its own
-    run("benchmarks/real_use.py", *args, "--variants", "cased", "--sections", "extra", "--pool-fit", "--union-spacy")
+    rerun(*args, "--variants", "cased", "--sections", "extra", "--pool-fit", "--union-spacy")
     united = json.loads((tmp_path / "real_use.json").read_text())["rows"]
     assert set(united) - set(more) == {f"extra/fixture/cased@{a}+fit", f"extra/fixture/cased@{a}+fit+spacy"}
     row = united[f"extra/fixture/cased@{a}+fit+spacy"]
@@ -830,13 +845,13 @@ def test_real_use(tmp_path):
     saved["rows"]["extra/fixture/cased/spacy"]["f1"] = -1.0  # a mark a measured row never carries
     (tmp_path / "real_use.json").write_text(json.dumps(saved))
     union = ("--variants", "cased", "--sections", "extra", "--pool-fit", "--union-spacy")
-    run("benchmarks/real_use.py", *args, *union, "--work", tmp_path / "work2")  # the last --work counts
+    rerun(*args, *union, "--work", tmp_path / "work2")  # the last --work counts
     again = json.loads((tmp_path / "real_use.json").read_text())["rows"]
     assert 0 <= again["extra/fixture/cased/spacy"]["f1"] <= 100 and f"extra/fixture/cased@{a}+fit+spacy" in again
     assert (tmp_path / "work2" / "extra_fixture_cased_spacy" / "model" / "model-best").is_dir()
     # --union-sources: the same union, per label whose spans count, chosen on train sentences outside the pool and
     # the spaCy checkpoint's; its row scores each member alone and their plain union on the same pass
-    run("benchmarks/real_use.py", *args, *union, "--work", tmp_path / "work2", "--union-sources", 3)
+    rerun(*args, *union, "--work", tmp_path / "work2", "--union-sources", 3)
     rows = json.loads((tmp_path / "real_use.json").read_text())["rows"]
     assert set(rows) - set(again) == {f"extra/fixture/cased@{a}+fit+spacy+sources"}
     row = rows[f"extra/fixture/cased@{a}+fit+spacy+sources"]
@@ -851,8 +866,7 @@ def test_real_use(tmp_path):
     cfg = Config().from_disk(ROOT / "configs" / "finetune_pool.cfg", interpolate=False)
     cfg["data"]["renders"], cfg["training"]["max_steps"] = 1, 1
     cfg.to_disk(tmp_path / "finetune_pool.cfg")
-    run(
-        "benchmarks/real_use.py",
+    rerun(
         *args,
         "--variants",
         "cased",
