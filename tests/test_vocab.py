@@ -215,3 +215,54 @@ def test_to_lark_renames_rules_as_llguidance_and_leaves_other_grammars_to_it():
     assert to_lark('start ::= "a"\n') is None  # no root
     assert to_lark("root ::= missing\n") is None
     assert to_lark('root ::= a-b a_b\na-b ::= "x"\na_b ::= "y"\n') is None  # the same name once renamed
+
+
+def test_merges_are_kept_between_processes_and_a_bad_cached_file_is_built_again(tmp_path, monkeypatch):
+    """``cached_merges``: the first call builds and writes, the next reads the same table without building; a
+    file that is not a merges table, or names tokens outside the vocabulary, is built again and replaced; a
+    rewritten model file is a new key; a cache that cannot be written is built around."""
+    from spacy_llmner.backends.vocab import cached_merges
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights")
+    table = np.array([[1, 2], [0, 3], [2, 2]], dtype=np.int32)
+    built = []
+
+    def build():
+        built.append(1)
+        return table.copy()
+
+    assert np.array_equal(cached_merges(str(model), 4, build), table) and len(built) == 1
+    (file,) = (tmp_path / "cache" / "spacy_llmner" / "merges").iterdir()
+    assert np.array_equal(cached_merges(str(model), 4, build), table) and len(built) == 1  # read, not built
+    for bad in (b"not numpy", None):
+        if bad is None:
+            np.save(file, np.array([[1, 9]], dtype=np.int32))  # token 9 of a vocabulary of 4
+        else:
+            file.write_bytes(bad)
+        assert np.array_equal(cached_merges(str(model), 4, build), table)
+        assert np.array_equal(np.load(file), table)  # replaced by the rebuilt table
+    assert len(built) == 3
+    model.write_bytes(b"other weights")  # another size and time: another key
+    cached_merges(str(model), 4, build)
+    assert len(built) == 4 and len(list(file.parent.iterdir())) == 2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(model))  # a file where the folder would be: nothing can be written
+    assert np.array_equal(cached_merges(str(model), 4, build), table) and len(built) == 5
+
+
+@pytest.mark.model
+def test_gemma_s_cached_merges_are_the_ones_built_from_its_tables(tmp_path, monkeypatch):
+    """The Gemma 3 tokenizer from a cached merges table is the one built from the file's scores."""
+    from spacy_llmner.backends.vocab import TABLES, Vocab, spm_merges
+    from spacy_llmner.backends.weights import read_gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = resolve_model_path("gemma3-270m")
+    meta, _ = read_gguf(path, tensors=False, arrays=TABLES)
+    built = spm_merges(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"])
+    assert len(built) > 100_000
+    first, second = Vocab(path), Vocab(path)  # the first writes the table, the second reads it
+    assert np.array_equal(np.load(next((tmp_path / "spacy_llmner" / "merges").iterdir())), built)
+    texts = sentences() + EDGES
+    assert [second.tokenize(t) for t in texts] == [first.tokenize(t) for t in texts]

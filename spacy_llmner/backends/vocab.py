@@ -7,6 +7,8 @@ end-of-generation tokens and grammar matchers.
     whose merges are every split of a normal token into two tokens, ranked by the merged token's score (what
     SentencePiece's BPE does), with byte fallback, spaces written as ``▁`` and no space prefix where the file says
     so. transformers' own conversion of these files builds a Unigram model, which splits words differently.
+    Finding those merges is seconds of Python for Gemma 3's 262k tokens; the table is kept in
+    ``~/.cache/spacy_llmner/merges`` (``cached_merges``), so that later processes read it.
   - GPT-2 vocabularies (``gpt2``: SmolLM2) hold their merges; the pre-tokenizer is llama.cpp's for the file's
     ``tokenizer.ggml.pre`` (``smollm``: digits one by one, then GPT-2's byte-level split).
   - User-defined tokens (runs of spaces and newlines, markup) are matched on the raw text before anything else,
@@ -23,11 +25,15 @@ end-of-generation tokens and grammar matchers.
 ``tokenizers`` (a transformers dependency) and ``llguidance`` are imported on first use.
 """
 
+import hashlib
+import os
+import tempfile
 import threading
 from collections import Counter
 from functools import lru_cache
 from itertools import repeat
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -104,7 +110,9 @@ class Vocab:
         if why is not None:
             raise UnsupportedTokenizer(f"{path}: {why}")
         if self.kind == "llama":
-            self.tokenizer = _spm_bpe(self.tokens, meta["tokenizer.ggml.scores"], self.types, meta)
+            scores = meta["tokenizer.ggml.scores"]
+            merges = cached_merges(path, n, lambda: spm_merges(self.tokens, scores, self.types))
+            self.tokenizer = _spm_bpe(self.tokens, merges, self.types, meta)
             self.pieces = self._spm_pieces()
         else:
             self.tokenizer = _gpt2_bpe(self.tokens, meta["tokenizer.ggml.merges"], self.types)
@@ -261,10 +269,9 @@ class Matcher:
         self._bits = None
 
 
-def _spm_bpe(tokens: List[str], scores: List[float], types: List[int], meta) -> "object":
-    """A ``tokenizers`` BPE tokenizer equal to llama.cpp's SentencePiece tokenizer of the same tables."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
+def spm_merges(tokens: List[str], scores: List[float], types: List[int]) -> np.ndarray:
+    """SentencePiece's BPE merges of a vocabulary with scores, as (left, right) token ids in rank order (int32,
+    shape (n, 2)): every split of a normal token into two tokens, ranked by the merged token's score."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
     get, merges = vocab.get, []
     for i, tok in enumerate(tokens):  # 1.1 M splits for Gemma 3: the suffix is looked up only after the prefix
@@ -277,11 +284,57 @@ def _spm_bpe(tokens: List[str], scores: List[float], types: List[int], meta) -> 
                 if b is not None:
                     merges.append((-scores[i], i, a, b))
     merges.sort()
+    return np.array([(a, b) for _, _, a, b in merges], dtype=np.int32).reshape(-1, 2)
+
+
+MERGES_FORMAT = 1  # bump when spm_merges changes what it returns: older cached files are then not read
+
+
+def cache_dir() -> Path:
+    """Where derived tables are kept between processes: ``$XDG_CACHE_HOME/spacy_llmner`` (``~/.cache/spacy_llmner``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spacy_llmner"
+
+
+def cached_merges(path: str, n_tokens: int, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """``build()``'s merges for the model file at ``path`` (a vocabulary of ``n_tokens``), kept in ``cache_dir()``
+    under the file's location, size and modification time (a rewritten file is a new key): building them is
+    seconds of Python for Gemma 3, reading them milliseconds. A cached file that is unreadable or names tokens
+    outside the vocabulary is built again; a cache that cannot be written is built around, never an error."""
+    st = os.stat(path)
+    key = f"{MERGES_FORMAT}|{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    file = cache_dir() / "merges" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+    try:
+        merges = np.load(file, allow_pickle=False)
+        if merges.dtype == np.int32 and merges.ndim == 2 and merges.shape[1] == 2:
+            if not merges.size or (merges.min() >= 0 and merges.max() < n_tokens):
+                return merges
+    except (OSError, ValueError):
+        pass
+    merges = build()
+    temp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=file.parent, suffix=".npy", delete=False) as f:
+            temp = f.name
+            np.save(f, merges)
+        os.replace(temp, file)  # whole or absent: a process reading it never sees half a file
+    except OSError:
+        if temp is not None and os.path.exists(temp):
+            os.unlink(temp)
+    return merges
+
+
+def _spm_bpe(tokens: List[str], merges: np.ndarray, types: List[int], meta) -> "object":
+    """A ``tokenizers`` BPE tokenizer equal to llama.cpp's SentencePiece tokenizer of the same tables, with the
+    merges of ``spm_merges``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     unk = meta.get("tokenizer.ggml.unknown_token_id")
     tk = Tokenizer(
         models.BPE(
             vocab=vocab,
-            merges=[(tokens[a], tokens[b]) for _, _, a, b in merges],
+            merges=[(tokens[a], tokens[b]) for a, b in merges.tolist()],
             unk_token=tokens[unk] if unk is not None else None,
             byte_fallback=True,
             fuse_unk=True,
