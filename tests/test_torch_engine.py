@@ -1,6 +1,7 @@
 """The torch engine (``engine = "torch"``): GGUF reading, the PyTorch Gemma against llama.cpp, the restricted output
 head against the full one, and the pipeline end to end."""
 
+import copy
 import json
 import os
 import subprocess
@@ -97,9 +98,37 @@ def base_model():
 
 
 @pytest.mark.model
-def test_peft_merges_a_gguf_lora_as_w_plus_scaled_b_a_and_refuses_unknown_weights(base_model, tmp_path):
-    import copy
+def test_embedding_rows_are_dequantized_when_read_and_equal_the_whole_matrix(base_model, tmp_path):
+    """``lazy_embedding``: Gemma 3's Q8_0 embedding (also its head) gets only the rows a forward reads; hidden
+    states and logits equal those of the model dequantized whole; a LoRA that changes the embedding turns it off."""
+    import torch
 
+    from spacy_llmner.backends.llamacpp import resolve_model_path
+    from spacy_llmner.backends.vocab import vocab_of
+    from spacy_llmner.backends.weights import LazyRows, apply_lora, load_causal_lm, lora_spares_embedding
+
+    path = resolve_model_path("gemma3-270m")
+    lazy = load_causal_lm(path, ADAPTER, "float32", lazy_embedding=True)
+    rows = lazy.lazy_rows
+    assert isinstance(rows, LazyRows) and not rows.have.any() and not rows.table[:1000].any()
+    assert base_model.lazy_rows is None  # (not asked for)
+    ids = torch.tensor([vocab_of(path).tokenize("Angela Merkel met Emmanuel Macron in Paris, Merkel said.")])
+    with torch.inference_mode():
+        hidden = lazy.get_decoder()(input_ids=ids).last_hidden_state
+        assert int(rows.have.sum()) == len(set(ids[0].tolist())) and not rows.complete  # only the rows read
+        merged = apply_lora(copy.deepcopy(base_model), ADAPTER)
+        np.testing.assert_array_equal(hidden.numpy(), merged.get_decoder()(input_ids=ids).last_hidden_state.numpy())
+        np.testing.assert_array_equal(lazy(input_ids=ids).logits.numpy(), merged(input_ids=ids).logits.numpy())
+    assert rows.complete and torch.equal(lazy.get_input_embeddings().weight, base_model.get_input_embeddings().weight)
+    # an adapter that changes the embedding (peft's config names it) loads it whole
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "embed_tokens"]}))
+    assert not lora_spares_embedding(str(folder)) and lora_spares_embedding(ADAPTER)
+
+
+@pytest.mark.model
+def test_peft_merges_a_gguf_lora_as_w_plus_scaled_b_a_and_refuses_unknown_weights(base_model, tmp_path):
     import gguf
 
     from spacy_llmner.backends.weights import apply_lora
@@ -128,7 +157,6 @@ def test_peft_merges_a_gguf_lora_as_w_plus_scaled_b_a_and_refuses_unknown_weight
 def test_the_peft_folder_of_an_adapter_loads_to_the_same_model(base_model, tmp_path):
     """The peft copy (what vLLM serves; written by adapter-package, and by `spacy-llmner adapter-peft` for a
     shipped adapter) is the GGUF adapter: same merged weights."""
-    import copy
     import subprocess
     import sys
 

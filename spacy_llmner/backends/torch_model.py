@@ -189,9 +189,16 @@ class TorchModel:
         # on a CPU the residual stream, norms and attention stay in float32 and only the matrix products (and the
         # embedding, which is also the head) run in bfloat16; on a GPU the whole model runs in ``dtype``
         mixed = self.device == "cpu" and self.dtype != torch.float32
+        # float32 on a CPU: the embedding / head's rows are dequantized when first used (weights.LazyRows)
         self.lm = load_causal_lm(
-            path, lora, torch.float32 if mixed or self.int8 else self.dtype, self.device, attention=register_attention()
+            path,
+            lora,
+            torch.float32 if mixed or self.int8 else self.dtype,
+            self.device,
+            attention=register_attention(),
+            lazy_embedding=not mixed,
         )
+        self.rows = self.lm.lazy_rows
         self.body = self.lm.get_decoder()
         linear = [m for m in self.body.modules() if isinstance(m, torch.nn.Linear)]
         self.body_flop = 2 * sum(m.weight.numel() for m in linear)
@@ -285,11 +292,15 @@ class TorchModel:
 
     def head_rows(self, ids):
         """The output head's rows for token ids: a restricted head for ``logits``."""
+        if self.rows is not None:
+            self.rows.ensure(ids)
         return self.head[self.tensor(ids, self.torch.long)]
 
     def logits(self, hidden, weight=None):
         """Float32 logits for hidden states (N, n_embd): every vocabulary entry, or the rows of ``weight``."""
         torch = self.torch
+        if weight is None and self.rows is not None:
+            self.rows.ensure_all()
         out = torch.nn.functional.linear(hidden.to(self.dtype), self.head if weight is None else weight).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap

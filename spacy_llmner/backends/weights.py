@@ -16,9 +16,11 @@ all load through here.
 torch, transformers, peft and gguf are imported on first use only.
 """
 
+import json
 import mmap
 import os
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -29,11 +31,12 @@ from .gguf_check import read_array, read_header
 
 
 def read_gguf(
-    path: str, tensors: bool = True, arrays: Sequence[str] = ()
+    path: str, tensors: bool = True, arrays: Sequence[str] = (), lazy: Sequence[str] = ()
 ) -> Tuple[Dict[str, object], Dict[str, np.ndarray]]:
     """({metadata key: scalar or string; arrays as their length, except the keys in ``arrays``, read whole as a
     list}, {tensor name: float32 array in GGUF's row-major layout (rows, cols)}); ``tensors = False`` returns
-    names → shapes only, nothing dequantized. The header is ``gguf_check.read_header``'s (checked, cached); gguf-py
+    names → shapes only, nothing dequantized. The quantized matrices named in ``lazy`` come as ``LazyRows``
+    (dequantized row by row when used). The header is ``gguf_check.read_header``'s (checked, cached); gguf-py
     dequantizes."""
     import gguf
 
@@ -58,6 +61,9 @@ def read_gguf(
         elif qtype == gguf.GGMLQuantizationType.F16:
             data = empty_float32(raw.shape[:1] + (row_bytes // 2,))
             data[...] = raw.view(np.float16)
+        elif name in lazy and len(dims) == 2 and vars(gguf.quants).get(qtype.name) is not None:
+            out[name] = LazyRows(raw, qtype, dims[::-1])
+            continue
         else:
             data = dequantize(raw, qtype)
         out[name] = data.reshape(dims[::-1]) if len(dims) > 1 else data.reshape(-1)
@@ -79,19 +85,25 @@ ROWS_PER_CALL = 256
 DEQUANTIZE_THREADS = min(4, os.cpu_count() or 1)  # the cores, counted as the backend counts them for n_threads
 
 
-def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
-    """gguf-py's dequantization of ``raw`` (rows of quantized bytes) to float32 rows. ``gguf.quants.dequantize``
-    hands its numpy code 16 rows at a time, which is Python-bound on a 262,144-row embedding (seconds); the same
-    per-type code (``dequantize_rows`` of gguf-py's class for the type) is given ``ROWS_PER_CALL`` rows here, with
-    equal results. numpy runs each call on one core and lets go of the GIL inside it, so the calls of a large
-    tensor are spread over ``DEQUANTIZE_THREADS`` threads (each writes its own rows of the output)."""
+def dequantize(raw: np.ndarray, qtype, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """gguf-py's dequantization of ``raw`` (rows of quantized bytes) to float32 rows (into ``out`` where given).
+    ``gguf.quants.dequantize`` hands its numpy code 16 rows at a time, which is Python-bound on a 262,144-row
+    embedding (seconds); the same per-type code (``dequantize_rows`` of gguf-py's class for the type) is given
+    ``ROWS_PER_CALL`` rows here, with equal results. numpy runs each call on one core and lets go of the GIL inside
+    it, so the calls of a large tensor are spread over ``DEQUANTIZE_THREADS`` threads (each writes its own rows of
+    the output)."""
     import gguf
 
     kind = vars(gguf.quants).get(qtype.name)  # gguf-py names its classes after the types (Q8_0, Q4_K, ...)
     if kind is None:
-        return gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+        data = gguf.quants.dequantize(np.asarray(raw), qtype).astype(np.float32, copy=False)
+        if out is None:
+            return data
+        out[...] = data
+        return out
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    out = empty_float32((raw.shape[0], raw.shape[1] // size * block))
+    if out is None:
+        out = empty_float32((raw.shape[0], raw.shape[1] // size * block))
     kind.init_grid()  # the i-quants' lookup grids (a no-op for the others)
 
     def rows(at: int) -> None:
@@ -107,6 +119,47 @@ def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
         for at in starts:
             rows(at)
     return out
+
+
+class LazyRows:
+    """A quantized GGUF matrix whose rows are dequantized when first used, into a float32 ``table`` of the full
+    shape. The table is an anonymous memory map (``empty_float32``): a page is given memory when first written, so
+    rows never used cost nothing, and the values of the rows used are exactly those of dequantizing the whole
+    matrix. Gemma 3's embedding, which is also its output head, is 262,144 rows of which a run uses a few thousand:
+    671 MB in float32, two thirds of the model's weights, against the 178 MB of its Q8_0 bytes (mapped from the
+    file, read only where used). ``ensure`` before reading rows; ``ensure_all`` before using the whole table (the
+    decoder's full head, in the rare step where no restricted candidate is allowed; scoring)."""
+
+    def __init__(self, raw: np.ndarray, qtype, shape: Tuple[int, int]):
+        self.raw, self.qtype = raw, qtype
+        self.table = empty_float32(tuple(shape))
+        self.have = np.zeros(shape[0], dtype=bool)
+        self.complete = False
+        self.lock = threading.Lock()
+
+    def ensure(self, ids) -> None:
+        """Dequantizes the rows ``ids`` (any integer array) that are not yet in the table."""
+        if self.complete:
+            return
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if self.have[ids].all():
+            return
+        with self.lock:
+            missing = np.unique(ids[~self.have[ids]])
+            if len(missing):
+                self.table[missing] = dequantize(self.raw[missing], self.qtype)
+                self.have[missing] = True
+
+    def ensure_all(self) -> None:
+        """Dequantizes every row (the rows already there are written again with the same values)."""
+        if self.complete:
+            return
+        with self.lock:
+            if not self.complete:
+                dequantize(self.raw, self.qtype, out=self.table)
+                self.have[:] = True
+                self.complete = True
+                self.raw = None  # every row is in the table: the file's pages are let go
 
 
 def _cpu_flags() -> set:
@@ -260,16 +313,23 @@ def load_causal_lm(
     merge: bool = True,
     attention: Optional[str] = None,
     trainable: bool = False,
+    lazy_embedding: bool = False,
 ):
     """A transformers causal LM (eval mode) from a GGUF file or a transformers folder; ``lora`` (a GGUF LoRA file
     or a peft folder) merged in by peft, or with ``merge = False`` returned as a peft model (``trainable``: its LoRA
     weights require gradients, to tune them further). ``attention``: a name registered with transformers'
-    ``AttentionInterface`` (default: transformers' choice)."""
+    ``AttentionInterface`` (default: transformers' choice).
+
+    ``lazy_embedding``: where the GGUF's embedding is quantized and is also the output head (tied), float32 on a
+    CPU, and the LoRA adapter leaves it alone, its rows are dequantized when first used (``LazyRows``; hooks on
+    the input and output embedding modules fill the rows a forward reads). The model's ``lazy_rows`` is that
+    ``LazyRows``, or None; a caller that reads the head's weight itself calls its ``ensure`` first."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    rows = None
     if os.path.isdir(path):
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype, attn_implementation=attention)
         arch = None
@@ -280,13 +340,24 @@ def load_causal_lm(
         with no_init_weights():  # every parameter is assigned below: no random initialisation
             model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype, attn_implementation=attention)
         names = _weights_map(model)
-        weights = read_gguf(path)[1]
+        lazy = lazy_embedding and torch_dtype == torch.float32 and device == "cpu" and config.tie_word_embeddings
+        lazy = lazy and (lora is None or lora_spares_embedding(lora))
+        weights = read_gguf(path, lazy=("token_embd.weight",) if lazy else ())[1]
         process = _processor(arch, config)
         state = {}
         for name in list(weights):
-            array = process.process(weights=weights.pop(name), name=name).weights
+            array = weights.pop(name)
             if name not in names:
                 raise ValueError(f"{path}: GGUF tensor {name} has no place in transformers' {config.model_type}")
+            if isinstance(array, LazyRows):
+                probe = np.zeros_like(array.table[:1])  # lazy rows: only where transformers leaves the tensor be
+                if process.process(weights=probe, name=name).weights is probe and not probe.any():
+                    rows = array
+                    state[names[name]] = torch.from_numpy(rows.table)
+                    continue
+                array.ensure_all()
+                array = array.table
+            array = process.process(weights=array, name=name).weights
             # dequantized tensors are fresh arrays; float32 ones are views of the read-only memory map: copied
             owned = np.ascontiguousarray(array, np.float32) if array.flags.writeable else np.array(array, np.float32)
             state[names[name]] = torch.from_numpy(owned).to(torch_dtype)
@@ -296,10 +367,29 @@ def load_causal_lm(
             missing = [m for m in missing if m != "lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"{path}: weights missing {missing[:4]} / unexpected {unexpected[:4]}")
+    if rows is not None:
+        model.get_input_embeddings().register_forward_pre_hook(
+            lambda module, args, kwargs: rows.ensure((args[0] if args else kwargs["input"]).numpy()), with_kwargs=True
+        )
+        model.get_output_embeddings().register_forward_pre_hook(lambda module, args: rows.ensure_all())
+    model.lazy_rows = rows
     model.eval()
     if lora:
         model = apply_lora(model, lora, arch, merge=merge, trainable=trainable)
     return model.to(device)
+
+
+def lora_spares_embedding(lora: str) -> bool:
+    """Whether a LoRA adapter (GGUF file or peft folder) leaves the embedding and output head alone: no GGUF tensor
+    of ``token_embd`` or ``output``, no peft target naming an embedding or ``lm_head``; False where that cannot be
+    told (a peft config naming its targets by a pattern, or modules it saves whole)."""
+    if os.path.isdir(lora):
+        config = json.loads((Path(lora) / "adapter_config.json").read_text())
+        targets = config.get("target_modules")
+        if not isinstance(targets, list) or config.get("modules_to_save"):
+            return False
+        return not any("embed" in t or "lm_head" in t for t in targets)
+    return not any(n.startswith(("token_embd.", "output.")) for n in read_gguf(lora, tensors=False)[1])
 
 
 def gguf_lora_to_peft(lora: str, model, arch: Optional[str] = None):
