@@ -1,8 +1,9 @@
 """Smoke runs of every script in benchmarks/ and scripts/ on the test fixtures, seconds each: an interface change
 breaks a test here rather than a user's run. Each runs as a user runs it (a subprocess, from the repository root,
-offline) on tests/fixtures/data and checks what it wrote or printed. Scripts that need the embedded LLM run it on one
-or two fixture sentences (marked ``model``); those that need a GPU or hours run a dry-run or argument-parsing path
-(said at each)."""
+offline) on tests/fixtures/data and checks what it wrote or printed; some of those that load the embedded LLM call
+the script's ``main`` in this process instead (``here``: its command line in ``sys.argv``), so that the model this
+process has loaded is not loaded again. Scripts that need the embedded LLM run it on one or two fixture sentences
+(marked ``model``); those that need a GPU or hours run a dry-run or argument-parsing path (said at each)."""
 
 import json
 import os
@@ -356,8 +357,8 @@ def test_startup_times_the_demo_command_to_its_first_entity(tmp_path):
 
 
 @pytest.mark.model
-def test_answer_snapshot(tmp_path):
-    run("scripts/answer_snapshot.py", "--data", DATA, "--n", 1, "--out", tmp_path / "answers.json")
+def test_answer_snapshot(tmp_path, here):
+    here("scripts/answer_snapshot.py", "--data", DATA, "--n", 1, "--out", tmp_path / "answers.json")
     answers = json.loads((tmp_path / "answers.json").read_text())
     assert set(answers) == {"one_pass", "retrieval"}
     for rows in answers.values():
@@ -366,8 +367,8 @@ def test_answer_snapshot(tmp_path):
 
 
 @pytest.mark.model
-def test_formats_then_report(tmp_path):
-    run(
+def test_formats_then_report(tmp_path, here):
+    here(
         "benchmarks/formats.py",
         "--data",
         DATA,
@@ -387,13 +388,13 @@ def test_formats_then_report(tmp_path):
     assert {"f1", "sentences_per_second", "prompt_tokens_per_sentence", "hallucinated"} <= set(res["rows"][0])
     readme = tmp_path / "results.md"
     readme.write_text("# Results\n")
-    out = run("benchmarks/report.py", "formats", tmp_path / "formats.json", "--readme", readme)
+    out = here("benchmarks/report.py", "formats", tmp_path / "formats.json", "--readme", readme)
     assert "| lines | free | 2 |" in out and "| lines | grammar | 2 |" in out
 
 
 @pytest.mark.model
-def test_retrieval(tmp_path):
-    out = run(
+def test_retrieval(tmp_path, here):
+    out = here(
         "benchmarks/retrieval.py",
         "--data",
         DATA,
@@ -416,9 +417,9 @@ def test_retrieval(tmp_path):
 
 
 @pytest.mark.model
-def test_lar(tmp_path, spacy_models):
+def test_lar(tmp_path, spacy_models, here):
     source, _ = spacy_models
-    run(
+    here(
         "benchmarks/lar.py",
         "--data",
         DATA,
@@ -442,13 +443,13 @@ def test_lar(tmp_path, spacy_models):
 
 
 @pytest.mark.model
-def test_crossner_then_revote_and_report(tmp_path, spacy_models):
+def test_crossner_then_revote_and_report(tmp_path, spacy_models, here):
     """Three systems (one LLM member) and the ensemble of the three; then --revote from the saved outputs, and
     the report on the result."""
     source, target = spacy_models
     out = tmp_path / "crossner.json"
     args = ["--data", DATA, "--domains", "politics", "--n", 1, "--dev-n", 1, "--source", source, "--out", out]
-    run("benchmarks/crossner.py", *args, "--target-models", target, "--systems", "spacy_ner,knn,gemma_span")
+    here("benchmarks/crossner.py", *args, "--target-models", target, "--systems", "spacy_ner,knn,gemma_span")
     res = json.loads(out.read_text())
     f1 = {r["system"]: r["f1"] for r in res["rows"]}
     assert set(f1) == {
@@ -460,18 +461,18 @@ def test_crossner_then_revote_and_report(tmp_path, spacy_models):
     }
     raw = json.loads(out.with_suffix(".outputs.json").read_text())
     assert {"truth", "test", "dev", "usage", "seconds"} <= set(raw["politics"]) and len(raw["politics"]["truth"]) == 1
-    run("benchmarks/crossner.py", "--out", out, "--revote")
+    here("benchmarks/crossner.py", "--out", out, "--revote")
     assert {r["system"]: r["f1"] for r in json.loads(out.read_text())["rows"]} == f1
     readme = tmp_path / "results.md"
     readme.write_text("# Results\n")
-    table = run("benchmarks/report.py", "crossner", out, "--plot", tmp_path / "c.png", "--readme", readme)
+    table = here("benchmarks/report.py", "crossner", out, "--plot", tmp_path / "c.png", "--readme", readme)
     assert "| gemma_span | " in table and "| **ens_spacy+knn+gemma:weighted** | " in table
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
 @pytest.mark.model
-def test_finetune_then_speed_table(tmp_path):
-    run(
+def test_finetune_then_speed_table(tmp_path, here):
+    here(
         "benchmarks/finetune.py",
         "--data",
         DATA,
@@ -491,14 +492,14 @@ def test_finetune_then_speed_table(tmp_path):
     base = res["domains"]["politics"]["base"]
     assert base["sentences"] == 1 and base["calls_per_sentence"] == 1 and base["engine_evaluated_tokens_per_sentence"]
     assert set(res["peak_gflops"]) == {"float32", "bfloat16", "int8"} and set(res["average"]) == {"base"}
-    out = run("benchmarks/speed_table.py", tmp_path / "speed.json")
+    out = here("benchmarks/speed_table.py", tmp_path / "speed.json")
     assert out.splitlines()[-1].startswith("| base | test first 1/domain | k = 2 | ")
 
 
 @pytest.mark.model
-def test_confidence(tmp_path):
+def test_confidence(tmp_path, here):
     """With the shipped adapter's calibration (--fit needs 20 scored spans: more than the fixture gives quickly)."""
-    run(
+    here(
         "benchmarks/confidence.py",
         "--data",
         DATA,
@@ -554,9 +555,9 @@ def test_annotation_study(tmp_path):
 
 
 @pytest.mark.model
-def test_scale(tmp_path):
+def test_scale(tmp_path, here):
     """The local engine only (Ray's start-up costs tens of seconds) and one llama-cpp-python server."""
-    run(
+    here(
         "benchmarks/scale.py",
         "--data",
         DATA,
@@ -614,9 +615,9 @@ def test_tune_adapter_steps_and_resumes(tmp_path):
 
 
 @pytest.mark.model
-def test_documents(tmp_path):
+def test_documents(tmp_path, here):
     """Two test sentences as one two-sentence document, every condition; the answer cache in tmp_path."""
-    run(
+    here(
         "benchmarks/documents.py",
         "--data",
         DATA,
@@ -766,14 +767,22 @@ def _script(monkeypatch, path: str):
 
 
 def run_here(monkeypatch, capsys, script: str, *args) -> str:
-    """``script``'s ``main(args)`` in this process, from the repository root (``run``'s environment): what it
-    printed. A model that this process loaded before is not loaded again (seconds per run)."""
+    """``script``'s ``main()`` in this process, its command line in ``sys.argv``, from the repository root
+    (``run``'s environment): what it printed. A model that this process loaded before is not loaded again (seconds
+    per run)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *map(str, args)])
     module = _script(monkeypatch, script)
     capsys.readouterr()
-    module.main([str(a) for a in args])
+    module.main()
     return capsys.readouterr().out
+
+
+@pytest.fixture
+def here(monkeypatch, capsys):
+    """``run`` in this process (``run_here``)."""
+    return partial(run_here, monkeypatch, capsys)
 
 
 @pytest.mark.model
