@@ -103,7 +103,8 @@ def test_the_transformer_student_needs_its_extra(monkeypatch, tmp_path):
 
 
 def cli(*args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # COLUMNS: typer's error panel (rich) wraps at the terminal's width; a long tmp path would be cut across lines
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"}
     cmd = [sys.executable, "-m", "spacy_llmner.cli", "distill", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
