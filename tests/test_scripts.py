@@ -786,7 +786,7 @@ def here(monkeypatch, capsys):
 
 
 @pytest.mark.model
-def test_real_use(tmp_path, monkeypatch, capsys):
+def test_real_use(tmp_path, here):
     """Every section on the fixtures with the real default pipeline: politics as paragraphs of two sentences and
     at k = 0 / 1, the conll2003 fixture as an extra set (pool 4, beside a spaCy model of 4 steps), the made-up nested
     set; cased and lower-cased. A rerun measures nothing again (every row is there) and the table is rewritten
@@ -799,7 +799,7 @@ def test_real_use(tmp_path, monkeypatch, capsys):
         "--work", tmp_path / "work", "--out", tmp_path / "real_use.json",
     )  # fmt: skip
     run("benchmarks/real_use.py", *args)
-    rerun = partial(run_here, monkeypatch, capsys, "benchmarks/real_use.py")
+    rerun = partial(here, "benchmarks/real_use.py")
     res = json.loads((tmp_path / "real_use.json").read_text())
     rows, a = res["rows"], DEFAULT_ADAPTERS["gemma3-270m"]  # each key ends in @ the adapter's name
     expected = {
